@@ -1,0 +1,440 @@
+"""The Python API: `train`, `evaluate`, `predict`, `load`. The CLI is a thin layer over these."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from imgclf import evaluation, models
+from imgclf.bundle import Bundle, find_bundle, save_bundle
+from imgclf.bundle import load as load_bundle
+from imgclf.config import TrainConfig
+from imgclf.data import sources, validate
+from imgclf.data.cache import decode_all, default_cache_dir
+from imgclf.data.datasets import ImageDataset
+from imgclf.data.samples import TRAIN, VALID, SampleTable
+from imgclf.data.transforms import Preprocess, eval_transform, train_transform
+from imgclf.errors import DataError, ImageError, ImgclfError
+from imgclf.io import atomic_write_json
+from imgclf.run import Run, new_run_dir, read_rows_csv, write_rows_csv
+from imgclf.tasks import Task
+from imgclf import training
+
+
+def _console(console=None):
+    if console is not None:
+        return console
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _cache_dir(cfg: TrainConfig) -> Path | None:
+    if cfg.cache_dir == "":
+        return None
+    return Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+
+
+def _set_threads() -> None:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(max(1, cores or 1))
+
+
+def load_table(cfg: TrainConfig) -> SampleTable:
+    """The data source named by a config, as a table of samples."""
+    label_cols = cfg.label_cols
+    if label_cols and label_cols != "auto":
+        label_cols = [c.strip() for c in label_cols.split(",") if c.strip()]
+    return sources.load_source(
+        cfg.data, csv=cfg.csv, label_pattern=cfg.label_pattern, image_col=cfg.image_col,
+        label_col=cfg.label_col, split_col=cfg.split_col,
+        label_delim=cfg.label_delim if cfg.csv else None,
+        label_cols=label_cols, multi_label=cfg.multi_label, group_col=cfg.group_col,
+        group_pattern=cfg.group_pattern, valid_pct=cfg.valid_pct, seed=cfg.seed)
+
+
+@dataclasses.dataclass
+class PreparedData:
+    """A checked table with its decoded images and targets."""
+
+    table: SampleTable
+    task: Task
+    decoded: object
+    index: dict[Path, int]
+    report: object
+    summary: object
+
+
+def prepare_data(cfg: TrainConfig, pre: Preprocess, console, table: SampleTable | None = None,
+                 task: Task | None = None) -> PreparedData:
+    """Load, decode once (this is also the corrupt-file check), check and summarise the data."""
+    table = table if table is not None else load_table(cfg)
+    decoded, errors, infos = decode_all([s.path for s in table.samples], pre, _cache_dir(cfg))
+
+    def decoded_result(path: Path):
+        # The decode pass above already opened every file; the check reuses its verdicts.
+        if path in errors:
+            raise ImageError(path, errors[path])
+        return infos.get(path)
+
+    table, report = validate.check_table(table, fn=decoded_result, progress=False)
+    summary = validate.summarize(table, report)
+    validate.print_summary(summary, console)
+    task = task or Task(tuple(table.classes), table.multi_label)
+    index = {p: i for i, p in enumerate(decoded.paths)}
+    return PreparedData(table, task, decoded, index, report, summary)
+
+
+def _datasets(prep: PreparedData, pre: Preprocess) -> training.FitData:
+    tr, va = prep.table.split(TRAIN), prep.table.split(VALID)
+    if not tr or not va:
+        raise DataError("need both training and validation images; check the split "
+                        "(--valid-pct, the split column or the train/ valid/ folders)")
+    y_tr, y_va = prep.task.encode(tr), prep.task.encode(va)
+    return training.FitData(
+        train=ImageDataset(prep.decoded, [prep.index[s.path] for s in tr], y_tr,
+                           train_transform(pre.size)),
+        valid=ImageDataset(prep.decoded, [prep.index[s.path] for s in va], y_va,
+                           eval_transform(pre.size)),
+        y_train=y_tr, y_valid=y_va)
+
+
+def _load_best(run_dir: Path) -> training.Best:
+    """The best epoch of an interrupted run, from checkpoints/best.*."""
+    from safetensors.torch import load_file
+
+    best = training.Best()
+    meta_p = run_dir / "checkpoints" / "best.json"
+    if meta_p.is_file():
+        meta = json.loads(meta_p.read_text())
+        best.score, best.loss = meta["score"], meta["loss"]
+        best.epoch, best.stage = meta["epoch"], meta["stage"]
+        best.state = load_file(str(run_dir / "checkpoints" / "best.safetensors"))
+        best.probs = np.load(run_dir / "checkpoints" / "best_probs.npy", allow_pickle=False)
+    return best
+
+
+def train(data: str | Path | None = None, *, config: TrainConfig | None = None,
+          resume: str | Path | None = None, console=None, **options) -> Run:
+    """Train a classifier and write a run directory.
+
+    Args:
+        data: Image folder (class folders, or the root of a CSV's file names).
+        config: Full settings; `options` override its fields.
+        resume: A run directory to continue after an interruption (its config is reused).
+        console: rich Console for progress and summaries (default: stderr).
+        **options: Any `TrainConfig` field, e.g. `epochs=3, model="resnet18"`.
+
+    Returns:
+        The run, whose `load()` gives the bundle.
+    """
+    console = _console(console)
+    _set_threads()
+    state: dict = {}
+    if resume is not None:
+        run_dir = Path(resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise ImgclfError(f"{run_dir} is not a run directory (no config.yaml): pass the "
+                              "folder printed when the run started")
+        cfg = TrainConfig.from_yaml(run_dir / "config.yaml")
+        state_p = run_dir / "checkpoints" / "state.json"
+        state = json.loads(state_p.read_text()) if state_p.is_file() else {}
+        if state.get("stage") == "done" and (run_dir / "model" / "model.json").is_file():
+            console.print(f"{run_dir} already finished; nothing to resume")
+            return Run(run_dir)
+    else:
+        cfg = dataclasses.replace(config or TrainConfig(), **options)
+        if data is not None:
+            cfg.data = str(data)
+        if not cfg.data:
+            raise ImgclfError("no data given: pass a folder of images, e.g. `imgclf train photos/`")
+        run_dir = None
+
+    import lightning.pytorch as L
+
+    training.quiet_lightning()
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    table = load_table(cfg)
+    model = models.create_model(cfg.model, len(table.classes), pretrained=cfg.pretrained,
+                                weights=cfg.weights)
+    pre = Preprocess.from_model_cfg(model.pretrained_cfg, size=cfg.size)
+    if run_dir is None:
+        run_dir = new_run_dir(cfg.out, cfg.name, cfg.data)
+        cfg.name = run_dir.name
+        cfg.to_yaml(run_dir / "config.yaml")
+    console.print(f"Run directory: [bold]{run_dir}[/]")
+    prep = prepare_data(cfg, pre, console, table=table)
+    atomic_write_json(run_dir / "data_summary.json",
+                      {"summary": prep.summary.to_dict(), "checks": prep.report.to_dict()})
+    fit_data = _datasets(prep, pre)
+    task = prep.task
+
+    rows = [training.EpochRow(**_row_fields(r)) for r in read_rows_csv(run_dir / "metrics.csv")] \
+        if resume else []
+    best = _load_best(run_dir) if resume else training.Best()
+
+    def on_row(row: training.EpochRow, improved: bool) -> None:
+        write_rows_csv(run_dir / "metrics.csv", [r.to_dict() for r in rows])
+        if improved:
+            _save_best(run_dir, best)
+
+    console.print(f"Training {cfg.model} on {len(fit_data.train)} images, validating on "
+                  f"{len(fit_data.valid)} ({task.name.replace('_', '-')}, "
+                  f"{len(task.classes)} classes)")
+    result = training.fine_tune(model, task, pre, fit_data, cfg, run_dir, on_row, rows=rows,
+                                best=best, resume=state, console=console)
+    if result.best.probs is None:
+        raise ImgclfError("training stopped before any epoch finished: nothing to save; "
+                          f"resume with `imgclf train --resume {run_dir}`")
+    finish_run(run_dir, cfg, model, task, pre, prep, result, console)
+    return Run(run_dir)
+
+
+def _row_fields(r: dict) -> dict:
+    base = {"epoch", "stage", "lr", "train_loss", "valid_loss", "seconds"}
+    return {"epoch": int(r["epoch"]), "stage": str(r["stage"]), "lr": float(r["lr"]),
+            "train_loss": float(r["train_loss"]), "valid_loss": float(r["valid_loss"]),
+            "seconds": float(r["seconds"]),
+            "metrics": {k: v for k, v in r.items() if k not in base}}
+
+
+def _save_best(run_dir: Path, best: training.Best) -> None:
+    from safetensors.torch import save
+
+    from imgclf.io import atomic_write, atomic_write_bytes
+
+    ck = run_dir / "checkpoints"
+    atomic_write_bytes(ck / "best.safetensors", save({k: v.contiguous() for k, v in best.state.items()}))
+    atomic_write(ck / "best_probs.npy", lambda f: np.save(f, best.probs))
+    atomic_write_json(ck / "best.json", {"score": best.score, "loss": best.loss,
+                                         "epoch": best.epoch, "stage": best.stage})
+
+
+def finish_run(run_dir: Path, cfg: TrainConfig, model, task: Task, pre: Preprocess,
+               prep: PreparedData, result: training.FitResult, console) -> None:
+    """Write predictions, metrics, thresholds, the bundle, plots and the report."""
+    from imgclf.report import plots
+
+    valid = prep.table.split(VALID)
+    preds = evaluation.Predictions(
+        paths=[str(s.path) for s in valid], classes=list(task.classes), probs=result.best.probs,
+        targets=task.targets_numpy(task.encode(valid)), multi_label=task.multi_label)
+    thresholds = None
+    search = None
+    if task.multi_label:
+        search = evaluation.search_thresholds(preds.probs, preds.targets,
+                                              metric=cfg.threshold_metric,
+                                              classes=list(task.classes), seed=cfg.seed)
+        thresholds = search.thresholds
+        preds = dataclasses.replace(preds, thresholds=thresholds)
+        atomic_write_json(run_dir / "thresholds.json", search.to_dict())
+        console.print(f"Decision thresholds: {search.reason}")
+    scores = evaluation.metrics(preds)
+    preds.to_csv(run_dir / "predictions.csv")
+    n_train = len(prep.table.split(TRAIN))
+    summary = {
+        f"valid_{k}": v for k, v in scores.items() if not isinstance(v, (dict, list))
+    }
+    summary.update({
+        "valid_per_class": scores.get("per_class"),
+        "model": cfg.model,
+        "task": task.name,
+        "classes": list(task.classes),
+        "epochs": len(result.rows),
+        "best_epoch": result.best.epoch,
+        "best_stage": result.best.stage,
+        "lr": result.lr,
+        "precision": result.precision,
+        "train_seconds": round(result.train_seconds, 2),
+        "images_per_second": round(result.train_images_seen / max(result.train_seconds, 1e-9), 2),
+        "train_images": n_train,
+        "valid_images": len(valid),
+        "interrupted": result.interrupted,
+    })
+    if thresholds is not None:
+        summary["threshold"] = float(search.global_threshold)
+        summary["thresholds"] = {c: float(t) for c, t in zip(task.classes, thresholds)}
+        summary["threshold_kept"] = search.kept
+    atomic_write_json(run_dir / "metrics.json", summary)
+    save_bundle(run_dir / "model", model, cfg.model, list(task.classes), task.multi_label, pre,
+                thresholds=None if thresholds is None else [float(t) for t in thresholds],
+                extra={"trained_on": str(cfg.data), "valid_metrics": {
+                    k: v for k, v in summary.items() if k.startswith("valid_") and
+                    not isinstance(v, dict)}})
+    rows = [r.to_dict() for r in result.rows]
+    plots_dir = run_dir / "plots"
+    if rows:
+        plots.save(plots.curves(rows, task.monitor), plots_dir / "curves.png")
+    if result.lr_find:
+        plots.save(plots.lr_find(result.lr_find["lrs"], result.lr_find["losses"], result.lr),
+                   plots_dir / "lr_find.png")
+        atomic_write_json(run_dir / "lr_find.json", result.lr_find)
+    if not task.multi_label:
+        cm = evaluation.confusion(preds)
+        plots.save(plots.confusion(cm, list(task.classes)), plots_dir / "confusion.png")
+        plots.save(plots.confusion(cm, list(task.classes), normalized=True),
+                   plots_dir / "confusion_normalized.png")
+    write_report(run_dir, console)
+    _print_verdict(summary, task, run_dir, console)
+
+
+def write_report(run_dir: Path, console) -> Path | None:
+    """report.html for a run (skipped with a note when the report module is unavailable)."""
+    try:
+        from imgclf.report.html import write_report as _write
+    except ImportError:
+        return None
+    return _write(Run(run_dir), console=console)
+
+
+def _print_verdict(summary: dict, task: Task, run_dir: Path, console) -> None:
+    keys = (["valid_zero_one_accuracy", "valid_hamming_accuracy", "valid_f1_macro", "valid_map"]
+            if task.multi_label else ["valid_accuracy", "valid_balanced_accuracy",
+                                      "valid_f1_macro"])
+    shown = "  ".join(f"{k[6:]}={summary[k]:.4f}" for k in keys if summary.get(k) is not None)
+    console.print(f"[bold green]Done[/] in {summary['train_seconds']:.1f}s: {shown}")
+    console.print(f"Bundle: {run_dir / 'model'}")
+    if (run_dir / "report.html").is_file():
+        console.print(f"Report: {run_dir / 'report.html'}")
+
+
+def load(path: str | Path) -> Bundle:
+    """Load a trained model from a run directory or bundle folder."""
+    return load_bundle(path)
+
+
+def predict(bundle_or_path, paths, **kwargs):
+    """Predict image files with a bundle (or a path to one); see `Bundle.predict`."""
+    bundle = bundle_or_path if isinstance(bundle_or_path, Bundle) else load_bundle(bundle_or_path)
+    return bundle.predict(paths, **kwargs)
+
+
+def evaluate(target: str | Path, data: str | Path | None = None, *, out: str | Path | None = None,
+             tta: int = 0, batch_size: int = 32, console=None, **source_options) -> dict:
+    """Score a bundle on its run's validation set, or on another labelled folder or CSV.
+
+    Args:
+        target: Run directory or bundle folder.
+        data: Labelled images (folder or CSV root); None uses the run's validation split.
+        out: Folder for the results (default: `<run>/eval/<data name>` or the run itself).
+        tta: Augmented views to average in addition to the plain one; when > 0 the plain
+            score is reported next to the TTA score.
+        batch_size: Images per forward pass.
+        console: rich Console.
+        **source_options: Data-source options (csv, label_col, ...) as for `train`.
+
+    Returns:
+        The metrics dict (also written as metrics.json in the output folder).
+    """
+    from imgclf.predict import predict_images
+    from imgclf.report import plots
+
+    console = _console(console)
+    _set_threads()
+    bundle = load_bundle(target)
+    run_dir = bundle.path.parent if (bundle.path.parent / "config.yaml").is_file() else None
+    if data is None:
+        if run_dir is None:
+            raise ImgclfError(f"{target} is a bare bundle: pass labelled DATA to evaluate on")
+        cfg = Run(run_dir).config()
+        table = load_table(cfg)
+        samples = table.split(VALID)
+        out_dir = Path(out) if out else run_dir
+        cache = _cache_dir(cfg)
+    else:
+        cfg = dataclasses.replace(TrainConfig(), data=str(data), **source_options)
+        table = load_table(cfg)
+        samples = table.samples
+        base = run_dir or bundle.path
+        out_dir = Path(out) if out else base / "eval" / (Path(data).resolve().name or "data")
+        cache = default_cache_dir()
+    known = set(bundle.classes)
+    unknown = sorted({lab for s in samples for lab in s.labels} - known)
+    if unknown:
+        console.print(f"[yellow]Skipping images with labels the model does not know: "
+                      f"{', '.join(unknown[:10])}{' ...' if len(unknown) > 10 else ''}[/]")
+        samples = [s for s in samples if set(s.labels) <= known]
+    if not samples:
+        raise DataError("no images with known labels to evaluate on")
+    table = table.with_samples(samples)
+    decoded, errors, _ = decode_all([s.path for s in samples], bundle.preprocess, cache)
+    for p, reason in errors.items():
+        console.print(f"[yellow]skipped[/] {p}: {reason}")
+    by_path = {s.path: s for s in samples}
+    used = [by_path[p] for p in decoded.paths]
+    task = Task(tuple(bundle.classes), bundle.multi_label)
+    targets = task.targets_numpy(task.encode(used))
+    thresholds = bundle.decision_thresholds() if bundle.multi_label else None
+
+    def score(n_tta: int) -> tuple[evaluation.Predictions, dict]:
+        probs = predict_images(bundle.model, bundle.preprocess, decoded, bundle.multi_label,
+                               batch_size=batch_size, tta=n_tta,
+                               reduce=(bundle.tta or {}).get("reduce", "mean"))
+        p = evaluation.Predictions(paths=[str(s.path) for s in used], classes=bundle.classes,
+                                   probs=probs, targets=targets, multi_label=bundle.multi_label,
+                                   thresholds=thresholds)
+        return p, evaluation.metrics(p)
+
+    preds, scores = score(0)
+    result = {k: v for k, v in scores.items()}
+    if tta:
+        preds_tta, scores_tta = score(tta)
+        result["tta"] = {"views": tta + 1, **{k: v for k, v in scores_tta.items()
+                                               if not isinstance(v, dict)}}
+        preds, scores = preds_tta, scores_tta
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir != run_dir:
+        preds.to_csv(out_dir / "predictions.csv")
+    atomic_write_json(out_dir / ("metrics.json" if out_dir != run_dir else "evaluation.json"),
+                      result)
+    if not bundle.multi_label:
+        cm = evaluation.confusion(preds)
+        _write_confusion_csv(out_dir / "confusion.csv", cm, bundle.classes)
+        plots.save(plots.confusion(cm, bundle.classes), out_dir / "plots" / "confusion.png")
+        result["most_confused"] = evaluation.most_confused(preds, min_count=1)[:20]
+    _print_evaluation(result, bundle, console)
+    if run_dir is not None and out_dir == run_dir:
+        write_report(run_dir, console)
+    console.print(f"Results: {out_dir}")
+    return result
+
+
+def _write_confusion_csv(path: Path, cm: np.ndarray, classes: list[str]) -> None:
+    from imgclf.io import atomic_write_text
+
+    lines = ["actual\\predicted," + ",".join(classes)]
+    lines += [f"{c}," + ",".join(str(int(v)) for v in row) for c, row in zip(classes, cm)]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def _print_evaluation(result: dict, bundle: Bundle, console) -> None:
+    from rich.table import Table
+
+    head = (["zero_one_accuracy", "hamming_accuracy", "f1_macro", "map"] if bundle.multi_label
+            else ["accuracy", "balanced_accuracy", "f1_macro", "loss"])
+    line = "  ".join(f"{k}={result[k]:.4f}" for k in head if result.get(k) is not None)
+    console.print(f"[bold]{result.get('n_samples', '')} images[/]  {line}")
+    if "tta" in result:
+        t = result["tta"]
+        line = "  ".join(f"{k}={t[k]:.4f}" for k in head if t.get(k) is not None)
+        console.print(f"[bold]with TTA ({t['views']} views)[/]  {line}")
+    per = result.get("per_class") or {}
+    table = Table(title="Per class" + (" (at the bundle's thresholds)" if bundle.multi_label
+                                       else ""))
+    for col in ["class", "precision", "recall", "f1", "support"] + (
+            ["ap"] if bundle.multi_label else []):
+        table.add_column(col, justify="left" if col == "class" else "right")
+    for c, m in per.items():
+        table.add_row(c, *[f"{m[k]:.3f}" if isinstance(m.get(k), float) else str(m.get(k))
+                           for k in ["precision", "recall", "f1", "support"] +
+                           (["ap"] if bundle.multi_label else [])])
+    if len(per) <= 60:
+        console.print(table)
+    for a, p, n in result.get("most_confused", [])[:10]:
+        console.print(f"  {a} -> {p}: {n}")

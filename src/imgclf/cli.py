@@ -1,0 +1,171 @@
+"""Command line: parses arguments and calls the library (imgclf.api). Nothing else lives here."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from imgclf.errors import ImgclfError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Train, evaluate, explain and deploy image classifiers.")
+console = Console(stderr=True)
+out = Console()
+_debug = {"on": False}
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")):
+    _debug["on"] = debug or bool(os.environ.get("IMGCLF_DEBUG"))
+
+
+@app.command()
+def train(
+    data: Optional[Path] = typer.Argument(None, help="Image folder (class folders), or the root of the CSV's file names."),
+    csv: Optional[Path] = typer.Option(None, help="Labels CSV (file names relative to DATA)."),
+    image_col: Optional[str] = typer.Option(None, help="CSV column with file names."),
+    label_col: Optional[str] = typer.Option(None, help="CSV column with labels."),
+    split_col: Optional[str] = typer.Option(None, help="CSV column with train/valid or an is_valid boolean."),
+    label_delim: str = typer.Option(" ", help="Separator of several labels in one CSV cell."),
+    label_cols: Optional[str] = typer.Option(None, help="One-hot label columns (comma-separated) or 'auto'."),
+    multi_label: Optional[bool] = typer.Option(None, "--multi-label/--single-label", help="Force the task (default: detect)."),
+    label_pattern: Optional[str] = typer.Option(None, help="Regex; its first group on the file name is the label."),
+    group_col: Optional[str] = typer.Option(None, help="CSV column of groups kept on one side of the split."),
+    group_pattern: Optional[str] = typer.Option(None, help="Regex; its first group on the relative path is the group."),
+    valid_pct: float = typer.Option(0.2, help="Validation fraction when the data has no split."),
+    seed: int = typer.Option(42, help="Seed for split, augmentation and initialisation."),
+    model: str = typer.Option("tf_efficientnet_lite0", help="Any timm architecture."),
+    weights: Optional[Path] = typer.Option(None, help="Local pretrained weights file for --model."),
+    pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="Start from ImageNet weights."),
+    size: Optional[int] = typer.Option(None, help="Input size (default: the model's)."),
+    epochs: int = typer.Option(5, help="Epochs with the whole network trainable."),
+    freeze_epochs: int = typer.Option(1, help="Epochs training only the head on a frozen body."),
+    lr: str = typer.Option("auto", help="Peak learning rate, or 'auto' (LR finder, valley rule)."),
+    batch_size: int = typer.Option(32, help="Images per step."),
+    precision: str = typer.Option("auto", help="auto | 32 | bf16-mixed | 16-mixed."),
+    workers: Optional[int] = typer.Option(None, help="Loader processes (default: from the core count)."),
+    cache_dir: Optional[str] = typer.Option(None, help="Decode cache folder ('' disables it)."),
+    deterministic: bool = typer.Option(False, help="Bit-for-bit repeatable training (slower)."),
+    checkpoint_every: int = typer.Option(0, help="Also checkpoint every N steps."),
+    threshold_metric: str = typer.Option("zero_one", help="Multi-label: zero_one | hamming | f1_macro."),
+    out_dir: Path = typer.Option(Path("runs"), "--out", help="Folder for run directories."),
+    name: Optional[str] = typer.Option(None, help="Run directory name."),
+    resume: Optional[Path] = typer.Option(None, help="Continue an interrupted run directory."),
+):
+    """Train a classifier on labelled images and write a run directory."""
+    from imgclf import api
+    from imgclf.config import TrainConfig
+
+    if resume is None and data is None:
+        raise ImgclfError("pass DATA (a folder of images) or --resume RUN")
+    lr_value: float | str = lr if lr == "auto" else _float(lr, "--lr")
+    cfg = TrainConfig(
+        data=str(data) if data else "", csv=str(csv) if csv else None, image_col=image_col,
+        label_col=label_col, split_col=split_col, label_delim=label_delim, label_cols=label_cols,
+        multi_label=multi_label, label_pattern=label_pattern, group_col=group_col,
+        group_pattern=group_pattern, valid_pct=valid_pct, seed=seed, model=model,
+        weights=str(weights) if weights else None, pretrained=pretrained, size=size,
+        epochs=epochs, freeze_epochs=freeze_epochs, lr=lr_value, batch_size=batch_size,
+        precision=precision, workers=workers, cache_dir=cache_dir, deterministic=deterministic,
+        checkpoint_every=checkpoint_every, threshold_metric=threshold_metric, out=str(out_dir),
+        name=name)
+    api.train(config=cfg, resume=resume, console=console)
+
+
+def _float(text: str, flag: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ImgclfError(f"{flag} takes a number or 'auto', not {text!r}") from None
+
+
+@app.command()
+def evaluate(
+    run: Path = typer.Argument(..., help="Run directory or bundle folder."),
+    data: Optional[Path] = typer.Argument(None, help="Other labelled images (default: the run's validation set)."),
+    csv: Optional[Path] = typer.Option(None, help="Labels CSV for DATA."),
+    label_pattern: Optional[str] = typer.Option(None, help="Regex giving the label from the file name."),
+    tta: int = typer.Option(0, help="Augmented views to add (test-time augmentation)."),
+    batch_size: int = typer.Option(32),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder for the results."),
+):
+    """Score a trained model: accuracy, per-class metrics, confusion matrix, most confused."""
+    from imgclf import api
+
+    options = {k: v for k, v in {"csv": str(csv) if csv else None,
+                                 "label_pattern": label_pattern}.items() if v}
+    api.evaluate(run, data, out=out_dir, tta=tta, batch_size=batch_size, console=console,
+                 **options)
+
+
+@app.command()
+def predict(
+    model: Path = typer.Argument(..., help="Run directory or bundle folder."),
+    paths: list[str] = typer.Argument(..., help="Image files, folders or globs."),
+    top_k: int = typer.Option(3, help="Labels shown per image."),
+    out_csv: Optional[Path] = typer.Option(None, "--out", help="Write all probabilities to this CSV."),
+    tta: Optional[int] = typer.Option(None, help="Augmented views (default: the bundle's setting)."),
+    threshold: Optional[float] = typer.Option(None, help="Multi-label: override the tuned thresholds."),
+    batch_size: int = typer.Option(32),
+):
+    """Predict labels for images with exactly the preprocessing validation used."""
+    from imgclf import api
+
+    bundle = api.load(model)
+    result = bundle.predict(paths, batch_size=batch_size, tta=tta, threshold=threshold)
+    for p, reason in result.errors.items():
+        console.print(f"[yellow]skipped[/] {reason if str(p) in reason else f'{p}: {reason}'}")
+    tops = result.top_k(top_k)
+    for p, labs, top in zip(result.paths, result.labels(), tops):
+        shown = "  ".join(f"{c} {v:.3f}" for c, v in top)
+        name = os.fsdecode(p).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        if bundle.multi_label:
+            out.print(f"{name}\t{{{', '.join(labs)}}}\t{shown}", markup=False, highlight=False)
+        else:
+            out.print(f"{name}\t{shown}", markup=False, highlight=False)
+    if out_csv:
+        result.to_csv(out_csv)
+        console.print(f"Wrote {out_csv}")
+    if not result.paths:
+        raise ImgclfError("no image could be predicted")
+
+
+@app.command()
+def demo(
+    out_dir: Path = typer.Option(Path("runs"), "--out", help="Folder for the demo run."),
+    epochs: int = typer.Option(3, help="Epochs."),
+):
+    """Train on a small built-in data set (scikit-learn's digits) and print where the report is."""
+    from imgclf.demo import run_demo
+
+    run_demo(out_dir, epochs=epochs, console=console)
+
+
+def main() -> None:
+    """Entry point: user-facing errors become one clear line and exit code 2."""
+    try:
+        app()
+    except ImgclfError as e:
+        if _debug["on"]:
+            raise
+        console.print(f"[bold red]error:[/] {e}", highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - the user gets one line; --debug shows the rest
+        if _debug["on"]:
+            raise
+        console.print(f"[bold red]internal error:[/] {type(e).__name__}: {e} "
+                      "(run again with --debug for the traceback, and please report it)",
+                      highlight=False)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""Every setting of a run, resolved, so that config.yaml alone reproduces it."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+@dataclass
+class TrainConfig:
+    """Settings of `imgclf train` (the CLI flags have the same names with dashes).
+
+    Attributes:
+        data: Folder of images (class folders, or the root of the CSV's file names).
+        csv: Labels CSV; file names in it are relative to `data`.
+        image_col: CSV column with file names (default: first column or a column named like one).
+        label_col: CSV column with labels (default: second column or a column named like one).
+        split_col: CSV column with train/valid values or an is_valid boolean.
+        label_delim: Separator of several labels in one CSV cell (multi-label).
+        label_cols: One-hot label columns, comma-separated, or "auto".
+        multi_label: Force multi-label (None: detect from the data).
+        label_pattern: Regex whose first group on the file name is the label.
+        group_col: CSV column of group ids kept on one side of the split.
+        group_pattern: Regex whose first group on the relative path is the group id.
+        valid_pct: Fraction held out for validation when the data has no split.
+        seed: Seed for the split, augmentation order and initialisation.
+        model: timm architecture.
+        weights: Local weights file for `model` (else the hub, unless `pretrained` is False).
+        pretrained: Start from ImageNet weights.
+        size: Input size (default: the model's pretrained size).
+        epochs: Epochs with the whole network trainable.
+        freeze_epochs: Epochs training only the new head on a frozen body (0 skips the stage).
+        lr: Peak learning rate, or "auto" to run the learning-rate finder.
+        batch_size: Images per step.
+        precision: "auto", "32", "bf16-mixed" or "16-mixed".
+        workers: DataLoader processes (None: chosen from the core count).
+        cache_dir: Decode cache folder (None: the user cache folder); "" disables the disk cache.
+        deterministic: Bit-for-bit repeatable training (slower).
+        checkpoint_every: Also checkpoint every N steps (0: once per epoch only).
+        threshold_metric: Multi-label metric the decision threshold maximises.
+        out: Folder that holds run directories.
+        name: Run directory name (default: derived from the data folder and time).
+    """
+
+    data: str = ""
+    csv: str | None = None
+    image_col: str | None = None
+    label_col: str | None = None
+    split_col: str | None = None
+    label_delim: str = " "
+    label_cols: str | None = None
+    multi_label: bool | None = None
+    label_pattern: str | None = None
+    group_col: str | None = None
+    group_pattern: str | None = None
+    valid_pct: float = 0.2
+    seed: int = 42
+    model: str = "tf_efficientnet_lite0"
+    weights: str | None = None
+    pretrained: bool = True
+    size: int | None = None
+    epochs: int = 5
+    freeze_epochs: int = 1
+    lr: float | str = "auto"
+    batch_size: int = 32
+    precision: str = "auto"
+    workers: int | None = None
+    cache_dir: str | None = None
+    deterministic: bool = False
+    checkpoint_every: int = 0
+    threshold_metric: str = "zero_one"
+    out: str = "runs"
+    name: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_yaml(self, path: Path) -> None:
+        from imgclf.io import atomic_write_text
+
+        atomic_write_text(path, yaml.safe_dump(dataclasses.asdict(self), sort_keys=False))
+
+    @classmethod
+    def from_yaml(cls, path: Path) -> "TrainConfig":
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            from imgclf.errors import ImgclfError
+
+            raise ImgclfError(f"{path}: unknown settings {', '.join(unknown)}; remove them")
+        return cls(**raw)

@@ -1,0 +1,123 @@
+"""Preprocessing shared by training, evaluation, prediction and export.
+
+Every image is decoded once and *presized*: its short side resized to `presize` with Pillow, then
+center-cropped to a `presize` square of uint8 pixels. Training takes random resized crops and flips
+of that square at `size`; evaluation and prediction take its center `size` crop. Because `predict`
+calls exactly these functions, a bundle predicts what validation measured.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+_PIL_INTERPOLATION = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How pixels become model input. Stored in every bundle's model.json.
+
+    Attributes:
+        size: Side of the square crop the model sees.
+        presize: Side of the square each image is decoded to once (>= size).
+        interpolation: Pillow filter used for the presize resize.
+        mean: Per-channel mean on the 0-1 scale.
+        std: Per-channel standard deviation on the 0-1 scale.
+    """
+
+    size: int
+    presize: int
+    interpolation: str = "bicubic"
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    @classmethod
+    def from_model_cfg(
+        cls, cfg: dict, size: int | None = None, crop_pct: float | None = None
+    ) -> "Preprocess":
+        """Preprocessing from a timm pretrained config, optionally at another crop size."""
+        size = int(size or cfg.get("input_size", (3, 224, 224))[-1])
+        crop_pct = float(crop_pct or cfg.get("crop_pct") or 0.875)
+        interp = cfg.get("interpolation") or "bicubic"
+        if interp not in _PIL_INTERPOLATION:
+            interp = "bicubic"
+        return cls(
+            size=size,
+            presize=presize_for(size, crop_pct),
+            interpolation=interp,
+            mean=tuple(float(v) for v in cfg.get("mean", cls.mean)),
+            std=tuple(float(v) for v in cfg.get("std", cls.std)),
+        )
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocess":
+        return cls(
+            size=int(d["size"]),
+            presize=int(d["presize"]),
+            interpolation=str(d.get("interpolation", "bicubic")),
+            mean=tuple(float(v) for v in d["mean"]),
+            std=tuple(float(v) for v in d["std"]),
+        )
+
+
+def presize_for(size: int, crop_pct: float = 0.875) -> int:
+    """The presize that makes a center `size` crop cover `crop_pct` of the image side."""
+    return max(size, int(math.floor(size / crop_pct)))
+
+
+def presize_image(img: Image.Image, presize: int, interpolation: str = "bicubic") -> np.ndarray:
+    """Resize the short side to `presize` and center-crop a square: uint8 array [3, P, P]."""
+    w, h = img.size
+    scale = presize / min(w, h)
+    # Rounding up keeps both sides >= presize so the crop never needs padding.
+    nw, nh = max(presize, math.ceil(w * scale - 1e-6)), max(presize, math.ceil(h * scale - 1e-6))
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), _PIL_INTERPOLATION[interpolation], reducing_gap=None)
+    left, top = (nw - presize) // 2, (nh - presize) // 2
+    img = img.crop((left, top, left + presize, top + presize))
+    return np.asarray(img.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1).copy()
+
+
+def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+    """The central `size` square of a [..., H, W] tensor (same offsets as the ONNX predictor)."""
+    h, w = x.shape[-2:]
+    top, left = (h - size) // 2, (w - size) // 2
+    return x[..., top : top + size, left : left + size]
+
+
+def normalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """uint8 [N, 3, H, W] -> float32 normalised with `mean`/`std` given on the 0-1 scale."""
+    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1) * 255.0
+    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1) * 255.0
+    return (x.float() - m) / s
+
+
+def train_transform(size: int, min_scale: float = 0.35, flip: bool = True) -> v2.Transform:
+    """Random resized crop (fastai-style scale range) and horizontal flip on uint8 tensors."""
+    steps: list[v2.Transform] = [
+        v2.RandomResizedCrop(size, scale=(min_scale, 1.0), antialias=True)
+    ]
+    if flip:
+        steps.append(v2.RandomHorizontalFlip())
+    return v2.Compose(steps)
+
+
+def eval_transform(size: int):
+    """The deterministic view used for validation and prediction."""
+    return lambda x: center_crop(x, size)

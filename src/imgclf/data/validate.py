@@ -1,0 +1,436 @@
+"""Checks before training, and the data summary shown to the user and saved in the run directory.
+
+`check_table` opens every image once (in threads), drops the ones that cannot be used, counts
+colour conversions and finds identical files across splits (leakage) and within them.
+`summarize` turns the checked table into the per-class counts, imbalance and label statistics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from imgclf.data.images import ImageInfo, file_digest, open_rgb_with_info
+from imgclf.data.samples import SPLITS, TEST, TRAIN, VALID, Sample, SampleTable
+from imgclf.errors import DataError, ImageError, display_path
+
+PROGRESS_THRESHOLD = 200  # smaller scans finish before a bar would help
+IMBALANCE_FLAG = 3.0
+
+
+def default_workers() -> int:
+    """Threads for decoding: the CPU cores this process may use, at most 8."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(8, cores))
+
+
+def image_info(path: str | os.PathLike) -> ImageInfo:
+    """The default scan: decode the file fully (so damage is found) and describe it."""
+    return open_rgb_with_info(path)[1]
+
+
+def scan_images(
+    samples: Iterable[Sample | str | os.PathLike],
+    fn: Callable[[Path], object] | None = None,
+    workers: int | None = None,
+    progress: bool | None = None,
+    description: str = "Checking images",
+) -> tuple[dict[Path, object], dict[Path, str]]:
+    """Run `fn` on every distinct file, in a thread pool, with a progress bar on large sets.
+
+    Args:
+        samples: Samples or paths.
+        fn: Called with each path; returns anything (default: `image_info`). It reports a file
+            that cannot be used by raising `ImageError`; any other exception is a bug and
+            propagates.
+        workers: Threads (default: `default_workers()`). Pillow and NumPy release the GIL while
+            decoding, so threads use several cores.
+        progress: Show a progress bar; None shows one for more than 200 files.
+        description: Label of the progress bar.
+
+    Returns:
+        {path: fn(path)} for the files that worked, and {path: reason} for those that raised.
+    """
+    fn = fn or image_info
+    paths = list(dict.fromkeys(Path(s.path if isinstance(s, Sample) else s) for s in samples))
+    results: dict[Path, object] = {}
+    errors: dict[Path, str] = {}
+
+    def one(path: Path) -> tuple[Path, object, str | None]:
+        try:
+            return path, fn(path), None
+        except ImageError as e:
+            return path, None, e.reason
+
+    show = len(paths) > PROGRESS_THRESHOLD if progress is None else progress
+    pool = ThreadPoolExecutor(max_workers=workers or default_workers())
+    try:
+        with _progress(show) as bar:
+            task = bar.add_task(description, total=len(paths))
+            for path, value, reason in pool.map(one, paths):
+                if reason is None:
+                    results[path] = value
+                else:
+                    errors[path] = reason
+                bar.advance(task)
+    finally:
+        # On a bug in fn (or Ctrl-C) do not decode the remaining thousands of files first.
+        pool.shutdown(wait=True, cancel_futures=True)
+    # pool.map yields in input order, so both dicts follow the order of `samples`.
+    return results, errors
+
+
+def _progress(show: bool) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        transient=True, disable=not show,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The check
+
+
+@dataclass
+class FileIssue:
+    """A file that cannot be used, and why."""
+
+    path: str
+    reason: str
+
+
+@dataclass
+class DuplicateSet:
+    """Files with identical content.
+
+    Attributes:
+        digest: Their content hash.
+        files: Paths as shown to the user (relative to the data root).
+        splits: The split of each file.
+        labels: The labels of each file.
+    """
+
+    digest: str
+    files: list[str]
+    splits: list[str]
+    labels: list[list[str]]
+
+    @property
+    def conflicting(self) -> bool:
+        """The copies carry different labels."""
+        return len({tuple(lab) for lab in self.labels}) > 1
+
+    def example(self) -> str:
+        """The first two files, for a one-line message."""
+        return " = ".join(self.files[:2]) + (f" (+{len(self.files) - 2} more)" if len(self.files) > 2 else "")
+
+
+@dataclass
+class CheckReport:
+    """What the checks found; saved as JSON in the run directory.
+
+    Attributes:
+        checked: Number of files opened.
+        unusable: Files dropped because they cannot be decoded.
+        source_skipped: Files the source found but could not use (not images, missing, ...).
+        conversions: Number of files per conversion to RGB ("grayscale", "CMYK", ...).
+        rotated: Files turned upright by their EXIF orientation.
+        animated: Animations of which the first frame is used.
+        leakage: Identical files in training and in validation or test.
+        duplicates: Other identical files (within a split, or across validation and test).
+        label_conflicts: Identical files with different labels (also listed above).
+        classes_without_valid: Classes with training images but no validation image.
+        classes_without_train: Classes listed by the source with no usable training image.
+    """
+
+    checked: int = 0
+    unusable: list[FileIssue] = field(default_factory=list)
+    source_skipped: list[FileIssue] = field(default_factory=list)
+    conversions: dict[str, int] = field(default_factory=dict)
+    rotated: int = 0
+    animated: int = 0
+    leakage: list[DuplicateSet] = field(default_factory=list)
+    duplicates: list[DuplicateSet] = field(default_factory=list)
+    label_conflicts: list[DuplicateSet] = field(default_factory=list)
+    classes_without_valid: list[str] = field(default_factory=list)
+    classes_without_train: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """Plain data for JSON."""
+        return asdict(self)
+
+    def to_json(self) -> str:
+        """The report as JSON text (ASCII-escaped, so any file name can be written)."""
+        return json.dumps(self.to_dict(), indent=2)
+
+    def lines(self) -> list[str]:
+        """Human-readable findings, most important first; empty when there is nothing to say."""
+        out = []
+        if self.leakage:
+            n = sum(sum(s != TRAIN for s in d.splits) for d in self.leakage)
+            out.append(f"LEAKAGE: {n} validation/test files are identical to training files "
+                       f"(e.g. {self.leakage[0].example()}): scores will be optimistic; remove the copies")
+        if self.label_conflicts:
+            d = self.label_conflicts[0]
+            labels = " vs ".join("/".join(lab) or "(none)" for lab in d.labels[:2])
+            out.append(f"{len(self.label_conflicts)} sets of identical files carry different labels "
+                       f"(e.g. {d.example()}: {labels}): fix the labels")
+        if self.classes_without_valid:
+            out.append(f"no validation images for class(es) {_names(self.classes_without_valid)}: "
+                       "their validation scores cannot be measured")
+        if self.unusable:
+            out.append(f"{len(self.unusable)} files cannot be used and are skipped "
+                       f"(e.g. {self.unusable[0].path}: {self.unusable[0].reason})")
+        if self.source_skipped:
+            out.append(f"{len(self.source_skipped)} files found by the source are skipped "
+                       f"(e.g. {self.source_skipped[0].path}: {self.source_skipped[0].reason})")
+        if self.duplicates:
+            n = sum(len(d.files) - 1 for d in self.duplicates)
+            out.append(f"{n} duplicate files (e.g. {self.duplicates[0].example()}): they count more than once")
+        if self.conversions:
+            by_count = sorted(self.conversions.items(), key=lambda kv: (-kv[1], kv[0]))
+            parts = ", ".join(f"{n} {kind}" for kind, n in by_count)
+            out.append(f"converted to RGB: {parts}")
+        if self.rotated:
+            out.append(f"{self.rotated} images turned upright by their EXIF orientation")
+        if self.animated:
+            out.append(f"{self.animated} animated images: the first frame is used")
+        return out
+
+
+def check_table(
+    table: SampleTable,
+    fn: Callable[[Path], object] | None = None,
+    workers: int | None = None,
+    progress: bool | None = None,
+) -> tuple[SampleTable, CheckReport]:
+    """Open every image, drop the unusable ones and report conversions, duplicates and leakage.
+
+    Args:
+        table: The table a source produced.
+        fn: Per-file work as in `scan_images` (default: decode and describe). Conversions are
+            counted when it returns an `ImageInfo`, or an object with an `info` attribute holding
+            one. Each file is also hashed for duplicate detection.
+        workers: Threads (default: `default_workers()`).
+        progress: As in `scan_images`.
+
+    Returns:
+        The table without unusable samples (they move to `skipped`), and the report.
+
+    Raises:
+        DataError: No image is usable, there are no validation images, or a class has no
+            training image left.
+    """
+    fn = fn or image_info
+    results, errors = scan_images(table.samples, lambda p: (fn(p), file_digest(p)), workers, progress)
+    show = table.relpath
+    report = CheckReport(
+        checked=len(results) + len(errors),
+        unusable=[FileIssue(display_path(show(p)), why) for p, why in errors.items()],
+        source_skipped=[FileIssue(display_path(show(p)), why) for p, why in table.skipped],
+    )
+    kept = [s for s in table.samples if s.path in results]
+    out = table.with_samples(kept)
+    out.skipped += list(errors.items())
+    _count_conversions(report, [results[p][0] for p in dict.fromkeys(s.path for s in kept)])
+    _find_duplicates(report, out, {s.path: results[s.path][1] for s in kept})
+    _check_classes(report, out, table)
+    return out, report
+
+
+def _info_of(value: object) -> ImageInfo | None:
+    if isinstance(value, ImageInfo):
+        return value
+    info = getattr(value, "info", None)
+    return info if isinstance(info, ImageInfo) else None
+
+
+def _count_conversions(report: CheckReport, values: list[object]) -> None:
+    conversions: Counter = Counter()
+    for value in values:
+        info = _info_of(value)
+        if info is None:
+            continue
+        if info.conversion:
+            conversions[info.conversion] += 1
+        report.rotated += info.orientation != 1
+        report.animated += info.animated
+    report.conversions = dict(conversions)
+
+
+def _find_duplicates(report: CheckReport, table: SampleTable, digests: dict[Path, str]) -> None:
+    by_digest: dict[str, list[Sample]] = defaultdict(list)
+    for s in table.samples:
+        by_digest[digests[s.path]].append(s)
+    for digest, group in by_digest.items():
+        if len({s.path for s in group}) < 2:
+            continue
+        dup = DuplicateSet(
+            digest,
+            [display_path(table.relpath(s.path)) for s in group],
+            [s.split for s in group],
+            [list(s.labels) for s in group],
+        )
+        splits = set(dup.splits)
+        (report.leakage if TRAIN in splits and splits & {VALID, TEST} else report.duplicates).append(dup)
+        if dup.conflicting:
+            report.label_conflicts.append(dup)
+
+
+def _check_classes(report: CheckReport, table: SampleTable, before: SampleTable) -> None:
+    """Fail when the checked table cannot train every class; note classes without validation images."""
+    where = display_path(table.root) if table.root else "the data"
+    if not table.samples:
+        first = report.unusable[0] if report.unusable else None
+        detail = f" (e.g. {first.path}: {first.reason})" if first else ""
+        raise DataError(f"{where}: none of the {report.checked} images can be used{detail}")
+    if not table.split(VALID):
+        raise DataError(f"{where}: no usable validation images: add some, or let imgclf split the data at random")
+    counts = table.counts()
+    train, valid = counts.get(TRAIN, Counter()), counts.get(VALID, Counter())
+    report.classes_without_train = [c for c in table.classes if not train[c]]
+    report.classes_without_valid = [c for c in table.classes if train[c] and not valid[c]]
+    if report.classes_without_train:
+        dropped = before.counts().get(TRAIN, Counter()) - train
+        lost = sum(dropped[c] for c in report.classes_without_train)
+        why = f" ({lost} could not be decoded)" if lost else ""
+        raise DataError(
+            f"{where}: class(es) {_names(report.classes_without_train)} have no usable training images{why}: "
+            "add images of them to the training split, or remove the class"
+        )
+
+
+def _names(classes: list[str], limit: int = 5) -> str:
+    shown = ", ".join(f"'{c}'" for c in classes[:limit])
+    return shown + (f" and {len(classes) - limit} more" if len(classes) > limit else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# The summary
+
+
+@dataclass
+class DataSummary:
+    """The data set at a glance; saved as JSON in the run directory.
+
+    Attributes:
+        classes: Class names, in model output order.
+        multi_label: True when an image may carry zero or several labels.
+        images: Number of images per split.
+        counts: Per split, images per class (multi-label: each label counts).
+        imbalance_ratio: Largest over smallest training class; None without training images.
+        imbalanced: The ratio is over 3: consider class weights or more images of small classes.
+        empty_label_images: Multi-label: images without any label, per split.
+        cooccurrence: Multi-label: [i][j] = images carrying classes i and j (diagonal: class i).
+        groups: Number of distinct groups per split, when samples have groups.
+        skipped: Files found but not used.
+        notes: Remarks from the source and the checks.
+    """
+
+    classes: list[str]
+    multi_label: bool
+    images: dict[str, int]
+    counts: dict[str, dict[str, int]]
+    imbalance_ratio: float | None
+    imbalanced: bool
+    empty_label_images: dict[str, int] = field(default_factory=dict)
+    cooccurrence: list[list[int]] | None = None
+    groups: dict[str, int] | None = None
+    skipped: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """Plain data for JSON."""
+        return asdict(self)
+
+
+def summarize(table: SampleTable, report: CheckReport | None = None) -> DataSummary:
+    """Per-class counts, imbalance and label statistics of a (checked) table.
+
+    Args:
+        table: The table, normally as returned by `check_table`.
+        report: The check's findings, added to the notes.
+    """
+    splits = [s for s in SPLITS if table.split(s)]
+    counts = table.counts()
+    per_split = {s: {c: counts.get(s, Counter())[c] for c in table.classes} for s in splits}
+    train = [n for n in per_split.get(TRAIN, {}).values() if n > 0]
+    ratio = max(train) / min(train) if train else None
+    summary = DataSummary(
+        classes=list(table.classes),
+        multi_label=table.multi_label,
+        images={s: len(table.split(s)) for s in splits},
+        counts=per_split,
+        imbalance_ratio=round(ratio, 2) if ratio is not None else None,
+        imbalanced=ratio is not None and ratio > IMBALANCE_FLAG,
+        skipped=len(table.skipped),
+        notes=list(table.notes) + (report.lines() if report else []),
+    )
+    if table.multi_label:
+        summary.empty_label_images = {s: sum(not x.labels for x in table.split(s)) for s in splits}
+        summary.cooccurrence = _cooccurrence(table)
+    if any(s.group is not None for s in table.samples):
+        summary.groups = {s: len({x.group for x in table.split(s) if x.group is not None}) for s in splits}
+    return summary
+
+
+def _cooccurrence(table: SampleTable) -> list[list[int]]:
+    index = {c: i for i, c in enumerate(table.classes)}
+    matrix = [[0] * len(index) for _ in index]
+    for s in table.samples:
+        ids = [index[lab] for lab in s.labels if lab in index]
+        for i in ids:
+            for j in ids:
+                matrix[i][j] += 1
+    return matrix
+
+
+def print_summary(summary: DataSummary, console: Console | None = None) -> None:
+    """Print the summary as rich tables: counts per class and split, then the findings."""
+    console = console or Console()
+    splits = list(summary.counts)
+    task = "multi-label" if summary.multi_label else "single-label"
+    table = Table(title=f"Data: {len(summary.classes)} classes, {task}", title_justify="left")
+    # Class names come from folder names, which need not be valid UTF-8.
+    table.add_column("class")
+    for s in splits:
+        table.add_column(s, justify="right")
+    for c in summary.classes:
+        table.add_row(escape(display_path(c)), *(str(summary.counts[s][c]) for s in splits))
+    if summary.multi_label:
+        table.add_row("(no label)", *(str(summary.empty_label_images.get(s, 0)) for s in splits), style="dim")
+    table.add_section()
+    table.add_row("images", *(str(summary.images[s]) for s in splits), style="bold")
+    if summary.groups:
+        table.add_row("groups", *(str(summary.groups.get(s, 0)) for s in splits))
+    console.print(table)
+    if summary.imbalance_ratio is not None:
+        flag = " [yellow](imbalanced: small classes may be learned poorly)[/]" if summary.imbalanced else ""
+        console.print(f"largest / smallest training class: {summary.imbalance_ratio:g}{flag}")
+    if summary.cooccurrence:
+        pairs = _top_pairs(summary)
+        if pairs:
+            console.print("most frequent label pairs: " + ", ".join(f"{a}+{b} ({n})" for a, b, n in pairs))
+    if summary.skipped:
+        console.print(f"{summary.skipped} files skipped (listed in the run directory)")
+    for note in summary.notes:
+        console.print(f"- {note}", markup=False, highlight=False)
+
+
+def _top_pairs(summary: DataSummary, limit: int = 5) -> list[tuple[str, str, int]]:
+    m, names = summary.cooccurrence or [], summary.classes
+    pairs = [(escape(display_path(names[i])), escape(display_path(names[j])), m[i][j]) for i in range(len(names)) for j in range(i + 1, len(names)) if m[i][j]]
+    return sorted(pairs, key=lambda p: -p[2])[:limit]

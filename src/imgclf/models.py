@@ -1,0 +1,136 @@
+"""timm backbones with a new head: creation, local weights, freezing and layer groups."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from imgclf.errors import ImgclfError
+
+
+def create_model(
+    arch: str,
+    num_classes: int,
+    pretrained: bool = True,
+    weights: str | Path | None = None,
+    drop_rate: float | None = None,
+) -> nn.Module:
+    """A timm model with a fresh `num_classes` head.
+
+    Args:
+        arch: Any timm architecture name.
+        num_classes: Outputs of the new head.
+        pretrained: Load ImageNet weights from the hub (network needed) when `weights` is None.
+        weights: A local safetensors/pth state dict for `arch` (keys as timm names them).
+        drop_rate: Dropout before the classifier; timm's default when None.
+
+    Raises:
+        ImgclfError: Unknown architecture, unreachable hub, missing or mismatched weights file.
+    """
+    if arch not in timm.list_models() and not timm.is_model(arch):
+        close = timm.list_models(f"*{arch.split('.')[0][:8]}*")[:5]
+        hint = f" Similar names: {', '.join(close)}." if close else ""
+        raise ImgclfError(f"unknown model '{arch}'.{hint} See `timm.list_models()` for all names.")
+    kwargs: dict = {"num_classes": num_classes}
+    if drop_rate is not None:
+        kwargs["drop_rate"] = drop_rate
+    if weights is not None:
+        path = Path(weights)
+        if not path.is_file():
+            raise ImgclfError(f"weights file {path} does not exist: check the path given to --weights")
+        try:
+            return timm.create_model(
+                arch, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs
+            )
+        except (RuntimeError, KeyError, ValueError, OSError) as e:
+            raise ImgclfError(
+                f"weights file {path} does not fit model '{arch}' ({_short(e)}): "
+                f"pass the weights of '{arch}' or the --model they belong to"
+            ) from e
+    try:
+        return timm.create_model(arch, pretrained=pretrained, **kwargs)
+    except (OSError, ConnectionError, RuntimeError) as e:
+        if not pretrained:
+            raise
+        raise ImgclfError(
+            f"could not fetch pretrained weights for '{arch}' ({_short(e)}): without network, "
+            "pass a local file with --weights FILE, or --no-pretrained to start from random weights"
+        ) from e
+
+
+def _short(e: Exception) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) < 200 else text[:197] + "..."
+
+
+def classifier(model: nn.Module) -> nn.Module:
+    """The final linear layer (the part that is replaced for a new set of classes)."""
+    return model.get_classifier()
+
+
+def pre_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Body output right before the classifier (pooled features)."""
+    return model.forward_head(model.forward_features(x), pre_logits=True)
+
+
+def set_body_trainable(model: nn.Module, trainable: bool) -> None:
+    """Freeze or unfreeze everything but the classifier."""
+    head_params = {id(p) for p in classifier(model).parameters()}
+    for p in model.parameters():
+        p.requires_grad = trainable or id(p) in head_params
+
+
+def layer_groups(model: nn.Module, n_groups: int = 3) -> list[list[nn.Parameter]]:
+    """Parameters split from input to output into `n_groups` groups, the classifier last.
+
+    The body's coarse groups (timm's `group_matcher`: stem, then stages) are merged into
+    `n_groups - 1` contiguous chunks of similar parameter count so that earlier layers can get
+    smaller learning rates.
+    """
+    head = list(classifier(model).parameters())
+    head_ids = {id(p) for p in head}
+    body_named = [(n, p) for n, p in model.named_parameters() if id(p) not in head_ids]
+    try:
+        from timm.models import group_parameters
+
+        groups = group_parameters(model, model.group_matcher(coarse=True))
+        name_to_p = dict(body_named)
+        ordered = [[name_to_p[n] for n in names if n in name_to_p] for _, names in sorted(groups.items())]
+        ordered = [g for g in ordered if g]
+    except (AttributeError, NotImplementedError, TypeError):
+        ordered = [[p] for _, p in body_named]
+    chunks = _split_even(ordered, max(1, n_groups - 1))
+    return [c for c in chunks if c] + [head]
+
+
+def _split_even(groups: list[list[nn.Parameter]], n: int) -> list[list[nn.Parameter]]:
+    total = sum(p.numel() for g in groups for p in g)
+    out: list[list[nn.Parameter]] = [[] for _ in range(n)]
+    seen = 0
+    for g in groups:
+        size = sum(p.numel() for p in g)
+        # Assign each coarse group to the chunk containing its midpoint in parameter count.
+        idx = min(n - 1, int((seen + size / 2) / max(total, 1) * n))
+        out[idx].extend(g)
+        seen += size
+    return out
+
+
+def has_depthwise_convs(model: nn.Module) -> bool:
+    """True when most convolutions are depthwise (EfficientNet/MobileNet style)."""
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    depthwise = [m for m in convs if m.groups > 1 and m.groups == m.in_channels]
+    return bool(convs) and len(depthwise) / len(convs) > 0.2
+
+
+def cpu_supports_bf16() -> bool:
+    """AMX or AVX512-BF16 on this CPU, where bf16 autocast speeds up matrix math."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return bool(re.search(r"\b(amx_bf16|avx512_bf16)\b", flags))

@@ -1,0 +1,554 @@
+"""The fine-tune recipe on Lightning: frozen head on cached features, then the whole network.
+
+Stage "frozen": the body is frozen and in eval mode, so its output for an image never changes.
+Its pooled features are computed once (one forward pass per augmented view) and the classifier is
+trained on them; the learning-rate finder runs on the same features, so neither repeats the body.
+Stage "unfrozen": everything trains with one-cycle and discriminative learning rates (earlier layer
+groups get smaller rates), as in fastai's `fine_tune`. The best epoch by the validation metric is
+kept, together with its validation probabilities, which become predictions.csv unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning.pytorch as L
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from imgclf import evaluation, models
+from imgclf.data.transforms import Preprocess, normalize
+from imgclf.io import atomic_write_json
+from imgclf.tasks import Task
+
+log = logging.getLogger("imgclf")
+
+
+@dataclass
+class EpochRow:
+    """One line of metrics.csv."""
+
+    epoch: int
+    stage: str
+    lr: float
+    train_loss: float
+    valid_loss: float
+    metrics: dict[str, float]
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return {
+            "epoch": self.epoch, "stage": self.stage, "lr": self.lr,
+            "train_loss": self.train_loss, "valid_loss": self.valid_loss,
+            **self.metrics, "seconds": self.seconds,
+        }
+
+
+@dataclass
+class Best:
+    """The best epoch so far: full-model weights and its validation probabilities."""
+
+    score: float = -math.inf
+    loss: float = math.inf
+    epoch: int = -1
+    stage: str = ""
+    state: dict[str, torch.Tensor] | None = None
+    probs: np.ndarray | None = None
+
+    def offer(self, score: float, loss: float, epoch: int, stage: str, model: nn.Module,
+              probs: np.ndarray) -> bool:
+        """Keep this epoch if it beats the best (ties go to the lower validation loss)."""
+        if score > self.score + 1e-12 or (abs(score - self.score) <= 1e-12 and loss < self.loss):
+            self.score, self.loss, self.epoch, self.stage = score, loss, epoch, stage
+            self.state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            self.probs = probs
+            return True
+        return False
+
+
+class ClassifierModule(L.LightningModule):
+    """A network, its loss and a one-cycle schedule over parameter groups.
+
+    Args:
+        net: Maps a batch to logits (the whole model, or only its classifier on features).
+        task: Loss, activation and metrics.
+        groups: Parameter groups, earliest layers first; each gets its own peak rate.
+        lrs: Peak learning rate per group.
+        pct_start: Fraction of steps spent warming up.
+        div: Initial rate is peak / div.
+        final_div: Final rate is peak / final_div.
+        weight_decay: AdamW weight decay.
+        preprocess: When given, inputs are uint8 images normalised with its mean/std.
+        class_weight: Optional per-class loss weights.
+        batch_transform: Optional (x, y) -> (x, y) on training batches (e.g. mixup).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        task: Task,
+        groups: list[list[nn.Parameter]],
+        lrs: list[float],
+        pct_start: float = 0.3,
+        div: float = 25.0,
+        final_div: float = 1e5,
+        weight_decay: float = 0.01,
+        preprocess: Preprocess | None = None,
+        class_weight: torch.Tensor | None = None,
+        batch_transform: Callable | None = None,
+    ):
+        super().__init__()
+        self.net = net
+        self.task = task
+        self.groups = groups
+        self.lrs = lrs
+        self.pct_start, self.div, self.final_div = pct_start, div, final_div
+        self.weight_decay = weight_decay
+        self.preprocess = preprocess
+        self.class_weight = class_weight
+        self.batch_transform = batch_transform
+        self._val_logits: list[torch.Tensor] = []
+        self._val_targets: list[torch.Tensor] = []
+        self.last_val: tuple[np.ndarray, np.ndarray] | None = None
+        self.last_metrics: dict[str, float] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.preprocess is not None:
+            x = normalize(x, self.preprocess.mean, self.preprocess.std)
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        if self.batch_transform is not None:
+            x, y = self.batch_transform(x, y)
+        weight = self.class_weight.to(self.device) if self.class_weight is not None else None
+        loss = self.task.loss(self(x), y, weight)
+        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True,
+                 batch_size=len(x))
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        # Validation always runs in float32, as `predict` does, so the numbers it reports are
+        # exactly what the saved bundle reproduces.
+        with torch.autocast(device_type=self.device.type, enabled=False):
+            logits = self(x.float() if self.preprocess is None else x).float()
+        self._val_logits.append(logits.detach())
+        self._val_targets.append(y.detach())
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_logits, self._val_targets = [], []
+
+    def on_validation_epoch_end(self) -> None:
+        logits = torch.cat(self._val_logits) if self._val_logits else torch.zeros(0)
+        targets = torch.cat(self._val_targets) if self._val_targets else torch.zeros(0)
+        if self.trainer.world_size > 1:
+            logits = _gather_uneven(self, logits)
+            targets = _gather_uneven(self, targets)
+        probs = self.task.activate(logits).cpu().numpy()
+        y = self.task.targets_numpy(targets)
+        scores = evaluation.metrics(evaluation.Predictions(
+            paths=[""] * len(probs), classes=list(self.task.classes), probs=probs, targets=y,
+            multi_label=self.task.multi_label))
+        flat = {f"valid_{k}": float(v) for k, v in scores.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        self.last_val = (probs, y)
+        self.last_metrics = flat
+        for k, v in flat.items():
+            self.log(k, v, prog_bar=k in ("valid_loss", self.task.monitor), sync_dist=False)
+
+    def configure_optimizers(self):
+        param_groups = [{"params": [p for p in g if p.requires_grad], "lr": lr}
+                        for g, lr in zip(self.groups, self.lrs)]
+        param_groups = [g for g in param_groups if g["params"]]
+        opt = torch.optim.AdamW(param_groups, weight_decay=self.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=[g["lr"] for g in param_groups], total_steps=total,
+            pct_start=self.pct_start, div_factor=self.div,
+            final_div_factor=self.final_div / self.div, cycle_momentum=True,
+            base_momentum=0.85, max_momentum=0.95,
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def _gather_uneven(module: L.LightningModule, t: torch.Tensor) -> torch.Tensor:
+    """all_gather for shards of different lengths: pad to the longest, gather, trim."""
+    n = torch.tensor([len(t)], device=module.device)
+    sizes = module.all_gather(n).reshape(-1).tolist()
+    longest = max(sizes)
+    pad = torch.zeros((longest - len(t), *t.shape[1:]), dtype=t.dtype, device=t.device)
+    gathered = module.all_gather(torch.cat([t, pad]))
+    return torch.cat([gathered[i, : int(s)] for i, s in enumerate(sizes)])
+
+
+class History(L.Callback):
+    """Writes a metrics.csv row per epoch and offers each epoch to `best`.
+
+    Args:
+        rows: The run's rows so far (appended to in place).
+        best: Best-epoch tracker shared by all stages.
+        stage: Name of the stage written to the `stage` column.
+        full_model: The whole model, whose weights `best` keeps.
+        monitor: Metric that ranks epochs.
+        on_row: Called after each row is added (writes metrics.csv and best weights).
+    """
+
+    def __init__(self, rows: list[EpochRow], best: Best, stage: str, full_model: nn.Module,
+                 monitor: str, on_row: Callable[[EpochRow, bool], None]):
+        self.rows, self.best, self.stage = rows, best, stage
+        self.full_model, self.monitor, self.on_row = full_model, monitor, on_row
+        self._t0 = time.perf_counter()
+        self._offset = len(rows)
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self._t0 = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.sanity_checking or pl_module.last_val is None:
+            return
+        m = pl_module.last_metrics
+        train_loss = trainer.callback_metrics.get("train_loss_epoch")
+        lr = trainer.optimizers[0].param_groups[-1]["lr"] if trainer.optimizers else float("nan")
+        row = EpochRow(
+            epoch=self._offset + trainer.current_epoch, stage=self.stage, lr=float(lr),
+            train_loss=float(train_loss) if train_loss is not None else float("nan"),
+            valid_loss=float(m.get("valid_loss", float("nan"))),
+            metrics={k: v for k, v in m.items() if k != "valid_loss"},
+            seconds=round(time.perf_counter() - self._t0, 3),
+        )
+        self.rows.append(row)
+        improved = self.best.offer(m.get(self.monitor, -math.inf), row.valid_loss, row.epoch,
+                                   self.stage, self.full_model, pl_module.last_val[0])
+        self.on_row(row, improved)
+
+
+def quiet_lightning() -> None:
+    """Silence Lightning's start-up banners; imgclf prints its own summary."""
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*_pytree.*")
+
+
+def resolve_precision(precision: str, model: nn.Module) -> str:
+    """The Lightning precision for "auto": 16-mixed on CUDA, bf16-mixed on CPUs with AMX."""
+    if precision != "auto":
+        return precision
+    if torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "bf16-mixed" if models.cpu_supports_bf16() else "32-true"
+
+
+def autocast_context(precision: str, device: torch.device):
+    """The autocast matching a Lightning precision string, for passes outside the Trainer."""
+    if precision.startswith("bf16"):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    if precision.startswith("16"):
+        return torch.autocast(device_type=device.type, dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def extract_features(model: nn.Module, loader: DataLoader, pre: Preprocess, precision: str,
+                     device: torch.device, desc: str = "Caching features") -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled body features of every batch (model in eval mode): ([N, F] float32, targets)."""
+    from rich.progress import Progress
+
+    model.eval()
+    feats, targets = [], []
+    with Progress(transient=True) as bar:
+        task = bar.add_task(desc, total=len(loader.dataset))
+        for x, y in loader:
+            x = normalize(x.to(device), pre.mean, pre.std).contiguous(memory_format=torch.channels_last)
+            with autocast_context(precision, device):
+                f = models.pre_logits(model, x)
+            feats.append(f.float().cpu())
+            targets.append(y)
+            bar.advance(task, len(x))
+    return torch.cat(feats), torch.cat(targets)
+
+
+def valley_lr(lrs: np.ndarray, losses: np.ndarray) -> float:
+    """fastai's "valley" rule for picking a rate from an LR range test.
+
+    Take the longest decreasing subsequence of the loss curve (the longest stretch over which the
+    loss keeps falling, tolerant of noise) and return the rate half a section past its first
+    third: on the steep descent, well before the minimum where the loss is about to explode.
+    A rule on the whole curve is far more stable than the steepest-gradient point.
+    """
+    losses = np.asarray(losses, dtype=float)
+    n = len(losses)
+    if n < 3:
+        return float(lrs[0]) if n else 1e-3
+    length = np.ones(n, dtype=int)
+    best_end = 0
+    for i in range(1, n):
+        smaller = losses[:i] > losses[i]
+        if smaller.any():
+            length[i] = 1 + length[:i][smaller].max()
+        if length[i] > length[best_end]:
+            best_end = i
+    start = best_end - length[best_end] + 1
+    section = (best_end - start) / 3
+    idx = min(n - 1, start + int(section) + int(section / 2))
+    return float(lrs[idx])
+
+
+def feature_lr_find(head: nn.Module, task: Task, feats: torch.Tensor, targets: torch.Tensor,
+                    batch_size: int, seed: int) -> tuple[float, np.ndarray, np.ndarray]:
+    """LR range test of the classifier on cached features; returns (valley lr, lrs, losses)."""
+    from lightning.pytorch.tuner import Tuner
+
+    snapshot = {k: v.clone() for k, v in head.state_dict().items()}
+    module = ClassifierModule(head, task, [list(head.parameters())], [1e-3])
+    loader = DataLoader(TensorDataset(feats, targets), batch_size=batch_size, shuffle=True,
+                        generator=torch.Generator().manual_seed(seed))
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=_scratch_dir())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        finder = Tuner(trainer).lr_find(module, train_dataloaders=loader, min_lr=1e-6,
+                                        max_lr=1.0, num_training=100, update_attr=False)
+    head.load_state_dict(snapshot)
+    lrs = np.asarray(finder.results["lr"], dtype=float)
+    losses = np.asarray(finder.results["loss"], dtype=float)
+    ok = np.isfinite(losses)
+    lrs, losses = lrs[ok], losses[ok]
+    return valley_lr(lrs, losses), lrs, losses
+
+
+def _scratch_dir() -> str:
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="imgclf-lrfind-")
+
+
+class ViewSampler(torch.utils.data.Sampler):
+    """Epoch e visits, in a seeded random order, the N cached features of augmented view e mod K."""
+
+    def __init__(self, n: int, views: int, seed: int):
+        self.n, self.views, self.seed, self.epoch = n, views, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        offset = (self.epoch % self.views) * self.n
+        return iter((offset + torch.randperm(self.n, generator=g)).tolist())
+
+
+class AtomicCheckpointIO(L.plugins.TorchCheckpointIO):
+    """Checkpoints written to a temporary file and renamed, so a kill never leaves half a file."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        from imgclf.io import atomic_write
+
+        atomic_write(path, lambda f: torch.save(checkpoint, f))
+
+    def load_checkpoint(self, path, map_location=None, weights_only=True):
+        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+
+
+@dataclass
+class FitResult:
+    """What the recipe produced (the model itself holds the best weights on return)."""
+
+    rows: list[EpochRow]
+    best: Best
+    lr: float
+    lr_find: dict | None
+    precision: str
+    interrupted: bool
+    train_images_seen: int
+    train_seconds: float
+
+
+def discriminative_lrs(lr: float, n_groups: int, lr_mult: float = 100.0) -> list[float]:
+    """Peak rates spaced geometrically from lr / lr_mult (first group) to lr (the head)."""
+    if n_groups == 1:
+        return [lr]
+    return [lr / lr_mult ** (1 - i / (n_groups - 1)) for i in range(n_groups)]
+
+
+def make_trainer(epochs: int, precision: str, callbacks: list, cfg, root: Path | None,
+                 devices="auto", **kwargs) -> L.Trainer:
+    """A quiet Lightning Trainer with imgclf's defaults."""
+    extra = dict(cfg.extra or {})
+    return L.Trainer(
+        max_epochs=epochs,
+        accelerator=extra.get("accelerator", "auto"),
+        devices=extra.get("devices", devices),
+        num_nodes=int(extra.get("num_nodes", 1)),
+        strategy=extra.get("strategy", "auto"),
+        precision=precision,
+        callbacks=callbacks,
+        logger=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        deterministic=bool(cfg.deterministic),
+        default_root_dir=str(root) if root else _scratch_dir(),
+        plugins=[AtomicCheckpointIO()],
+        **kwargs,
+    )
+
+
+@dataclass
+class FitData:
+    """Training and validation images for the recipe."""
+
+    train: "torch.utils.data.Dataset"
+    valid: "torch.utils.data.Dataset"
+    y_train: torch.Tensor
+    y_valid: torch.Tensor
+
+
+def fine_tune(
+    model: nn.Module,
+    task: Task,
+    pre: Preprocess,
+    data: FitData,
+    cfg,
+    run_dir: Path | None,
+    on_row: Callable[[EpochRow, bool], None],
+    rows: list[EpochRow] | None = None,
+    best: Best | None = None,
+    resume: dict | None = None,
+    console=None,
+) -> FitResult:
+    """Train `model` with the fine-tune recipe; on return it holds the best epoch's weights.
+
+    Args:
+        model: timm model with its new head.
+        task: Single- or multi-label.
+        pre: Preprocessing (normalisation happens inside the module, on uint8 batches).
+        data: Datasets yielding uint8 crops and their targets.
+        cfg: The run's TrainConfig.
+        run_dir: Where checkpoints go (None: nowhere).
+        on_row: Called with each epoch's row and whether it is the best so far.
+        rows: Rows of an interrupted run being resumed.
+        best: Best epoch of an interrupted run being resumed.
+        resume: State of an interrupted run: {"stage", "lr", "lr_find"}.
+        console: rich Console for messages.
+    """
+    from imgclf.data.datasets import make_loader
+
+    quiet_lightning()
+    say = console.print if console is not None else print
+    rows = rows if rows is not None else []
+    best = best or Best()
+    resume = resume or {}
+    precision = resolve_precision(cfg.precision, model)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).to(memory_format=torch.channels_last)
+    ckpt_dir = Path(run_dir) / "checkpoints" if run_dir else None
+    t_start = time.perf_counter()
+    seen = 0
+    interrupted = False
+    lr_find_info = resume.get("lr_find")
+    lr = resume.get("lr") if resume.get("lr") is not None else (
+        None if cfg.lr == "auto" else float(cfg.lr))
+    frozen = cfg.pretrained and cfg.freeze_epochs > 0
+    valid_loader = make_loader(data.valid, cfg.batch_size, train=False, workers=cfg.workers)
+
+    def save_state(stage: str) -> None:
+        if ckpt_dir:
+            atomic_write_json(ckpt_dir / "state.json",
+                              {"stage": stage, "lr": lr, "lr_find": lr_find_info})
+
+    if frozen and resume.get("stage") not in ("unfrozen", "done"):
+        models.set_body_trainable(model, False)
+        head = models.classifier(model)
+        views = max(1, cfg.freeze_epochs)
+        train_plain = make_loader(data.train, cfg.batch_size, train=False, workers=cfg.workers)
+        feats, ys = [], []
+        for v in range(views):
+            f, y = extract_features(model, train_plain, pre, precision, device,
+                                    desc=f"Caching body features (view {v + 1}/{views})")
+            feats.append(f)
+            ys.append(y)
+        f_valid, y_valid = extract_features(model, valid_loader, pre, "32-true", device,
+                                            desc="Caching validation features")
+        seen += views * len(data.train) + len(data.valid)
+        if lr is None:
+            lr, lrs_curve, loss_curve = feature_lr_find(
+                head, task, torch.cat(feats), torch.cat(ys), cfg.batch_size, cfg.seed)
+            lr_find_info = {"lrs": lrs_curve.tolist(), "losses": loss_curve.tolist(),
+                            "suggestion": lr, "rule": "valley", "on": "frozen-body features"}
+            say(f"Learning-rate finder (valley rule on cached features): lr = {lr:.2e}")
+        n = len(data.train)
+        sampler = ViewSampler(n, views, cfg.seed)
+        feat_loader = DataLoader(TensorDataset(torch.cat(feats), torch.cat(ys)),
+                                 batch_size=cfg.batch_size, sampler=sampler,
+                                 drop_last=n > cfg.batch_size)
+        valid_feat_loader = DataLoader(TensorDataset(f_valid, y_valid), batch_size=256)
+        module = ClassifierModule(head, task, [list(head.parameters())], [lr], pct_start=0.99,
+                                  div=25.0)
+        hist = History(rows, best, "frozen", model, task.monitor, on_row)
+        trainer = L.Trainer(max_epochs=cfg.freeze_epochs, accelerator="cpu", precision="32-true",
+                            callbacks=[hist], logger=False, enable_checkpointing=False,
+                            enable_model_summary=False, num_sanity_val_steps=0,
+                            deterministic=bool(cfg.deterministic),
+                            default_root_dir=_scratch_dir())
+        trainer.fit(module, feat_loader, valid_feat_loader)
+        interrupted = trainer.interrupted
+        save_state("unfrozen")
+        model.to(device)
+
+    if lr is None:
+        lr = 3e-3 if not cfg.pretrained else 1e-3
+        lr_find_info = None
+        say(f"lr = {lr:.1e} (default for {'random init' if not cfg.pretrained else 'fine-tuning'})")
+
+    if not interrupted and cfg.epochs > 0 and resume.get("stage") != "done":
+        models.set_body_trainable(model, True)
+        groups = models.layer_groups(model, 3)
+        base = lr / 2 if frozen else lr
+        lrs = discriminative_lrs(base, len(groups)) if cfg.pretrained else [base] * len(groups)
+        module = ClassifierModule(model, task, groups, lrs, pct_start=0.3 if frozen else 0.25,
+                                  div=5.0 if frozen else 25.0, preprocess=pre)
+        train_loader = make_loader(data.train, cfg.batch_size, train=True, workers=cfg.workers,
+                                   seed=cfg.seed)
+        callbacks: list = [History(rows, best, "unfrozen", model, task.monitor, on_row)]
+        if ckpt_dir:
+            from lightning.pytorch.callbacks import ModelCheckpoint
+
+            callbacks.append(ModelCheckpoint(
+                dirpath=str(ckpt_dir), filename="last", save_last=False, save_top_k=-1,
+                every_n_epochs=1, save_on_train_epoch_end=True, enable_version_counter=False))
+            if cfg.checkpoint_every:
+                callbacks.append(ModelCheckpoint(
+                    dirpath=str(ckpt_dir), filename="last", save_top_k=-1,
+                    every_n_train_steps=int(cfg.checkpoint_every), enable_version_counter=False))
+        trainer = make_trainer(cfg.epochs, precision, callbacks, cfg, run_dir)
+        ckpt = ckpt_dir / "last.ckpt" if ckpt_dir and resume.get("stage") == "unfrozen" else None
+        trainer.fit(module, train_loader, valid_loader,
+                    ckpt_path=str(ckpt) if ckpt and ckpt.is_file() else None, weights_only=True)
+        interrupted = trainer.interrupted
+        seen += cfg.epochs * (len(data.train) + len(data.valid))
+        if not interrupted:
+            save_state("done")
+
+    if best.state is not None:
+        model.load_state_dict(best.state)
+    models.set_body_trainable(model, True)
+    model.eval()
+    return FitResult(rows=rows, best=best, lr=float(lr), lr_find=lr_find_info,
+                     precision=precision, interrupted=interrupted, train_images_seen=seen,
+                     train_seconds=time.perf_counter() - t_start)

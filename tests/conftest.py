@@ -1,0 +1,82 @@
+"""Shared fixtures that generate small images and data sets on disk (tests never need real data)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".gif": "GIF",
+            ".tif": "TIFF", ".tiff": "TIFF", ".webp": "WEBP", ".ppm": "PPM"}
+
+
+def make_image(
+    path: str | Path,
+    size: tuple[int, int] = (16, 16),
+    color: int | tuple[int, ...] | None = None,
+    mode: str = "RGB",
+    fmt: str | None = None,
+    **save_options,
+) -> Path:
+    """Write a small image and return its path (parent folders are created).
+
+    Args:
+        path: Where to write; the extension picks the format unless `fmt` is given.
+        size: (width, height).
+        color: A solid colour in `mode`'s terms. None draws noise seeded by the file name, so that
+            every generated file has different content (identical files count as duplicates).
+        mode: Pillow colour mode of the saved image.
+        fmt: Pillow format name ("JPEG", "PNG", ...), overriding the extension.
+        **save_options: Passed to `Image.save` (e.g. exif=..., transparency=...).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if color is None:
+        seed = int.from_bytes(hashlib.sha256(str(path).encode("utf-8", "surrogateescape")).digest()[:4], "little")
+        pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        img = Image.fromarray(pixels).convert(mode)
+    else:
+        img = Image.new(mode, size, color)
+    img.save(path, format=fmt or _FORMATS.get(path.suffix.lower(), "PNG"), **save_options)
+    return path
+
+
+def make_dataset(
+    root: str | Path, counts: dict[str, int], ext: str = ".jpg", size: tuple[int, int] = (16, 16)
+) -> Path:
+    """Fill `root` with generated images and return it.
+
+    Args:
+        root: The data folder.
+        counts: Folder (relative to root, e.g. "cat" or "train/cat") to number of images.
+        ext: File extension, which picks the format.
+        size: (width, height) of every image.
+    """
+    root = Path(root)
+    for folder, n in counts.items():
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            make_image(root / folder / f"{Path(folder).name}_{i}{ext}", size)
+    return root
+
+
+@pytest.fixture(name="make_image")
+def make_image_fixture() -> Callable[..., Path]:
+    """The `make_image` helper: make_image(path, size, color, mode, fmt, **save_options)."""
+    return make_image
+
+
+@pytest.fixture(name="make_dataset")
+def make_dataset_fixture() -> Callable[..., Path]:
+    """The `make_dataset` helper: make_dataset(root, {"cat": 5, "train/dog": 3}, ext, size)."""
+    return make_dataset
+
+
+@pytest.fixture
+def class_folder(tmp_path: Path) -> Path:
+    """A class-folder data set without split folders: 3 classes of 6, 5 and 4 JPEGs of 16x16."""
+    return make_dataset(tmp_path / "data", {"cat": 6, "dog": 5, "bird": 4})

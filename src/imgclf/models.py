@@ -38,6 +38,19 @@ def create_model(
     kwargs: dict = {"num_classes": num_classes}
     if drop_rate is not None:
         kwargs["drop_rate"] = drop_rate
+    if weights is not None or pretrained:
+        model = _create_pretrained(arch, weights, kwargs)
+        # A zero head starts at chance-level loss instead of large random logits on pretrained
+        # features, which keeps the LR finder's curve and the first head steps well behaved.
+        head = model.get_classifier()
+        if isinstance(head, nn.Linear):
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
+        return model
+    return timm.create_model(arch, pretrained=False, **kwargs)
+
+
+def _create_pretrained(arch: str, weights: str | Path | None, kwargs: dict) -> nn.Module:
     if weights is not None:
         path = Path(weights)
         if not path.is_file():
@@ -52,10 +65,8 @@ def create_model(
                 f"pass the weights of '{arch}' or the --model they belong to"
             ) from e
     try:
-        return timm.create_model(arch, pretrained=pretrained, **kwargs)
+        return timm.create_model(arch, pretrained=True, **kwargs)
     except (OSError, ConnectionError, RuntimeError) as e:
-        if not pretrained:
-            raise
         raise ImgclfError(
             f"could not fetch pretrained weights for '{arch}' ({_short(e)}): without network, "
             "pass a local file with --weights FILE, or --no-pretrained to start from random weights"

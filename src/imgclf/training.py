@@ -161,7 +161,7 @@ class ClassifierModule(L.LightningModule):
             paths=[""] * len(probs), classes=list(self.task.classes), probs=probs, targets=y,
             multi_label=self.task.multi_label))
         flat = {f"valid_{k}": float(v) for k, v in scores.items()
-                if isinstance(v, (int, float)) and not isinstance(v, bool)}
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "n_samples"}
         self.last_val = (probs, y)
         self.last_metrics = flat
         for k, v in flat.items():
@@ -237,6 +237,9 @@ def quiet_lightning() -> None:
     """Silence Lightning's start-up banners; imgclf prints its own summary."""
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # The frozen body is in eval mode on purpose (its batch-norm statistics must not move).
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
+    warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*_pytree.*")
@@ -337,21 +340,32 @@ def _scratch_dir() -> str:
 
 
 class ViewSampler(torch.utils.data.Sampler):
-    """Epoch e visits, in a seeded random order, the N cached features of augmented view e mod K."""
+    """Epoch e makes `passes` seeded random passes over the N cached features of view e mod K."""
 
-    def __init__(self, n: int, views: int, seed: int):
-        self.n, self.views, self.seed, self.epoch = n, views, seed, 0
+    def __init__(self, n: int, views: int, seed: int, passes: int = 1):
+        self.n, self.views, self.seed, self.passes, self.epoch = n, views, seed, passes, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.n
+        return self.n * self.passes
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        g = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
         offset = (self.epoch % self.views) * self.n
-        return iter((offset + torch.randperm(self.n, generator=g)).tolist())
+        order = torch.cat([torch.randperm(self.n, generator=g) for _ in range(self.passes)])
+        return iter((offset + order).tolist())
+
+
+def head_passes(n: int, batch_size: int, min_steps: int = 60) -> int:
+    """Passes over cached features per frozen epoch so the head gets at least `min_steps` steps.
+
+    On features a pass costs microseconds, so the head can be trained to convergence where an
+    uncached frozen epoch on a small data set would give it two or three steps.
+    """
+    steps = max(1, n // batch_size)
+    return max(1, math.ceil(min_steps / steps))
 
 
 class AtomicCheckpointIO(L.plugins.TorchCheckpointIO):
@@ -493,7 +507,7 @@ def fine_tune(
                             "suggestion": lr, "rule": "valley", "on": "frozen-body features"}
             say(f"Learning-rate finder (valley rule on cached features): lr = {lr:.2e}")
         n = len(data.train)
-        sampler = ViewSampler(n, views, cfg.seed)
+        sampler = ViewSampler(n, views, cfg.seed, head_passes(n, cfg.batch_size))
         feat_loader = DataLoader(TensorDataset(torch.cat(feats), torch.cat(ys)),
                                  batch_size=cfg.batch_size, sampler=sampler,
                                  drop_last=n > cfg.batch_size)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -80,3 +81,56 @@ def make_dataset_fixture() -> Callable[..., Path]:
 def class_folder(tmp_path: Path) -> Path:
     """A class-folder data set without split folders: 3 classes of 6, 5 and 4 JPEGs of 16x16."""
     return make_dataset(tmp_path / "data", {"cat": 6, "dog": 5, "bird": 4})
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test uses a private decode cache, never the user's ~/.cache/imgclf."""
+    monkeypatch.setenv("IMGCLF_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "imgclf-cache"))
+
+
+COLORS = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 200)}
+
+
+def make_color_dataset(root: str | Path, per_class: int = 12, size: int = 40,
+                       classes: tuple[str, ...] = ("red", "green", "blue")) -> Path:
+    """Class folders of noisy solid-colour JPEGs that even a tiny random-init model can learn."""
+    root = Path(root)
+    for name in classes:
+        base = np.array(COLORS.get(name, (128, 128, 128)), dtype=float)
+        for i in range(per_class):
+            rng = np.random.default_rng(zlib.crc32(f"{name}/{i}".encode()))
+            pixels = np.clip(base + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8)
+            path = root / name / f"{name}_{i:03d}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels).save(path, quality=92)
+    return root
+
+
+TINY = dict(model="test_efficientnet", pretrained=False, size=32, epochs=2, freeze_epochs=0,
+            lr=1e-2, batch_size=8)
+"""Training options for fast tests: a 100k-parameter random-init model at 32 px."""
+
+
+@pytest.fixture(scope="session")
+def color_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_color_dataset(tmp_path_factory.mktemp("colors") / "data")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, color_data: Path):
+    """One trained tiny run shared by the tests that only read its outputs."""
+    import os
+
+    from imgclf import api
+
+    old = os.environ.get("IMGCLF_CACHE_DIR")
+    os.environ["IMGCLF_CACHE_DIR"] = str(tmp_path_factory.getbasetemp() / "imgclf-cache")
+    try:
+        return api.train(color_data, out=str(tmp_path_factory.mktemp("runs")), name="tiny",
+                         seed=0, **TINY)
+    finally:
+        if old is None:
+            os.environ.pop("IMGCLF_CACHE_DIR", None)
+        else:
+            os.environ["IMGCLF_CACHE_DIR"] = old

@@ -1,1 +1,24 @@
-__version__ = '0.1.0'
+"""imgclf: train, evaluate, explain and deploy image classifiers from labelled photos.
+
+    import imgclf
+    run = imgclf.train("photos/", epochs=5)          # a Run (runs/<name>/)
+    model = imgclf.load(run.path)                     # the bundle
+    result = model.predict(["a.jpg"])                 # probabilities and labels
+"""
+
+__version__ = "0.1.0"
+
+__all__ = ["train", "evaluate", "predict", "load", "Run", "__version__"]
+
+# Imported lazily so that torch-free modules (imgclf.onnx_predict, imgclf.data.images) can be
+# used where torch is not installed.
+_LAZY = {"train": "imgclf.api", "evaluate": "imgclf.api", "predict": "imgclf.api",
+         "load": "imgclf.api", "Run": "imgclf.run"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'imgclf' has no attribute {name!r}")

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from imgclf import evaluation, models
+from imgclf import evaluation, models, preflight
 from imgclf.bundle import Bundle, find_bundle, save_bundle
 from imgclf.bundle import load as load_bundle
 from imgclf.config import TrainConfig
@@ -51,12 +51,17 @@ def load_table(cfg: TrainConfig) -> SampleTable:
     label_cols = cfg.label_cols
     if label_cols and label_cols != "auto":
         label_cols = [c.strip() for c in label_cols.split(",") if c.strip()]
-    return sources.load_source(
+    table = sources.load_source(
         cfg.data, csv=cfg.csv, label_pattern=cfg.label_pattern, image_col=cfg.image_col,
         label_col=cfg.label_col, split_col=cfg.split_col,
         label_delim=cfg.label_delim if cfg.csv else None,
         label_cols=label_cols, multi_label=cfg.multi_label, group_col=cfg.group_col,
         group_pattern=cfg.group_pattern, valid_pct=cfg.valid_pct, seed=cfg.seed)
+    if cfg.folds:
+        from imgclf import crossval
+
+        table = crossval.fold_table(table, cfg.folds, cfg.fold, cfg.seed)
+    return table
 
 
 @dataclasses.dataclass
@@ -74,6 +79,9 @@ class PreparedData:
 def prepare_data(cfg: TrainConfig, pre: Preprocess, console, table: SampleTable | None = None,
                  task: Task | None = None) -> PreparedData:
     """Load, decode once (this is also the corrupt-file check), check and summarise the data."""
+    from imgclf import balance
+
+    balance.resolve(cfg.balance, None)  # a bad --balance fails before anything is decoded
     table = table if table is not None else load_table(cfg)
     decoded, errors, infos = decode_all([s.path for s in table.samples], pre, _cache_dir(cfg))
 
@@ -85,6 +93,9 @@ def prepare_data(cfg: TrainConfig, pre: Preprocess, console, table: SampleTable 
 
     table, report = validate.check_table(table, fn=decoded_result, progress=False)
     summary = validate.summarize(table, report)
+    summary.balance = balance.resolve(cfg.balance, summary.imbalance_ratio, table.multi_label)
+    summary.balance_note = balance.describe(cfg.balance, summary.balance, summary.imbalance_ratio,
+                                            table.multi_label)
     validate.print_summary(summary, console)
     task = task or Task(tuple(table.classes), table.multi_label)
     index = {p: i for i, p in enumerate(decoded.paths)}
@@ -102,21 +113,25 @@ def _datasets(prep: PreparedData, pre: Preprocess) -> training.FitData:
                            train_transform(pre.size)),
         valid=ImageDataset(prep.decoded, [prep.index[s.path] for s in va], y_va,
                            eval_transform(pre.size)),
-        y_train=y_tr, y_valid=y_va)
+        y_train=y_tr, y_valid=y_va, balance=prep.summary.balance or "none")
 
 
 def _load_best(run_dir: Path) -> training.Best:
-    """The best epoch of an interrupted run, from checkpoints/best.*."""
-    from safetensors.torch import load_file
-
+    """The best epoch of an interrupted run, from checkpoints/best.json and the files it names."""
     best = training.Best()
-    meta_p = run_dir / "checkpoints" / "best.json"
+    ck = run_dir / "checkpoints"
+    meta_p = ck / "best.json"
     if meta_p.is_file():
-        meta = json.loads(meta_p.read_text())
-        best.score, best.loss = meta["score"], meta["loss"]
-        best.epoch, best.stage = meta["epoch"], meta["stage"]
-        best.state = load_file(str(run_dir / "checkpoints" / "best.safetensors"))
-        best.probs = np.load(run_dir / "checkpoints" / "best_probs.npy", allow_pickle=False)
+        try:
+            meta = json.loads(meta_p.read_text(encoding="utf-8"))
+            best.score, best.loss = float(meta["score"]), float(meta["loss"])
+            best.epoch, best.stage = int(meta["epoch"]), str(meta["stage"])
+            probs_p = ck / Path(meta.get("probs", "best_probs.npy")).name
+            best.probs = np.load(probs_p, allow_pickle=False)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ImgclfError(f"{ck}: the best epoch's files are damaged ({type(e).__name__}: "
+                              f"{e}): delete {ck} and train again") from None
+        best.state = training.load_tensors(ck / Path(meta.get("weights", "best.safetensors")).name)
     return best
 
 
@@ -144,7 +159,11 @@ def train(data: str | Path | None = None, *, config: TrainConfig | None = None,
                               "folder printed when the run started")
         cfg = TrainConfig.from_yaml(run_dir / "config.yaml")
         state_p = run_dir / "checkpoints" / "state.json"
-        state = json.loads(state_p.read_text()) if state_p.is_file() else {}
+        try:
+            state = json.loads(state_p.read_text()) if state_p.is_file() else {}
+        except (OSError, ValueError) as e:
+            raise ImgclfError(f"{state_p} is damaged ({e}): delete it to resume from the "
+                              "start of training") from None
         if state.get("stage") == "done" and (run_dir / "model" / "model.json").is_file():
             console.print(f"{run_dir} already finished; nothing to resume")
             return Run(run_dir)
@@ -161,6 +180,9 @@ def train(data: str | Path | None = None, *, config: TrainConfig | None = None,
     training.quiet_lightning()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     table = load_table(cfg)
+    # Before the model (a weights file that does not fit is a preflight problem) and before the
+    # run folder exists (a refused run leaves nothing behind).
+    preflight.require(preflight.check(cfg, table, run_dir or Path(cfg.out)))
     model = models.create_model(cfg.model, len(table.classes), pretrained=cfg.pretrained,
                                 weights=cfg.weights)
     pre = Preprocess.from_model_cfg(model.pretrained_cfg, size=cfg.size)
@@ -175,9 +197,12 @@ def train(data: str | Path | None = None, *, config: TrainConfig | None = None,
     fit_data = _datasets(prep, pre)
     task = prep.task
 
+    # Rows and the best epoch survive only from stages that finished or checkpointed; a frozen
+    # stage that was cut short runs again from its start.
+    resumable = resume is not None and state.get("stage") in ("unfrozen", "done")
     rows = [training.EpochRow(**_row_fields(r)) for r in read_rows_csv(run_dir / "metrics.csv")] \
-        if resume else []
-    best = _load_best(run_dir) if resume else training.Best()
+        if resumable else []
+    best = _load_best(run_dir) if resumable else training.Best()
 
     def on_row(row: training.EpochRow, improved: bool) -> None:
         write_rows_csv(run_dir / "metrics.csv", [r.to_dict() for r in rows])
@@ -205,15 +230,20 @@ def _row_fields(r: dict) -> dict:
 
 
 def _save_best(run_dir: Path, best: training.Best) -> None:
-    from safetensors.torch import save
-
-    from imgclf.io import atomic_write, atomic_write_bytes
+    """The best epoch's weights and probabilities under names of their own, then best.json
+    naming them: a kill at any moment leaves a best.json whose files are complete and match."""
+    from imgclf.io import atomic_write
 
     ck = run_dir / "checkpoints"
-    atomic_write_bytes(ck / "best.safetensors", save({k: v.contiguous() for k, v in best.state.items()}))
-    atomic_write(ck / "best_probs.npy", lambda f: np.save(f, best.probs))
+    weights, probs = f"best-{best.epoch}.safetensors", f"best-{best.epoch}-probs.npy"
+    training.save_tensors(ck / weights, best.state)
+    atomic_write(ck / probs, lambda f: np.save(f, best.probs))
     atomic_write_json(ck / "best.json", {"score": best.score, "loss": best.loss,
-                                         "epoch": best.epoch, "stage": best.stage})
+                                         "epoch": best.epoch, "stage": best.stage,
+                                         "weights": weights, "probs": probs})
+    for old in [*ck.glob("best-*.safetensors"), *ck.glob("best-*-probs.npy")]:
+        if old.name not in (weights, probs):
+            old.unlink(missing_ok=True)
 
 
 def finish_run(run_dir: Path, cfg: TrainConfig, model, task: Task, pre: Preprocess,
@@ -255,6 +285,7 @@ def finish_run(run_dir: Path, cfg: TrainConfig, model, task: Task, pre: Preproce
         "images_per_second": round(result.train_images_seen / max(result.train_seconds, 1e-9), 2),
         "train_images": n_train,
         "valid_images": len(valid),
+        "balance": prep.summary.balance,
         "interrupted": result.interrupted,
     })
     if thresholds is not None:

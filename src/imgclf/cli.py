@@ -14,8 +14,7 @@ from imgclf.errors import ImgclfError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train, evaluate, explain and deploy image classifiers.")
-console = Console(stderr=True)
-out = Console()
+console = Console(stderr=True, soft_wrap=True)  # messages stay one line each, even in logs
 _debug = {"on": False}
 
 
@@ -47,6 +46,7 @@ def train(
     freeze_epochs: int = typer.Option(1, help="Epochs training only the head on a frozen body."),
     lr: str = typer.Option("auto", help="Peak learning rate, or 'auto' (LR finder, valley rule)."),
     batch_size: int = typer.Option(32, help="Images per step."),
+    balance: str = typer.Option("auto", help="Class imbalance: none | weights | sampler | auto (weights when the largest class is over 3x the smallest)."),
     precision: str = typer.Option("auto", help="auto | 32 | bf16-mixed | 16-mixed."),
     workers: Optional[int] = typer.Option(None, help="Loader processes (default: from the core count)."),
     cache_dir: Optional[str] = typer.Option(None, help="Decode cache folder ('' disables it)."),
@@ -71,6 +71,7 @@ def train(
         group_pattern=group_pattern, valid_pct=valid_pct, seed=seed, model=model,
         weights=str(weights) if weights else None, pretrained=pretrained, size=size,
         epochs=epochs, freeze_epochs=freeze_epochs, lr=lr_value, batch_size=batch_size,
+        balance=balance,
         precision=precision, workers=workers, cache_dir=cache_dir, deterministic=deterministic,
         checkpoint_every=checkpoint_every, threshold_metric=threshold_metric, out=str(out_dir),
         name=name)
@@ -124,10 +125,11 @@ def predict(
     for p, labs, top in zip(result.paths, result.labels(), tops):
         shown = "  ".join(f"{c} {v:.3f}" for c, v in top)
         name = os.fsdecode(p).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        # Plain print: results are for pipes and files, never wrapped to the terminal width.
         if bundle.multi_label:
-            out.print(f"{name}\t{{{', '.join(labs)}}}\t{shown}", markup=False, highlight=False)
+            print(f"{name}\t{{{', '.join(labs)}}}\t{shown}")
         else:
-            out.print(f"{name}\t{shown}", markup=False, highlight=False)
+            print(f"{name}\t{shown}")
     if out_csv:
         result.to_csv(out_csv)
         console.print(f"Wrote {out_csv}")
@@ -144,6 +146,108 @@ def demo(
     from imgclf.demo import run_demo
 
     run_demo(out_dir, epochs=epochs, console=console)
+
+
+@app.command()
+def cv(
+    data: Optional[Path] = typer.Argument(None, help="Image folder (class folders), or the root of the CSV's file names."),
+    folds: int = typer.Option(5, help="Number of folds (stratified by class, groups kept whole)."),
+    resume: Optional[Path] = typer.Option(None, help="Finish an interrupted cross-validation folder."),
+    csv: Optional[Path] = typer.Option(None, help="Labels CSV (file names relative to DATA)."),
+    image_col: Optional[str] = typer.Option(None, help="CSV column with file names."),
+    label_col: Optional[str] = typer.Option(None, help="CSV column with labels."),
+    label_delim: str = typer.Option(" ", help="Separator of several labels in one CSV cell."),
+    label_cols: Optional[str] = typer.Option(None, help="One-hot label columns (comma-separated) or 'auto'."),
+    multi_label: Optional[bool] = typer.Option(None, "--multi-label/--single-label", help="Force the task (default: detect)."),
+    label_pattern: Optional[str] = typer.Option(None, help="Regex; its first group on the file name is the label."),
+    group_col: Optional[str] = typer.Option(None, help="CSV column of groups kept within one fold."),
+    group_pattern: Optional[str] = typer.Option(None, help="Regex; its first group on the relative path is the group."),
+    seed: int = typer.Option(42, help="Seed for folds, augmentation and initialisation."),
+    model: str = typer.Option("tf_efficientnet_lite0", help="Any timm architecture."),
+    weights: Optional[Path] = typer.Option(None, help="Local pretrained weights file for --model."),
+    pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="Start from ImageNet weights."),
+    size: Optional[int] = typer.Option(None, help="Input size (default: the model's)."),
+    epochs: int = typer.Option(5, help="Epochs with the whole network trainable."),
+    freeze_epochs: int = typer.Option(1, help="Epochs training only the head on a frozen body."),
+    lr: str = typer.Option("auto", help="Peak learning rate, or 'auto' (LR finder, valley rule)."),
+    batch_size: int = typer.Option(32, help="Images per step."),
+    balance: str = typer.Option("auto", help="Class imbalance: none | weights | sampler | auto."),
+    precision: str = typer.Option("auto", help="auto | 32 | bf16-mixed | 16-mixed."),
+    workers: Optional[int] = typer.Option(None, help="Loader processes (default: from the core count)."),
+    cache_dir: Optional[str] = typer.Option(None, help="Decode cache folder ('' disables it)."),
+    threshold_metric: str = typer.Option("zero_one", help="Multi-label: zero_one | hamming | f1_macro."),
+    out_dir: Path = typer.Option(Path("runs"), "--out", help="Folder for the cross-validation folder."),
+    name: Optional[str] = typer.Option(None, help="Cross-validation folder name."),
+):
+    """Cross-validate: one normal run per fold, a mean ± std summary and out-of-fold predictions."""
+    from imgclf.config import TrainConfig
+    from imgclf.crossval import cross_validate
+
+    if resume is None and data is None:
+        raise ImgclfError("pass DATA (a folder of images) or --resume CV_DIR")
+    cfg = TrainConfig(
+        data=str(data) if data else "", csv=str(csv) if csv else None, image_col=image_col,
+        label_col=label_col, label_delim=label_delim, label_cols=label_cols,
+        multi_label=multi_label, label_pattern=label_pattern, group_col=group_col,
+        group_pattern=group_pattern, seed=seed, model=model,
+        weights=str(weights) if weights else None, pretrained=pretrained, size=size,
+        epochs=epochs, freeze_epochs=freeze_epochs,
+        lr=lr if lr == "auto" else _float(lr, "--lr"), batch_size=batch_size, balance=balance,
+        precision=precision, workers=workers, cache_dir=cache_dir,
+        threshold_metric=threshold_metric, out=str(out_dir), name=name)
+    cross_validate(folds=folds, config=cfg, resume=resume, console=console)
+
+
+@app.command("label-issues")
+def label_issues(
+    target: Path = typer.Argument(..., help="Cross-validation folder (imgclf cv) or run directory."),
+):
+    """Rank suspected label errors (out-of-fold or validation predictions) into label_issues.csv."""
+    from imgclf.label_issues import find_label_issues
+
+    find_label_issues(target, console=console)
+
+
+@app.command()
+def export(
+    model: Path = typer.Argument(..., help="Run directory or bundle folder."),
+    format: str = typer.Option("onnx", "--format", help="onnx | torchscript."),
+    opset: Optional[int] = typer.Option(None, help="ONNX opset (default: 17; 18 with --exporter dynamo)."),
+    dynamic_batch: bool = typer.Option(True, "--dynamic-batch/--static-batch", help="Any batch size, or one image per call."),
+    exporter: str = typer.Option("torchscript", help="ONNX exporter: torchscript | dynamo (needs onnxscript)."),
+    out_file: Optional[Path] = typer.Option(None, "--out", help="Output file (default: next to model.json)."),
+    images: Optional[list[Path]] = typer.Option(None, "--images", help="Images for the parity check (default: the run's validation images)."),
+    max_images: int = typer.Option(500, help="Parity check on at most this many images."),
+    check: bool = typer.Option(True, "--check/--no-check", help="Refuse to write an export that does not reproduce the bundle."),
+):
+    """Export a model to ONNX or TorchScript, checked to predict what the bundle predicts."""
+    from imgclf.export import export as export_bundle
+
+    export_bundle(model, format=format, out=out_file, opset=opset, dynamic_batch=dynamic_batch,
+                  exporter=exporter, check=check, images=images, max_images=max_images,
+                  console=console)
+
+
+@app.command()
+def serve(
+    model: Path = typer.Argument(..., help="Run directory or bundle folder."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8000, help="Port."),
+    workers: int = typer.Option(1, help="Server processes, each with its own copy of the model."),
+    max_upload_mb: float = typer.Option(20.0, help="Largest request body in MB (413 above)."),
+    max_pixels: int = typer.Option(40_000_000, help="Largest image in pixels (refused from its header)."),
+    max_files: int = typer.Option(64, help="Most images in one request."),
+    max_batch: int = typer.Option(32, help="Most images in one forward pass (concurrent requests are batched)."),
+    timeout: float = typer.Option(30.0, help="Seconds a request may take to upload or to be predicted."),
+    threads: Optional[int] = typer.Option(None, help="Torch threads per process (default: cores / workers)."),
+):
+    """Serve a model over HTTP: POST /predict, GET /health, GET /model."""
+    from imgclf.serve import ServeConfig, run_server
+
+    run_server(ServeConfig(bundle=str(model), max_upload_bytes=int(max_upload_mb * 1e6),
+                           max_pixels=max_pixels, max_files=max_files, max_batch=max_batch,
+                           timeout=timeout, threads=threads),
+               host=host, port=port, workers=workers, console=console)
 
 
 def main() -> None:

@@ -26,6 +26,9 @@ class TrainConfig:
         group_col: CSV column of group ids kept on one side of the split.
         group_pattern: Regex whose first group on the relative path is the group id.
         valid_pct: Fraction held out for validation when the data has no split.
+        folds: Cross-validation: number of folds the train and valid images are dealt into
+            (stratified, group-aware); 0 keeps the source's split.
+        fold: Cross-validation: the fold (0 .. folds - 1) validated on; the rest trains.
         seed: Seed for the split, augmentation order and initialisation.
         model: timm architecture.
         weights: Local weights file for `model` (else the hub, unless `pretrained` is False).
@@ -35,6 +38,9 @@ class TrainConfig:
         freeze_epochs: Epochs training only the new head on a frozen body (0 skips the stage).
         lr: Peak learning rate, or "auto" to run the learning-rate finder.
         batch_size: Images per step.
+        balance: Class imbalance: "none", "weights" (loss class weights), "sampler"
+            (class-balanced batches) or "auto" (weights when the largest training class is
+            over 3x the smallest; see imgclf.balance).
         precision: "auto", "32", "bf16-mixed" or "16-mixed".
         workers: DataLoader processes (None: chosen from the core count).
         cache_dir: Decode cache folder (None: the user cache folder); "" disables the disk cache.
@@ -57,6 +63,8 @@ class TrainConfig:
     group_col: str | None = None
     group_pattern: str | None = None
     valid_pct: float = 0.2
+    folds: int = 0
+    fold: int | None = None
     seed: int = 42
     model: str = "tf_efficientnet_lite0"
     weights: str | None = None
@@ -66,6 +74,7 @@ class TrainConfig:
     freeze_epochs: int = 1
     lr: float | str = "auto"
     batch_size: int = 32
+    balance: str = "auto"
     precision: str = "auto"
     workers: int | None = None
     cache_dir: str | None = None

@@ -83,6 +83,30 @@ def classifier(model: nn.Module) -> nn.Module:
     return model.get_classifier()
 
 
+def grow_classifier(model: nn.Module, extra: int = 1) -> nn.Module:
+    """Add `extra` outputs to the classifier, keeping the trained rows (in place; returns model).
+
+    The new rows start as the mean of the old ones, so a new class begins with an average logit:
+    never the top prediction of a confident image, and no large random logits that would
+    disturb the trained classes in the first steps.
+    """
+    old = classifier(model)
+    if not isinstance(old, nn.Linear):
+        raise ImgclfError(f"cannot add a class to a {type(old).__name__} classifier: only "
+                          "models whose head is one linear layer can grow")
+    weight, bias = old.weight.detach().clone(), None if old.bias is None else old.bias.detach().clone()
+    n = weight.shape[0]
+    model.reset_classifier(n + extra)
+    new = classifier(model).to(device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        new.weight[:n] = weight
+        new.weight[n:] = weight.mean(0, keepdim=True)
+        if bias is not None and new.bias is not None:
+            new.bias[:n] = bias
+            new.bias[n:] = bias.mean()
+    return model
+
+
 def pre_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Body output right before the classifier (pooled features)."""
     return model.forward_head(model.forward_features(x), pre_logits=True)

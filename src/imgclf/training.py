@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from imgclf import evaluation, models
 from imgclf.data.transforms import Preprocess, normalize
 from imgclf.io import atomic_write_json
+from imgclf.resume import ResumableSampler, ResumeState, SeededDataset
 from imgclf.tasks import Task
 
 log = logging.getLogger("imgclf")
@@ -202,14 +203,22 @@ class History(L.Callback):
         full_model: The whole model, whose weights `best` keeps.
         monitor: Metric that ranks epochs.
         on_row: Called after each row is added (writes metrics.csv and best weights).
+        progress: The stage's `ResumeState`, whose loss and time cover an epoch interrupted
+            and resumed; without it they come from Lightning and this process's clock.
     """
 
     def __init__(self, rows: list[EpochRow], best: Best, stage: str, full_model: nn.Module,
-                 monitor: str, on_row: Callable[[EpochRow, bool], None]):
+                 monitor: str, on_row: Callable[[EpochRow, bool], None], progress=None):
         self.rows, self.best, self.stage = rows, best, stage
         self.full_model, self.monitor, self.on_row = full_model, monitor, on_row
+        self.progress = progress
         self._t0 = time.perf_counter()
-        self._offset = len(rows)
+        # Rows of earlier stages come first; rows of this stage from before a resume follow.
+        self._offset = sum(r.stage != stage for r in rows)
+
+    def on_train_start(self, trainer, pl_module):
+        # After a resume, rows written after the checkpoint was taken are trained again.
+        del self.rows[self._offset + trainer.current_epoch:]
 
     def on_train_epoch_start(self, trainer, pl_module):
         self._t0 = time.perf_counter()
@@ -219,13 +228,16 @@ class History(L.Callback):
             return
         m = pl_module.last_metrics
         train_loss = trainer.callback_metrics.get("train_loss_epoch")
+        seconds = time.perf_counter() - self._t0
+        if self.progress is not None:
+            train_loss, seconds = self.progress.mean_loss(), self.progress.seconds()
         lr = trainer.optimizers[0].param_groups[-1]["lr"] if trainer.optimizers else float("nan")
         row = EpochRow(
             epoch=self._offset + trainer.current_epoch, stage=self.stage, lr=float(lr),
             train_loss=float(train_loss) if train_loss is not None else float("nan"),
             valid_loss=float(m.get("valid_loss", float("nan"))),
             metrics={k: v for k, v in m.items() if k != "valid_loss"},
-            seconds=round(time.perf_counter() - self._t0, 3),
+            seconds=round(seconds, 3),
         )
         self.rows.append(row)
         improved = self.best.offer(m.get(self.monitor, -math.inf), row.valid_loss, row.epoch,
@@ -377,7 +389,49 @@ class AtomicCheckpointIO(L.plugins.TorchCheckpointIO):
         atomic_write(path, lambda f: torch.save(checkpoint, f))
 
     def load_checkpoint(self, path, map_location=None, weights_only=True):
-        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+        """Tensors and plain data only (`weights_only=True`, whatever the caller asks): a
+        checkpoint that needs anything else to unpickle is refused, never executed."""
+        import pickle
+
+        from imgclf.errors import ImgclfError
+
+        fix = (f"delete it to resume from the previous stage, or train again "
+               f"(it is {Path(path).parent})")
+        try:
+            return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            first = " ".join(str(e).split("\n")[0].split())[:160]
+            raise ImgclfError(f"{path}: refused to load: it holds pickled objects other than "
+                              f"tensors ({first}), so it was not written by imgclf; {fix}") from None
+        except (RuntimeError, EOFError, OSError, ValueError) as e:
+            raise ImgclfError(f"{path}: damaged checkpoint ({type(e).__name__}: "
+                              f"{' '.join(str(e).split())[:160]}); {fix}") from None
+
+
+HEAD_FILE = "head.safetensors"
+
+
+def save_tensors(path: Path, state: dict[str, torch.Tensor]) -> None:
+    """A state dict as safetensors, atomically."""
+    from safetensors.torch import save
+
+    from imgclf.io import atomic_write_bytes
+
+    atomic_write_bytes(path, save({k: v.detach().cpu().contiguous() for k, v in state.items()}))
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors state dict, or an ImgclfError naming the damaged file and the fix."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from imgclf.errors import ImgclfError
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ImgclfError(f"{path}: damaged or not a safetensors file ({e}): delete the run's "
+                          "checkpoints/ folder and train again") from None
 
 
 @dataclass
@@ -425,12 +479,18 @@ def make_trainer(epochs: int, precision: str, callbacks: list, cfg, root: Path |
 
 @dataclass
 class FitData:
-    """Training and validation images for the recipe."""
+    """Training and validation images for the recipe.
+
+    `balance` is the resolved imbalance mode ("none", "weights" or "sampler"; see
+    imgclf.balance): "weights" weights the loss in both stages; "sampler" draws class-balanced
+    batches in the unfrozen stage and weights the loss of the frozen-head stage.
+    """
 
     train: "torch.utils.data.Dataset"
     valid: "torch.utils.data.Dataset"
     y_train: torch.Tensor
     y_valid: torch.Tensor
+    balance: str = "none"
 
 
 def fine_tune(
@@ -461,6 +521,7 @@ def fine_tune(
         resume: State of an interrupted run: {"stage", "lr", "lr_find"}.
         console: rich Console for messages.
     """
+    from imgclf import balance
     from imgclf.data.datasets import make_loader
 
     quiet_lightning()
@@ -480,6 +541,8 @@ def fine_tune(
         None if cfg.lr == "auto" else float(cfg.lr))
     frozen = cfg.pretrained and cfg.freeze_epochs > 0
     valid_loader = make_loader(data.valid, cfg.batch_size, train=False, workers=cfg.workers)
+    weight = (balance.class_weights(data.y_train, len(task.classes))
+              if data.balance in ("weights", "sampler") else None)
 
     def save_state(stage: str) -> None:
         if ckpt_dir:
@@ -487,6 +550,9 @@ def fine_tune(
                               {"stage": stage, "lr": lr, "lr_find": lr_find_info})
 
     if frozen and resume.get("stage") not in ("unfrozen", "done"):
+        # The frozen stage has no checkpoint of its own: after a kill it runs again from the
+        # start (its rows too), which gives the same head since it is seeded throughout.
+        rows.clear()
         models.set_body_trainable(model, False)
         head = models.classifier(model)
         views = max(1, cfg.freeze_epochs)
@@ -512,8 +578,10 @@ def fine_tune(
                                  batch_size=cfg.batch_size, sampler=sampler,
                                  drop_last=n > cfg.batch_size)
         valid_feat_loader = DataLoader(TensorDataset(f_valid, y_valid), batch_size=256)
+        # ViewSampler walks the cached augmented views epoch by epoch; weighting the loss gives
+        # balanced sampling's expected gradient without breaking that walk, so both modes use it.
         module = ClassifierModule(head, task, [list(head.parameters())], [lr], pct_start=0.99,
-                                  div=25.0)
+                                  div=25.0, class_weight=weight)
         hist = History(rows, best, "frozen", model, task.monitor, on_row)
         trainer = L.Trainer(max_epochs=cfg.freeze_epochs, accelerator="cpu", precision="32-true",
                             callbacks=[hist], logger=False, enable_checkpointing=False,
@@ -522,8 +590,13 @@ def fine_tune(
                             default_root_dir=_scratch_dir())
         trainer.fit(module, feat_loader, valid_feat_loader)
         interrupted = trainer.interrupted
-        save_state("unfrozen")
+        if ckpt_dir and not interrupted:
+            # The unfrozen stage starts from this head; keep it until its first checkpoint.
+            save_tensors(ckpt_dir / HEAD_FILE, head.state_dict())
+            save_state("unfrozen")
         model.to(device)
+    elif frozen and ckpt_dir and (ckpt_dir / HEAD_FILE).is_file():
+        models.classifier(model).load_state_dict(load_tensors(ckpt_dir / HEAD_FILE))
 
     if lr is None:
         lr = 3e-3 if not cfg.pretrained else 1e-3
@@ -536,10 +609,18 @@ def fine_tune(
         base = lr / 2 if frozen else lr
         lrs = discriminative_lrs(base, len(groups)) if cfg.pretrained else [base] * len(groups)
         module = ClassifierModule(model, task, groups, lrs, pct_start=0.3 if frozen else 0.25,
-                                  div=5.0 if frozen else 25.0, preprocess=pre)
-        train_loader = make_loader(data.train, cfg.batch_size, train=True, workers=cfg.workers,
-                                   seed=cfg.seed)
-        callbacks: list = [History(rows, best, "unfrozen", model, task.monitor, on_row)]
+                                  div=5.0 if frozen else 25.0, preprocess=pre,
+                                  class_weight=weight if data.balance == "weights" else None)
+        sampler = (balance.balanced_sampler(data.y_train, len(task.classes), cfg.seed)
+                   if data.balance == "sampler" else None)
+        # Order and augmentation are functions of (seed, epoch, position), so a resumed run
+        # sees exactly the batches the uninterrupted one would have (see imgclf.resume).
+        order = ResumableSampler(len(data.train), cfg.seed, inner=sampler)
+        train_loader = make_loader(SeededDataset(data.train), cfg.batch_size, train=True,
+                                   workers=cfg.workers, seed=cfg.seed, sampler=order)
+        progress = ResumeState(order, cfg.seed, cfg.batch_size)
+        callbacks: list = [progress, History(rows, best, "unfrozen", model, task.monitor, on_row,
+                                             progress=progress)]
         if ckpt_dir:
             from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -552,8 +633,13 @@ def fine_tune(
                     every_n_train_steps=int(cfg.checkpoint_every), enable_version_counter=False))
         trainer = make_trainer(cfg.epochs, precision, callbacks, cfg, run_dir)
         ckpt = ckpt_dir / "last.ckpt" if ckpt_dir and resume.get("stage") == "unfrozen" else None
-        trainer.fit(module, train_loader, valid_loader,
-                    ckpt_path=str(ckpt) if ckpt and ckpt.is_file() else None, weights_only=True)
+        save_state("unfrozen")
+        with warnings.catch_warnings():
+            # Lightning cannot see that ResumableSampler continues mid-epoch; it can.
+            warnings.filterwarnings("ignore", message=".*dataloader is not resumable.*")
+            trainer.fit(module, train_loader, valid_loader,
+                        ckpt_path=str(ckpt) if ckpt and ckpt.is_file() else None,
+                        weights_only=True)
         interrupted = trainer.interrupted
         seen += cfg.epochs * (len(data.train) + len(data.valid))
         if not interrupted:

@@ -1,0 +1,336 @@
+"""k-fold cross-validation: stratified, group-aware folds, each trained as a normal run.
+
+    <cv_dir>/cv_config.yaml        the shared settings (each fold's config.yaml adds its `fold`)
+    <cv_dir>/fold-<k>/             a complete run directory validating on fold k
+    <cv_dir>/cv_summary.json       per-fold metrics, their mean and standard deviation, and the
+                                   metrics of the pooled out-of-fold predictions
+    <cv_dir>/oof_predictions.csv   every image exactly once: path, fold, target, predicted,
+                                   prob_<class>..., loss (from the model that never saw it)
+
+A fold run's config.yaml carries `folds`, `fold` and `seed`, so it reproduces (or resumes) on its
+own: `api.load_table` deals the folds again and validates on fold k.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import warnings
+from collections import Counter
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from imgclf import evaluation
+from imgclf.config import TrainConfig
+from imgclf.data.samples import TRAIN, VALID, Sample, SampleTable
+from imgclf.errors import DataError, ImgclfError
+from imgclf.io import atomic_write_json, atomic_write_text
+
+CV_CONFIG = "cv_config.yaml"
+SUMMARY = "cv_summary.json"
+OOF = "oof_predictions.csv"
+HEADLINE = {
+    False: ("accuracy", "balanced_accuracy", "f1_macro", "loss"),
+    True: ("zero_one_accuracy", "hamming_accuracy", "f1_macro", "map"),
+}
+
+
+def _group_key(s: Sample) -> str:
+    # Ungrouped images are groups of one; the NUL prefix keeps them apart from named groups.
+    return f"g:{s.group}" if s.group is not None else f"\0{s.path}"
+
+
+def assign_folds(samples: list[Sample], folds: int, seed: int = 42,
+                 multi_label: bool = False) -> list[int]:
+    """Deal samples into `folds` folds, stratified by class and keeping every group in one fold.
+
+    scikit-learn's StratifiedGroupKFold does the dealing (shuffled with `seed`); samples
+    without a group are groups of one. Multi-label samples are stratified by their rarest label.
+    The result does not depend on the order of `samples`.
+
+    Args:
+        samples: The samples to deal.
+        folds: Number of folds, at least 2.
+        seed: Seed of the shuffle.
+        multi_label: Whether samples may carry zero or several labels.
+
+    Returns:
+        The fold (0 .. folds - 1) of each sample, in the order of `samples`.
+
+    Raises:
+        DataError: Fewer than 2 folds, fewer groups than folds, or a class whose images are all
+            in one group (some fold would have none of it to train on).
+    """
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    if folds < 2:
+        raise DataError(f"cross-validation needs at least 2 folds, got {folds}: pass --folds 2 or more")
+    keys = [_group_key(s) for s in samples]
+    n_groups = len(set(keys))
+    if n_groups < folds:
+        raise DataError(f"only {n_groups} groups (or images) for {folds} folds: pass fewer --folds")
+    by_class: dict[str, set[str]] = {}
+    for s, k in zip(samples, keys):
+        for lab in s.labels:
+            by_class.setdefault(lab, set()).add(k)
+    for lab, groups in sorted(by_class.items()):
+        if len(groups) < 2:
+            what = "image" if not next(iter(groups)).startswith("g:") else "group"
+            raise DataError(f"class '{lab}' has a single {what}: every fold needs it in training "
+                            "and validation can hold it only once — add images (from other groups) "
+                            "or remove the class")
+    freq = Counter(lab for s in samples for lab in s.labels)
+    strata = [min(s.labels, key=lambda lab: (freq[lab], lab)) if s.labels else "" for s in samples]
+    order = sorted(range(len(samples)), key=lambda i: (keys[i], str(samples[i].path)))
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    out = [0] * len(samples)
+    with warnings.catch_warnings():
+        # Classes smaller than `folds` are fine: some folds validate on none of them.
+        warnings.simplefilter("ignore", UserWarning)
+        splits = splitter.split(np.zeros(len(order)), [strata[i] for i in order],
+                                [keys[i] for i in order])
+        for k, (_, held_out) in enumerate(splits):
+            for j in held_out:
+                out[order[j]] = k
+    return out
+
+
+def fold_table(table: SampleTable, folds: int, fold: int | None, seed: int = 42) -> SampleTable:
+    """The table with its train and valid images re-split: fold `fold` validates, the rest train.
+
+    Test images stay test images. The source's own split is ignored (cross-validation uses
+    every labelled image); a note says so in the data summary.
+
+    Raises:
+        ImgclfError: `fold` is missing or out of range.
+        DataError: As `assign_folds`.
+    """
+    if fold is None or not 0 <= fold < folds:
+        raise ImgclfError(f"fold must be 0 .. {folds - 1} with folds={folds} (got {fold}): "
+                          "run `imgclf cv`, which sets both")
+    pool = [i for i, s in enumerate(table.samples) if s.split in (TRAIN, VALID)]
+    assigned = assign_folds([table.samples[i] for i in pool], folds, seed, table.multi_label)
+    samples = list(table.samples)
+    for i, k in zip(pool, assigned):
+        samples[i] = replace(samples[i], split=VALID if k == fold else TRAIN)
+    out = table.with_samples(samples)
+    out.notes.append(f"cross-validation: fold {fold} of {folds} validates "
+                     f"({assigned.count(fold)} of {len(pool)} images; groups kept whole)")
+    return out
+
+
+@dataclass
+class CvResult:
+    """A finished cross-validation.
+
+    Attributes:
+        path: The cross-validation folder.
+        summary: The contents of cv_summary.json.
+        oof: Out-of-fold predictions of every image.
+        folds: The fold of each row of `oof`.
+    """
+
+    path: Path
+    summary: dict
+    oof: evaluation.Predictions
+    folds: list[int]
+
+
+def cross_validate(data: str | Path | None = None, *, folds: int = 5,
+                   config: TrainConfig | None = None, resume: str | Path | None = None,
+                   console=None, **options) -> CvResult:
+    """Train one run per fold and pool their validation predictions.
+
+    Args:
+        data: Image folder (or CSV root), as for `api.train`.
+        folds: Number of folds.
+        config: Training settings; `options` override its fields. `out` is the folder that
+            receives the cross-validation folder, `name` names it.
+        resume: A cross-validation folder to finish: finished folds are kept, an interrupted
+            fold resumes, missing folds are trained.
+        console: rich Console (default: stderr).
+        **options: Any `TrainConfig` field.
+
+    Returns:
+        The result; the same numbers are in `<cv_dir>/cv_summary.json`.
+    """
+    from imgclf import api
+    from imgclf.run import new_run_dir
+
+    console = api._console(console)
+    if resume is not None:
+        cv_dir = Path(resume)
+        if not (cv_dir / CV_CONFIG).is_file():
+            raise ImgclfError(f"{cv_dir} is not a cross-validation folder (no {CV_CONFIG}): pass "
+                              "the folder printed when `imgclf cv` started")
+        cfg = TrainConfig.from_yaml(cv_dir / CV_CONFIG)
+    else:
+        cfg = dataclasses.replace(config or TrainConfig(), **options)
+        if data is not None:
+            cfg.data = str(data)
+        if not cfg.data:
+            raise ImgclfError("no data given: pass a folder of images, e.g. `imgclf cv photos/`")
+        cfg.folds, cfg.fold = folds, None
+        # Fail on impossible folds before creating anything.
+        table = api.load_table(dataclasses.replace(cfg, folds=0))
+        pool = [s for s in table.samples if s.split in (TRAIN, VALID)]
+        assign_folds(pool, cfg.folds, cfg.seed, table.multi_label)
+        cv_dir = new_run_dir(cfg.out, cfg.name, cfg.data)
+        cfg.name = cv_dir.name
+        cfg.to_yaml(cv_dir / CV_CONFIG)
+    console.print(f"Cross-validation folder: [bold]{cv_dir}[/] ({cfg.folds} folds)")
+    for k in range(cfg.folds):
+        fold_dir = cv_dir / f"fold-{k}"
+        console.rule(f"fold {k + 1} of {cfg.folds}")
+        if (fold_dir / "model" / "model.json").is_file() and (fold_dir / "metrics.json").is_file():
+            console.print(f"{fold_dir} already finished")
+        elif (fold_dir / "config.yaml").is_file():
+            api.train(resume=fold_dir, console=console)
+        else:
+            api.train(config=dataclasses.replace(cfg, fold=k, out=str(cv_dir), name=f"fold-{k}"),
+                      console=console)
+    result = summarize(cv_dir, cfg.folds)
+    print_summary(result, console)
+    return result
+
+
+def summarize(cv_dir: str | Path, folds: int) -> CvResult:
+    """Read the fold runs of a cross-validation folder; write cv_summary.json and the OOF file.
+
+    Standard deviations are the sample standard deviation over folds (n - 1 in the
+    denominator); undefined metrics (None in a fold) are left out of the mean.
+    """
+    cv_dir = Path(cv_dir)
+    per_fold, parts, fold_of = [], [], []
+    for k in range(folds):
+        fold_dir = cv_dir / f"fold-{k}"
+        metrics_p = fold_dir / "metrics.json"
+        if not metrics_p.is_file():
+            raise ImgclfError(f"{fold_dir} has no metrics.json: the fold did not finish; "
+                              f"resume with `imgclf cv --resume {cv_dir}`")
+        m = json.loads(metrics_p.read_text())
+        multi = m.get("task") == "multi_label"
+        thresholds = list(m["thresholds"].values()) if m.get("thresholds") else None
+        preds = evaluation.Predictions.from_csv(fold_dir / "predictions.csv", multi_label=multi,
+                                                thresholds=thresholds)
+        parts.append(preds)
+        fold_of += [k] * len(preds.paths)
+        row = {"fold": k, "run": fold_dir.name, "train_images": m.get("train_images"),
+               "valid_images": m.get("valid_images"), "best_epoch": m.get("best_epoch"),
+               "train_seconds": m.get("train_seconds")}
+        row.update({k2[len("valid_"):]: v for k2, v in m.items()
+                    if k2.startswith("valid_") and k2 != "valid_images"
+                    and (v is None or isinstance(v, (int, float))) and not isinstance(v, bool)})
+        per_fold.append(row)
+    multi = parts[0].multi_label
+    classes = parts[0].classes
+    if any(p.classes != classes for p in parts):
+        raise ImgclfError(f"{cv_dir}: the folds were trained on different classes; "
+                          "start the cross-validation again")
+    seen = Counter(path for p in parts for path in p.paths)
+    twice = [p for p, n in seen.items() if n > 1]
+    if twice:
+        raise ImgclfError(f"{cv_dir}: {twice[0]} was validated in more than one fold; "
+                          "the folds do not match — start the cross-validation again")
+    oof = evaluation.Predictions(
+        paths=[x for p in parts for x in p.paths], classes=classes,
+        probs=np.concatenate([p.probs for p in parts]),
+        targets=np.concatenate([p.targets for p in parts]), multi_label=multi)
+    predicted = [cell for p in parts for cell in _predicted_cells(p)]
+    _write_oof(cv_dir / OOF, oof, fold_of, predicted)
+    metric_names = [k for k in per_fold[0] if k not in ("fold", "run", "train_images",
+                                                        "valid_images", "best_epoch",
+                                                        "train_seconds", "n_samples")]
+    mean, std = {}, {}
+    for name in metric_names:
+        values = [r.get(name) for r in per_fold]
+        values = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+        mean[name] = float(np.mean(values)) if values else None
+        std[name] = float(np.std(values, ddof=1)) if len(values) > 1 else None
+    summary = {
+        "data": _config_field(cv_dir, "data"),
+        "folds": folds,
+        "task": "multi_label" if multi else "single_label",
+        "classes": classes,
+        "images": len(oof.paths),
+        "per_fold": per_fold,
+        "mean": mean,
+        "std": std,
+        "std_ddof": 1,
+    }
+    if not multi:
+        # Multi-label folds tune their own thresholds, so pooled decisions would mix rules.
+        pooled = evaluation.metrics(oof)
+        summary["out_of_fold"] = {k: v for k, v in pooled.items()
+                                  if not isinstance(v, (dict, list))}
+    atomic_write_json(cv_dir / SUMMARY, summary)
+    return CvResult(cv_dir, summary, oof, fold_of)
+
+
+def _config_field(cv_dir: Path, name: str):
+    p = cv_dir / CV_CONFIG
+    return getattr(TrainConfig.from_yaml(p), name) if p.is_file() else None
+
+
+def _predicted_cells(p: evaluation.Predictions) -> list[str]:
+    """Each row's predicted label(s) under its own fold's decision rule."""
+    return [row["predicted"] for row in p.to_rows()]
+
+
+def _write_oof(path: Path, oof: evaluation.Predictions, folds: list[int],
+               predicted: list[str]) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    targets = [r["target"] for r in oof.to_rows()]
+    w.writerow(["path", "fold", "target", "predicted", *[f"prob_{c}" for c in oof.classes], "loss"])
+    for i, image in enumerate(oof.paths):
+        w.writerow([image, folds[i], targets[i], predicted[i],
+                    *(f"{v:.7g}" for v in oof.probs[i]), f"{oof.losses[i]:.6g}"])
+    atomic_write_text(path, buf.getvalue())
+
+
+def read_oof(path: str | Path) -> tuple[evaluation.Predictions, list[int]]:
+    """oof_predictions.csv back: the predictions and the fold of each row."""
+    path = Path(path)
+    preds = evaluation.Predictions.from_csv(path)
+    with open(path, newline="", encoding="utf-8") as f:
+        folds = [int(r["fold"]) for r in csv.DictReader(f)]
+    return preds, folds
+
+
+def print_summary(result: CvResult, console) -> None:
+    """Per-fold metrics, mean ± std and the pooled out-of-fold metrics as a table."""
+    from rich.table import Table
+
+    s = result.summary
+    names = [n for n in HEADLINE[s["task"] == "multi_label"] if n in s["mean"]]
+    table = Table(title=f"Cross-validation: {s['folds']} folds, {s['images']} images",
+                  title_justify="left")
+    short = {"balanced_accuracy": "balanced acc", "zero_one_accuracy": "exact match",
+             "hamming_accuracy": "label acc"}
+    for col in ["fold", "train", "valid", *names]:
+        table.add_column(short.get(col, col), justify="left" if col == "fold" else "right",
+                         no_wrap=True)
+
+    def fmt(v) -> str:
+        return "-" if v is None else f"{v:.4f}"
+
+    for r in s["per_fold"]:
+        table.add_row(str(r["fold"]), str(r["train_images"]), str(r["valid_images"]),
+                      *(fmt(r.get(n)) for n in names))
+    table.add_section()
+    table.add_row("mean", "", "", *(fmt(s["mean"][n]) for n in names), style="bold")
+    table.add_row("± std", "", "", *(fmt(s["std"].get(n)) for n in names))
+    if "out_of_fold" in s:
+        table.add_row("out-of-fold", "", str(s["images"]),
+                      *(fmt(s["out_of_fold"].get(n)) for n in names))
+    console.print(table)
+    console.print(f"Summary: {result.path / SUMMARY}")
+    console.print(f"Out-of-fold predictions: {result.path / OOF}")
+    if s["task"] != "multi_label":
+        console.print(f"Suspected label errors: `imgclf label-issues {result.path}`")

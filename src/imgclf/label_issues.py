@@ -1,0 +1,164 @@
+"""Suspected label errors: rank images whose given label the model doubts, and write them down.
+
+The ranking is `evaluation.label_issues` (confident-learning style) on out-of-sample
+probabilities: a cross-validation's out-of-fold predictions (every image, each scored by the
+model that never trained on it), or a run's validation predictions. The result is
+`label_issues.csv` in the same folder (rank, path, given, suggested, score, given_prob,
+suggested_prob and, for cross-validation, fold), which the run report shows as a gallery.
+Nothing is relabelled: the file is a list to review.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+from imgclf import evaluation
+from imgclf.errors import ImgclfError
+from imgclf.io import atomic_write_text
+
+FILENAME = "label_issues.csv"
+COLUMNS = ("rank", "path", "given", "suggested", "score", "given_prob", "suggested_prob")
+
+
+@dataclass
+class LabelIssues:
+    """Suspected label errors of one set of predictions.
+
+    Attributes:
+        csv_path: Where label_issues.csv was written.
+        rows: One dict per suspect, best first, with the keys of `COLUMNS` (plus fold).
+        n_images: Images examined.
+        source: The predictions file ranked.
+    """
+
+    csv_path: Path
+    rows: list[dict]
+    n_images: int
+    source: Path
+
+    def top(self, fraction: float) -> list[dict]:
+        """The highest-ranked suspects, at most `fraction` of the images examined."""
+        return self.rows[: int(round(fraction * self.n_images))]
+
+
+def predictions_file(target: str | Path) -> Path:
+    """The predictions to rank in a cross-validation folder, a run directory or a CSV file.
+
+    Raises:
+        ImgclfError: `target` holds neither oof_predictions.csv nor predictions.csv.
+    """
+    from imgclf.crossval import OOF
+
+    target = Path(target)
+    if target.is_file() and target.suffix.lower() == ".csv":
+        return target
+    for name in (OOF, "predictions.csv"):
+        if (target / name).is_file():
+            return target / name
+    raise ImgclfError(f"{target}: no {OOF} or predictions.csv: pass a cross-validation folder "
+                      "(`imgclf cv`) or a finished run directory")
+
+
+def find_label_issues(target: str | Path, console=None) -> LabelIssues:
+    """Rank suspected label errors and write label_issues.csv next to the predictions.
+
+    Args:
+        target: Cross-validation folder (uses oof_predictions.csv), run directory (uses its
+            validation predictions.csv) or a predictions CSV file.
+        console: rich Console for the table of top suspects (None prints nothing).
+
+    Returns:
+        The suspects, best first.
+
+    Raises:
+        ImgclfError: No predictions found, or the predictions are multi-label.
+    """
+    source = predictions_file(target)
+    try:
+        preds = evaluation.Predictions.from_csv(source)
+    except (ValueError, KeyError) as e:
+        raise ImgclfError(f"{source}: cannot be read as predictions ({e})") from None
+    if preds.multi_label:
+        raise ImgclfError(f"{source}: label-issues handles single-label predictions only")
+    folds = _fold_column(source)
+    rows = []
+    for rank, r in enumerate(evaluation.label_issues(preds.probs, preds.targets, preds.classes), 1):
+        row = {"rank": rank, "path": preds.paths[r["index"]], "given": r["given"],
+               "suggested": r["suggested"], "score": r["score"], "given_prob": r["given_prob"],
+               "suggested_prob": r["suggested_prob"]}
+        if folds is not None:
+            row["fold"] = folds[r["index"]]
+        rows.append(row)
+    out = source.parent / FILENAME
+    _write(out, rows, with_fold=folds is not None)
+    result = LabelIssues(out, rows, len(preds.paths), source)
+    if console is not None:
+        _print(result, console)
+        _refresh_report(source.parent, console)
+    return result
+
+
+def _fold_column(path: Path) -> list[int] | None:
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if "fold" not in (reader.fieldnames or []):
+            return None
+        return [int(r["fold"]) for r in reader]
+
+
+def _write(path: Path, rows: list[dict], with_fold: bool) -> None:
+    buf = io.StringIO()
+    cols = [*COLUMNS, "fold"] if with_fold else list(COLUMNS)
+    w = csv.DictWriter(buf, fieldnames=cols)
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in r.items()})
+    atomic_write_text(path, buf.getvalue())
+
+
+def read_label_issues(path: str | Path) -> list[dict]:
+    """label_issues.csv back as dicts (numbers parsed)."""
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        r["rank"] = int(r["rank"])
+        for k in ("score", "given_prob", "suggested_prob"):
+            r[k] = float(r[k])
+        if "fold" in r:
+            r["fold"] = int(r["fold"])
+    return rows
+
+
+def _print(result: LabelIssues, console, limit: int = 20) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    n = len(result.rows)
+    console.print(f"{n} suspected label errors among {result.n_images} images "
+                  f"({result.source.name}); nothing was relabelled")
+    if n:
+        table = Table(title=f"Top {min(n, limit)} (highest score first)", title_justify="left")
+        for col in ("rank", "image", "given", "suggested", "score"):
+            table.add_column(col, justify="right" if col in ("rank", "score") else "left")
+        for r in result.rows[:limit]:
+            table.add_row(str(r["rank"]), escape(_short(r["path"])), escape(r["given"]),
+                          escape(r["suggested"]), f"{r['score']:.3f}")
+        console.print(table)
+    console.print(f"Wrote {result.csv_path}")
+
+
+def _short(path: str, keep: int = 3) -> str:
+    parts = Path(path).parts
+    return str(Path(*parts[-keep:])) if len(parts) > keep else path
+
+
+def _refresh_report(folder: Path, console) -> None:
+    """Rebuild a run's report.html so that it shows the new label_issues.csv."""
+    if not (folder / "config.yaml").is_file() or not (folder / "metrics.json").is_file():
+        return
+    from imgclf import api
+
+    api.write_report(folder, console)

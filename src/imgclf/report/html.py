@@ -1,0 +1,622 @@
+"""report.html: one self-contained page per run that a person opens from disk and can trust.
+
+Everything the page shows is embedded: plots are the PNGs written to `plots/` (so they can also
+be pasted into slides), images are small JPEG thumbnails, both as base64 data URIs. There is no
+script and no external resource, so the page opens without a server or network. Galleries are
+capped (see the constants below) so that a validation set of any size gives a page of a few
+megabytes at most.
+
+The analysis comes from `imgclf.interpret.Interpretation`, itself built on `imgclf.evaluation`.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from imgclf.errors import ImgclfError
+from imgclf.interpret import Example, Interpretation, thumbnail
+from imgclf.io import atomic_write_text
+from imgclf.run import Run
+
+THUMB_SIDE = 128  # gallery thumbnails (pixels, longest side)
+HEATMAP_SIDE = 168  # heatmap panels
+TOP_LOSSES = 24  # the first TOP_LOSSES_OPEN are shown, the rest behind "show more"
+TOP_LOSSES_OPEN = 12
+WRONG_PER_CLASS = 6
+WRONG_CLASSES = 24  # classes shown in the per-class gallery (most errors first)
+HEATMAPS_WRONG = 6
+HEATMAPS_RIGHT = 6
+LABEL_ISSUES = 24
+ROUND_IMAGES = 12
+CONFUSION_TABLE_MAX = 12  # classes up to which the confusion matrix is also an HTML table
+TEMPLATE = "template.html.j2"
+
+
+@dataclass
+class Section:
+    """One part of the page: an anchor, a title and its content for the template."""
+
+    id: str
+    title: str
+    kind: str
+    data: dict = field(default_factory=dict)
+    note: str | None = None
+    error: str | None = None
+
+
+def write_report(run: Run | str | Path, console=None, *, heatmaps: bool = True) -> Path:
+    """Write (or rewrite) `report.html` and the PNGs in `plots/` of a run.
+
+    Args:
+        run: The run (or its directory).
+        console: rich Console for warnings (a section that fails is reported there and on the
+            page, and the rest of the report is still written).
+        heatmaps: Compute Grad-CAM heatmaps (needs the bundle; a few seconds on a CPU).
+
+    Returns:
+        The path of report.html.
+
+    Raises:
+        ImgclfError: Not a run directory, or the run has no predictions yet.
+    """
+    run = run if isinstance(run, Run) else Run(run)
+    interp = Interpretation.from_run(run.path)
+    page = _Builder(run, interp, console, heatmaps).build()
+    atomic_write_text(run.report_path, render(page))
+    return run.report_path
+
+
+def render(page: dict) -> str:
+    """The page dict built for a run as HTML (the Jinja2 template next to this module)."""
+    from importlib.resources import files
+
+    import jinja2
+
+    source = files("imgclf.report").joinpath(TEMPLATE).read_text(encoding="utf-8")
+    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined,
+                             trim_blocks=True, lstrip_blocks=True)
+    return env.from_string(source).render(**page)
+
+
+class _Builder:
+    """Collects the sections of one report; each `_section_*` method fills one."""
+
+    def __init__(self, run: Run, interp: Interpretation, console, heatmaps: bool):
+        self.run, self.interp, self.console, self.want_heatmaps = run, interp, console, heatmaps
+        self.p = interp.predictions
+        self.plots_dir = run.path / "plots"
+        self.metrics_json = run.metrics()
+        self._thumbs: dict[tuple[str, int], str | None] = {}
+        self._scores: dict | None = None
+
+    # -------------------------------------------------------------------------------------
+    # Assembly
+
+    def build(self) -> dict:
+        ml = self.interp.multi_label
+        plan = [
+            ("overview", "Overview", self._section_overview),
+            ("data", "Data", self._section_data),
+            ("training", "Training curves", self._section_training),
+            ("lr-finder", "Learning-rate finder", self._section_lr_finder),
+            ("confusion", "Confusion matrix", self._section_confusion),
+            ("per-class", "Per-class metrics", self._section_per_class),
+            ("most-confused", "Most confused pairs", self._section_most_confused),
+            ("top-losses", "Top losses", self._section_top_losses),
+            ("confident-wrong", "Most confidently wrong, per class", self._section_confident_wrong),
+            ("curves", "Precision-recall and ROC curves", self._section_curves),
+            ("calibration", "Calibration", self._section_calibration),
+        ]
+        if ml:
+            plan.append(("thresholds", "Decision thresholds", self._section_thresholds))
+        plan.append(("heatmaps", "Where the model looked", self._section_heatmaps))
+        if (self.run.path / "rounds.json").is_file():
+            plan.append(("rounds", "Hard negative mining", self._section_rounds))
+        if (self.run.path / "label_issues.csv").is_file():
+            plan.append(("label-issues", "Suspected label errors", self._section_label_issues))
+        sections = []
+        for sid, title, fn in plan:
+            section = Section(sid, title, kind=sid.replace("-", "_"))
+            try:
+                fn(section)
+            except Exception as e:  # noqa: BLE001 - one failing part must not cost the report
+                section.error = f"{type(e).__name__}: {e}"
+                section.data = {"traceback": traceback.format_exc(limit=-3)}
+                if self.console is not None:
+                    self.console.print(f"[yellow]report: section '{title}' failed: "
+                                       f"{section.error}[/]", markup=True, highlight=False)
+            sections.append(section)
+        return {
+            "title": f"{self.run.path.name}: imgclf report",
+            "run_name": self.run.path.name,
+            "run_path": str(self.run.path),
+            "generated": time.strftime("%Y-%m-%d %H:%M"),
+            "subtitle": self._subtitle(),
+            "sections": sections,
+        }
+
+    def _subtitle(self) -> str:
+        m = self.metrics_json
+        task = "multi-label" if self.interp.multi_label else "single-label"
+        parts = [m.get("model") or _bundle_arch(self.run), f"{task}, {len(self.p.classes)} classes",
+                 f"{len(self.p.paths)} validation images"]
+        if m.get("train_images"):
+            parts.append(f"{m['train_images']} training images")
+        return " · ".join(str(x) for x in parts if x)
+
+    def scores(self) -> dict:
+        if self._scores is None:
+            self._scores = self.interp.metrics()
+        return self._scores
+
+    # -------------------------------------------------------------------------------------
+    # Helpers
+
+    def plot(self, fig, name: str) -> str:
+        """Save a figure as plots/<name>.png and return it as a data URI."""
+        from imgclf.report import plots
+
+        path = plots.save(fig, self.plots_dir / f"{name}.png")
+        return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+    def thumb(self, path: str, side: int = THUMB_SIDE) -> str | None:
+        key = (path, side)
+        if key not in self._thumbs:
+            img = thumbnail(path, side)
+            self._thumbs[key] = None if img is None else _jpeg_uri(img)
+        return self._thumbs[key]
+
+    def card(self, ex: Example, extra: str | None = None) -> dict:
+        if self.interp.multi_label:
+            lines = [f"labels: {' '.join(ex.actual) or '(none)'}",
+                     f"predicted: {' '.join(ex.predicted) or '(none)'}"]
+        else:
+            a, p = ex.actual[0], ex.predicted[0]
+            lines = [f"actual: {a}", f"predicted: {p} ({ex.prob(p):.2f})"]
+            if a != p:
+                lines.append(f"p({a}) = {ex.prob(a):.3f}")
+        lines.append(f"loss {ex.loss:.3f}")
+        if extra:
+            lines.insert(0, extra)
+        return {"src": self.thumb(ex.path), "name": _short_path(ex.path), "path": ex.path,
+                "lines": lines, "ok": ex.correct}
+
+    # -------------------------------------------------------------------------------------
+    # Sections
+
+    def _section_overview(self, s: Section) -> None:
+        scores = self.scores()
+        keys = (["zero_one_accuracy", "hamming_accuracy", "f1_macro", "map", "loss"]
+                if self.interp.multi_label else
+                ["accuracy", "balanced_accuracy", "f1_macro", "top5_accuracy", "loss"])
+        labels = {"zero_one_accuracy": "exact-match accuracy", "hamming_accuracy": "label accuracy",
+                  "f1_macro": "macro F1", "map": "mean AP", "loss": "validation loss",
+                  "accuracy": "accuracy", "balanced_accuracy": "balanced accuracy",
+                  "top5_accuracy": "top-5 accuracy"}
+        cards = [{"label": labels[k], "value": f"{scores[k]:.3f}"} for k in keys
+                 if isinstance(scores.get(k), float)]
+        m = self.metrics_json
+        facts = []
+        for key, label, fmt in (("model", "model", "{}"), ("epochs", "epochs", "{}"),
+                                ("best_epoch", "best epoch", "{}"),
+                                ("best_stage", "best epoch's stage", "{}"),
+                                ("lr", "learning rate", "{:.2e}"),
+                                ("precision", "precision", "{}"),
+                                ("train_seconds", "training time", "{:.0f} s"),
+                                ("images_per_second", "training throughput", "{:.0f} images/s"),
+                                ("balance", "imbalance handling", "{}"),
+                                ("threshold_kept", "decision thresholds", "{}")):
+            if m.get(key) is not None:
+                try:
+                    facts.append((label, fmt.format(m[key])))
+                except (ValueError, TypeError):
+                    facts.append((label, str(m[key])))
+        cfg = _read_yaml(self.run.path / "config.yaml")
+        if cfg.get("data"):
+            facts.insert(0, ("data", str(cfg["data"]) + (f" (csv {cfg['csv']})" if cfg.get("csv") else "")))
+        if m.get("interrupted"):
+            s.note = "Training was interrupted: these are the numbers of the best epoch finished."
+        evaluation = _read_json(self.run.path / "evaluation.json")
+        eval_rows = []
+        if isinstance(evaluation, dict):
+            eval_rows.append(("latest `imgclf evaluate`", {k: evaluation.get(k) for k in keys}))
+            if isinstance(evaluation.get("tta"), dict):
+                t = evaluation["tta"]
+                eval_rows.append((f"with TTA ({t.get('views')} views)", {k: t.get(k) for k in keys}))
+        s.data = {"cards": cards, "facts": facts,
+                  "eval_keys": [labels[k] for k in keys],
+                  "eval_rows": [(name, [_fmt(v.get(k)) for k in keys]) for name, v in eval_rows]}
+
+    def _section_data(self, s: Section) -> None:
+        ds = self.interp.data_summary
+        if not ds:
+            s.note = "No data_summary.json in the run directory."
+            return
+        summary, checks = ds.get("summary", {}), ds.get("checks", {})
+        splits = list(summary.get("counts", {}))
+        classes = summary.get("classes", [])
+        rows = [[c] + [summary["counts"][sp].get(c, 0) for sp in splits] for c in classes]
+        totals = [summary.get("images", {}).get(sp, "") for sp in splits]
+        facts = []
+        if summary.get("imbalance_ratio") is not None:
+            facts.append(("largest / smallest training class",
+                          f"{summary['imbalance_ratio']:g}" + (" (imbalanced)" if summary.get("imbalanced") else "")))
+        if summary.get("balance_note"):
+            facts.append(("imbalance handling", summary["balance_note"]))
+        if summary.get("multi_label") and summary.get("empty_label_images"):
+            facts.append(("images without any label", ", ".join(
+                f"{sp}: {n}" for sp, n in summary["empty_label_images"].items())))
+        if summary.get("groups"):
+            facts.append(("groups", ", ".join(f"{sp}: {n}" for sp, n in summary["groups"].items())))
+        if checks.get("checked"):
+            facts.append(("files checked", str(checks["checked"])))
+        details = []
+        for key, value in checks.items():
+            if isinstance(value, list) and value:
+                details.append((key.replace("_", " "), [_describe(v) for v in value[:20]],
+                                len(value)))
+            elif isinstance(value, dict) and value:
+                details.append((key.replace("_", " "), [f"{k}: {v}" for k, v in value.items()],
+                                len(value)))
+        chart = None
+        if classes and splits:
+            chart = self.plot(_counts_figure(classes, splits, summary["counts"]), "class_counts")
+        s.data = {"splits": splits, "rows": rows, "totals": totals, "facts": facts,
+                  "notes": summary.get("notes", []), "details": details, "chart": chart}
+
+    def _section_training(self, s: Section) -> None:
+        rows = self.interp.history
+        if not rows:
+            s.note = "No metrics.csv in the run directory."
+            return
+        _, fig = self.interp.training_curves(plot=True)
+        cols = [c for c in rows[0] if c not in ("seconds",)]
+        body = [[_fmt(r.get(c)) for c in cols] for r in rows]
+        stages = []
+        for r in rows:
+            key = (r.get("stage"), r.get("round"))
+            if not stages or stages[-1][0] != key:
+                stages.append([key, r["epoch"], r["epoch"]])
+            else:
+                stages[-1][2] = r["epoch"]
+        stage_text = "; ".join(
+            f"{k[0]}{' (round ' + str(k[1]) + ')' if k[1] not in (None, '') else ''}: epoch "
+            f"{a}{'–' + str(b) if b != a else ''}" for k, a, b in stages)
+        best = self.metrics_json.get("best_epoch")
+        s.data = {"img": self.plot(fig, "curves"), "cols": cols, "rows": body,
+                  "stages": stage_text, "best": best}
+
+    def _section_lr_finder(self, s: Section) -> None:
+        data, fig = self.interp.lr_find(plot=True)
+        used = self.metrics_json.get("lr")
+        if not data:
+            cfg = _read_yaml(self.run.path / "config.yaml")
+            s.note = ("The learning-rate finder did not run: " +
+                      (f"the rate was set to {cfg.get('lr')} in the configuration."
+                       if cfg.get("lr") not in (None, "auto") else
+                       "it runs on the frozen-body stage, which this run skipped.") +
+                      (f" Peak rate used: {used:.2e}." if isinstance(used, float) else ""))
+            return
+        s.data = {"img": self.plot(fig, "lr_find"), "suggestion": data.get("suggestion"),
+                  "rule": data.get("rule"), "on": data.get("on"), "used": used}
+
+    def _section_confusion(self, s: Section) -> None:
+        classes = self.p.classes
+        if self.interp.multi_label:
+            cm, fig = self.interp.confusion(plot=True)
+            rows = [[c, *[int(v) for v in cm[j].ravel()]] for j, c in enumerate(classes)]
+            s.data = {"multi": True, "img": self.plot(fig, "multilabel_confusion"), "rows": rows}
+            return
+        cm, fig = self.interp.confusion(plot=True)
+        _, fig_n = self.interp.confusion(normalize=True, plot=True)
+        data = {"multi": False, "img": self.plot(fig, "confusion"),
+                "img_norm": self.plot(fig_n, "confusion_normalized")}
+        if len(classes) <= CONFUSION_TABLE_MAX:
+            norm = self.interp.confusion(normalize=True)
+            data["table"] = {"classes": classes, "rows": [
+                [(int(cm[i, j]), f"{norm[i, j]:.2f}", _heat(norm[i, j], i == j))
+                 for j in range(len(classes))] for i in range(len(classes))]}
+        s.data = data
+
+    def _section_per_class(self, s: Section) -> None:
+        per = self.scores()["per_class"]
+        pr = self.interp.pr_curves()
+        roc = self.interp.roc_curves()
+        thresholds = self.p.decision_thresholds if self.interp.multi_label else None
+        cols = ["class", "precision", "recall", "F1", "support", "AP", "AUC"]
+        if thresholds is not None:
+            cols.insert(5, "threshold")
+        rows = []
+        for j, c in enumerate(self.p.classes):
+            m = per[c]
+            row = [c, _fmt(m["precision"]), _fmt(m["recall"]), _fmt(m["f1"]), str(m["support"])]
+            if thresholds is not None:
+                row.append(f"{thresholds[j]:.2f}")
+            row += [_fmt(pr[c]["ap"]), _fmt(roc[c]["auc"])]
+            rows.append({"cells": row, "weak": m["support"] > 0 and m["f1"] < 0.5})
+        s.data = {"cols": cols, "rows": rows, "scroll": len(rows) > 30}
+        if self.interp.multi_label:
+            s.note = "Precision, recall and F1 at the decision thresholds shown; AP and AUC do not depend on them."
+
+    def _section_most_confused(self, s: Section) -> None:
+        pairs = self.interp.most_confused(min_count=1)
+        if not pairs:
+            s.note = "No mix-ups: every validation image was classified correctly."
+            return
+        cm = None if self.interp.multi_label else self.interp.confusion()
+        support = {c: int(n) for c, n in zip(self.p.classes, cm.sum(1))} if cm is not None else {}
+        rows = []
+        for a, b, n in pairs[:30]:
+            share = f"{n / support[a]:.0%}" if support.get(a) else ""
+            rows.append([a, b, n, share])
+        s.data = {"rows": rows, "multi": self.interp.multi_label, "more": max(0, len(pairs) - 30)}
+
+    def _section_top_losses(self, s: Section) -> None:
+        examples = self.interp.top_losses(TOP_LOSSES)
+        cards = [self.card(e, f"#{k + 1}") for k, e in enumerate(examples)]
+        s.data = {"open": cards[:TOP_LOSSES_OPEN], "more": cards[TOP_LOSSES_OPEN:],
+                  "total": len(self.p.paths)}
+
+    def _section_confident_wrong(self, s: Section) -> None:
+        by_class = self.interp.most_confident_wrong(WRONG_PER_CLASS)
+        n_wrong = self._wrong_per_class()
+        order = sorted(by_class, key=lambda c: (-n_wrong.get(c, 0), c))
+        groups = []
+        for c in order[:WRONG_CLASSES]:
+            if not by_class[c]:
+                continue
+            cards = []
+            for e in by_class[c]:
+                if self.interp.multi_label:
+                    j = self.p.classes.index(c)
+                    wrong = "missed" if c in e.actual else "added"
+                    extra = f"{c} {wrong}, p = {e.probs[j]:.2f}"
+                else:
+                    extra = f"looks like {e.predicted[0]} ({e.prob(e.predicted[0]):.2f})"
+                cards.append(self.card(e, extra))
+            groups.append({"cls": c, "n": n_wrong.get(c, 0), "cards": cards})
+        if not groups:
+            s.note = "No wrong predictions in any class."
+        hidden = sum(1 for c in order[WRONG_CLASSES:] if by_class[c])
+        s.data = {"groups": groups, "hidden": hidden}
+
+    def _wrong_per_class(self) -> dict[str, int]:
+        p = self.p
+        if self.interp.multi_label:
+            wrong = (p.targets.astype(bool) != p.predicted).sum(0)
+        else:
+            wrong = np.bincount(p.targets[~p.correct], minlength=p.n_classes)
+        return {c: int(n) for c, n in zip(p.classes, wrong)}
+
+    def _section_curves(self, s: Section) -> None:
+        _, fig_pr = self.interp.pr_curves(plot=True)
+        _, fig_roc = self.interp.roc_curves(plot=True)
+        s.data = {"pr": self.plot(fig_pr, "pr_curves"), "roc": self.plot(fig_roc, "roc_curves"),
+                  "many": len(self.p.classes) > 10}
+
+    def _section_calibration(self, s: Section) -> None:
+        cal, fig = self.interp.calibration(plot=True)
+        counts = np.asarray(cal["counts"])
+        conf = np.asarray(cal["confidence"], dtype=float)
+        acc = np.asarray(cal["accuracy"], dtype=float)
+        filled = counts > 0
+        over = float((counts[filled] * (conf[filled] - acc[filled])).sum() / max(counts.sum(), 1))
+        verdict = ("overconfident (confidence above accuracy)" if over > 0.01 else
+                   "underconfident (accuracy above confidence)" if over < -0.01 else
+                   "well calibrated")
+        s.data = {"img": self.plot(fig, "calibration"), "ece": cal["ece"], "verdict": verdict}
+
+    def _section_thresholds(self, s: Section) -> None:
+        search, fig = self.interp.thresholds(plot=True)
+        s.data = {"img": self.plot(fig, "thresholds"), "reason": search.get("reason"),
+                  "metric": search.get("metric"), "kept": search.get("kept"),
+                  "global": search.get("global_threshold"),
+                  "fresh": self.interp.threshold_search is None}
+
+    def _section_heatmaps(self, s: Section) -> None:
+        if not self.want_heatmaps:
+            s.note = "Heatmaps were not requested (--no-heatmaps)."
+            return
+        if self.interp.bundle_path is None:
+            s.note = "The run has no model bundle, so there are no heatmaps."
+            return
+        p = self.p
+        wrong = [i for i in np.argsort(-p.losses, kind="stable") if not p.correct[i]][:HEATMAPS_WRONG]
+        right = _confident_right(p, HEATMAPS_RIGHT)
+        groups = []
+        for title, idx in (("Top losses (wrong predictions)", wrong),
+                           ("Correct predictions (the most confident of each class)", right)):
+            items = []
+            for i in idx:
+                ex = self.interp.example(int(i))
+                maps = self.interp.heatmap(int(i))
+                panels = [{"src": _jpeg_uri(_resize(maps[0].view, HEATMAP_SIDE)),
+                           "label": "what the model saw"}]
+                for m in maps[:3]:
+                    role = ("actual" if m.class_name in ex.actual and m.class_name not in ex.predicted
+                            else "predicted")
+                    panels.append({"src": _jpeg_uri(_resize(m.overlay(), HEATMAP_SIDE)),
+                                   "label": f"{role}: {m.class_name} ({m.probability:.2f})"})
+                items.append({"name": _short_path(ex.path), "path": ex.path, "ok": ex.correct,
+                              "caption": ex.caption(), "panels": panels})
+            if items:
+                groups.append({"title": title, "items": items})
+        if not groups:
+            s.note = "No validation images to explain."
+        s.data = {"groups": groups}
+
+    def _section_rounds(self, s: Section) -> None:
+        raw = _read_json(self.run.path / "rounds.json")
+        rows = raw.get("rounds", []) if isinstance(raw, dict) else (raw or [])
+        if not isinstance(rows, list):
+            rows = []
+        cols: list[str] = []
+        for r in rows:
+            if isinstance(r, dict):
+                cols += [k for k, v in r.items() if k not in cols and not isinstance(v, (list, dict))]
+        table = [[_fmt(r.get(c)) for c in cols] for r in rows if isinstance(r, dict)]
+        galleries = []
+        for n, r in enumerate(rows):
+            if not isinstance(r, dict):
+                continue
+            for key, value in r.items():
+                paths = _image_paths(value)
+                if paths:
+                    label = r.get("round", n + 1)
+                    cards = [{"src": self.thumb(pth), "name": _short_path(pth), "path": pth,
+                              "lines": [], "ok": True} for pth in paths[:ROUND_IMAGES]]
+                    galleries.append({"title": f"round {label}: {key.replace('_', ' ')}",
+                                      "cards": cards, "more": max(0, len(paths) - ROUND_IMAGES)})
+        s.data = {"cols": cols, "rows": table, "galleries": galleries}
+        if not rows:
+            s.note = "rounds.json lists no rounds."
+
+    def _section_label_issues(self, s: Section) -> None:
+        with open(self.run.path / "label_issues.csv", newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        cards = []
+        for r in rows[:LABEL_ISSUES]:
+            path = r.get("path") or ""
+            if not path and r.get("index", "").isdigit() and int(r["index"]) < len(self.p.paths):
+                path = self.p.paths[int(r["index"])]
+            lines = [f"given: {r.get('given', '?')}", f"suggested: {r.get('suggested', '?')}"]
+            if r.get("score"):
+                lines.append(f"score {float(r['score']):.3f}")
+            cards.append({"src": self.thumb(path) if path else None, "name": _short_path(path),
+                          "path": path, "lines": lines, "ok": False})
+        s.data = {"cards": cards, "total": len(rows)}
+        if not rows:
+            s.note = "label_issues.csv lists no suspects."
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers
+
+
+def _confident_right(p, k: int) -> list[int]:
+    """Up to k correct images: the most confident of each class in turn."""
+    correct = np.flatnonzero(p.correct)
+    if not correct.size:
+        return []
+    conf = p.probs.max(axis=1)
+    if p.multi_label:
+        order = correct[np.argsort(-conf[correct], kind="stable")]
+        return order[:k].tolist()
+    picked = []
+    for j in range(p.n_classes):
+        mine = correct[p.targets[correct] == j]
+        if mine.size:
+            picked.append(int(mine[np.argmax(conf[mine])]))
+    picked.sort(key=lambda i: -conf[i])
+    return picked[:k]
+
+
+def _counts_figure(classes: list[str], splits: list[str], counts: dict):
+    import matplotlib.pyplot as plt
+
+    shown = classes[:60]
+    fig, ax = plt.subplots(figsize=(min(12, 2 + 0.28 * len(shown) * max(1, len(splits)) ** 0.5), 3.2))
+    width = 0.8 / max(1, len(splits))
+    x = np.arange(len(shown))
+    for k, sp in enumerate(splits):
+        ax.bar(x + (k - (len(splits) - 1) / 2) * width, [counts[sp].get(c, 0) for c in shown],
+               width=width, label=sp)
+    ax.set_xticks(x, shown, rotation=90 if len(shown) > 8 else 0, fontsize=8)
+    ax.set(ylabel="images", title="Images per class" +
+           (f" (first {len(shown)} of {len(classes)} classes)" if len(shown) < len(classes) else ""))
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    return fig
+
+
+def _resize(arr: np.ndarray, side: int):
+    from PIL import Image
+
+    img = Image.fromarray(arr)
+    img.thumbnail((side, side), Image.Resampling.LANCZOS)
+    return img
+
+
+def _jpeg_uri(img) -> str:
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, format="JPEG", quality=82, optimize=True)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _short_path(path: str, keep: int = 2) -> str:
+    parts = Path(path).parts
+    return "/".join(parts[-keep:]) if parts else ""
+
+
+def _heat(v: float, diagonal: bool) -> str:
+    """Background colour of a row-normalised confusion cell."""
+    alpha = min(1.0, 0.08 + 0.8 * v) if v > 0 else 0.0
+    rgb = "37, 99, 235" if diagonal else "220, 38, 38"
+    return f"rgba({rgb}, {alpha:.2f})"
+
+
+def _fmt(v) -> str:
+    """A table cell: floats to 3 decimals (or 3 significant digits when tiny), NaN/None as a dash."""
+    if v is None or (isinstance(v, float) and not np.isfinite(v)):
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.3g}" if v != 0 and abs(v) < 1e-2 else f"{v:.3f}"
+    return str(v)
+
+
+def _describe(v) -> str:
+    if isinstance(v, dict):
+        parts = []
+        for k, x in v.items():
+            if k == "digest":
+                continue
+            if isinstance(x, list):
+                x = ", ".join("/".join(i) if isinstance(i, list) else str(i) for i in x[:6]) + (
+                    " …" if len(x) > 6 else "")
+            parts.append(f"{k}: {x}")
+        return "; ".join(parts)
+    return str(v)
+
+
+def _image_paths(value) -> list[str]:
+    from imgclf.data.images import IMAGE_EXTENSIONS
+
+    items = value if isinstance(value, list) else []
+    out = []
+    for it in items:
+        path = it.get("path") if isinstance(it, dict) else it
+        if isinstance(path, str) and Path(path).suffix.lower() in IMAGE_EXTENSIONS:
+            out.append(path)
+    return out
+
+
+def _bundle_arch(run: Run) -> str | None:
+    meta = _read_json(run.bundle_path / "model.json")
+    return meta.get("arch") if isinstance(meta, dict) else None
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _read_yaml(path: Path) -> dict:
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from imgclf import evaluation, models, preflight
+from imgclf import distributed, evaluation, models, preflight
 from imgclf.bundle import Bundle, find_bundle, save_bundle
 from imgclf.bundle import load as load_bundle
 from imgclf.config import TrainConfig
@@ -136,7 +136,7 @@ def _load_best(run_dir: Path) -> training.Best:
 
 
 def train(data: str | Path | None = None, *, config: TrainConfig | None = None,
-          resume: str | Path | None = None, console=None, **options) -> Run:
+          resume: str | Path | None = None, console=None, **options) -> Run | None:
     """Train a classifier and write a run directory.
 
     Args:
@@ -147,7 +147,8 @@ def train(data: str | Path | None = None, *, config: TrainConfig | None = None,
         **options: Any `TrainConfig` field, e.g. `epochs=3, model="resnet18"`.
 
     Returns:
-        The run, whose `load()` gives the bundle.
+        The run, whose `load()` gives the bundle; None in the other processes of a
+        multi-process (DDP) run, where only global rank 0 writes the run directory.
     """
     console = _console(console)
     _set_threads()
@@ -174,6 +175,17 @@ def train(data: str | Path | None = None, *, config: TrainConfig | None = None,
         if not cfg.data:
             raise ImgclfError("no data given: pass a folder of images, e.g. `imgclf train photos/`")
         run_dir = None
+    if cfg.threshold_metric not in evaluation.THRESHOLD_METRICS:
+        # checked now, not when the search runs after the whole training
+        raise ImgclfError(f"--threshold-metric {cfg.threshold_metric!r} is not one of "
+                          f"{' | '.join(evaluation.THRESHOLD_METRICS)}")
+    rank_zero = distributed.is_rank_zero(cfg.num_nodes)
+    if distributed.wants_several_processes(cfg):
+        distributed.share_cores(cfg)
+    if not rank_zero:
+        from rich.console import Console
+
+        console = Console(stderr=True, quiet=True)  # rank 0 speaks for the run
 
     import lightning.pytorch as L
 
@@ -186,14 +198,21 @@ def train(data: str | Path | None = None, *, config: TrainConfig | None = None,
     model = models.create_model(cfg.model, len(table.classes), pretrained=cfg.pretrained,
                                 weights=cfg.weights)
     pre = Preprocess.from_model_cfg(model.pretrained_cfg, size=cfg.size)
-    if run_dir is None:
+    if run_dir is None and rank_zero:
         run_dir = new_run_dir(cfg.out, cfg.name, cfg.data)
         cfg.name = run_dir.name
         cfg.to_yaml(run_dir / "config.yaml")
+    elif run_dir is None:
+        # Lightning's launcher starts the other ranks with rank 0's environment, which names
+        # the run; under torchrun or SLURM they never need it (rank 0 alone writes).
+        run_dir = Path(os.environ.get(distributed.RUN_DIR_ENV) or _scratch_run_dir())
+    if rank_zero and distributed.wants_several_processes(cfg):
+        os.environ[distributed.RUN_DIR_ENV] = str(run_dir)
     console.print(f"Run directory: [bold]{run_dir}[/]")
     prep = prepare_data(cfg, pre, console, table=table)
-    atomic_write_json(run_dir / "data_summary.json",
-                      {"summary": prep.summary.to_dict(), "checks": prep.report.to_dict()})
+    if rank_zero:
+        atomic_write_json(run_dir / "data_summary.json",
+                          {"summary": prep.summary.to_dict(), "checks": prep.report.to_dict()})
     fit_data = _datasets(prep, pre)
     task = prep.task
 
@@ -205,6 +224,8 @@ def train(data: str | Path | None = None, *, config: TrainConfig | None = None,
     best = _load_best(run_dir) if resumable else training.Best()
 
     def on_row(row: training.EpochRow, improved: bool) -> None:
+        if not rank_zero:
+            return
         write_rows_csv(run_dir / "metrics.csv", [r.to_dict() for r in rows])
         if improved:
             _save_best(run_dir, best)
@@ -214,11 +235,19 @@ def train(data: str | Path | None = None, *, config: TrainConfig | None = None,
                   f"{len(task.classes)} classes)")
     result = training.fine_tune(model, task, pre, fit_data, cfg, run_dir, on_row, rows=rows,
                                 best=best, resume=state, console=console)
+    if not rank_zero:
+        return None
     if result.best.probs is None:
         raise ImgclfError("training stopped before any epoch finished: nothing to save; "
                           f"resume with `imgclf train --resume {run_dir}`")
     finish_run(run_dir, cfg, model, task, pre, prep, result, console)
     return Run(run_dir)
+
+
+def _scratch_run_dir() -> str:
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="imgclf-rank-")
 
 
 def _row_fields(r: dict) -> dict:
@@ -264,7 +293,9 @@ def finish_run(run_dir: Path, cfg: TrainConfig, model, task: Task, pre: Preproce
         thresholds = search.thresholds
         preds = dataclasses.replace(preds, thresholds=thresholds)
         atomic_write_json(run_dir / "thresholds.json", search.to_dict())
-        console.print(f"Decision thresholds: {search.reason}")
+        _print_threshold_search(search, list(task.classes), console)
+    # Multi-label: every number below is at the tuned thresholds (the best epoch itself was
+    # picked at 0.5, before any threshold existed).
     scores = evaluation.metrics(preds)
     preds.to_csv(run_dir / "predictions.csv")
     n_train = len(prep.table.split(TRAIN))
@@ -292,6 +323,14 @@ def finish_run(run_dir: Path, cfg: TrainConfig, model, task: Task, pre: Preproce
         summary["threshold"] = float(search.global_threshold)
         summary["thresholds"] = {c: float(t) for c, t in zip(task.classes, thresholds)}
         summary["threshold_kept"] = search.kept
+        summary["threshold_metric"] = search.metric
+        summary["threshold_reason"] = search.reason
+        summary["per_class_thresholds_candidate"] = {
+            c: float(t) for c, t in zip(task.classes, search.per_class_thresholds)}
+        at_half = evaluation.multi_label_metrics(preds, thresholds=0.5)
+        summary["valid_at_threshold_0.5"] = {
+            k: at_half[k] for k in ("hamming_accuracy", "zero_one_accuracy", "f1_micro",
+                                    "f1_macro")}
     atomic_write_json(run_dir / "metrics.json", summary)
     save_bundle(run_dir / "model", model, cfg.model, list(task.classes), task.multi_label, pre,
                 thresholds=None if thresholds is None else [float(t) for t in thresholds],
@@ -306,6 +345,9 @@ def finish_run(run_dir: Path, cfg: TrainConfig, model, task: Task, pre: Preproce
         plots.save(plots.lr_find(result.lr_find["lrs"], result.lr_find["losses"], result.lr),
                    plots_dir / "lr_find.png")
         atomic_write_json(run_dir / "lr_find.json", result.lr_find)
+    if search is not None:
+        plots.save(plots.threshold_curves(search, list(task.classes)),
+                   plots_dir / "threshold_curves.png")
     if not task.multi_label:
         cm = evaluation.confusion(preds)
         plots.save(plots.confusion(cm, list(task.classes)), plots_dir / "confusion.png")
@@ -313,6 +355,19 @@ def finish_run(run_dir: Path, cfg: TrainConfig, model, task: Task, pre: Preproce
                    plots_dir / "confusion_normalized.png")
     write_report(run_dir, console)
     _print_verdict(summary, task, run_dir, console)
+
+
+def _print_threshold_search(search: evaluation.ThresholdSearch, classes: list[str],
+                            console) -> None:
+    """Both candidates of the multi-label threshold search, which was kept and why."""
+    words = {"zero_one": "exact-match accuracy", "hamming": "Hamming accuracy",
+             "f1_macro": "macro F1"}[search.metric]
+    per = ", ".join(f"{c} {t:.2f}" for c, t in zip(classes, search.per_class_thresholds))
+    console.print(f"Decision thresholds maximising validation {words}: global "
+                  f"{search.global_threshold:.2f} -> {search.global_score:.4f}; per-class "
+                  f"({per}) -> {search.per_class_score:.4f} (chosen and scored on the same "
+                  "images)", highlight=False)
+    console.print(search.reason, highlight=False)
 
 
 def write_report(run_dir: Path, console) -> Path | None:
@@ -379,6 +434,10 @@ def evaluate(target: str | Path, data: str | Path | None = None, *, out: str | P
         out_dir = Path(out) if out else run_dir
         cache = _cache_dir(cfg)
     else:
+        if bundle.multi_label and source_options.get("csv") and \
+                source_options.get("multi_label") is None:
+            # a labels file where no image has two labels would otherwise read as single-label
+            source_options["multi_label"] = True
         cfg = dataclasses.replace(TrainConfig(), data=str(data), **source_options)
         table = load_table(cfg)
         samples = table.samples
@@ -456,15 +515,22 @@ def _print_evaluation(result: dict, bundle: Bundle, console) -> None:
         line = "  ".join(f"{k}={t[k]:.4f}" for k in head if t.get(k) is not None)
         console.print(f"[bold]with TTA ({t['views']} views)[/]  {line}")
     per = result.get("per_class") or {}
-    table = Table(title="Per class" + (" (at the bundle's thresholds)" if bundle.multi_label
-                                       else ""))
+    title = "Per class"
+    if bundle.multi_label:
+        title += (" at the bundle's thresholds (tuned on validation)" if bundle.thresholds
+                  else " at threshold 0.5 (the bundle has no tuned thresholds)")
+    table = Table(title=title)
     for col in ["class", "precision", "recall", "f1", "support"] + (
-            ["ap"] if bundle.multi_label else []):
+            ["ap", "threshold"] if bundle.multi_label else []):
         table.add_column(col, justify="left" if col == "class" else "right")
-    for c, m in per.items():
-        table.add_row(c, *[f"{m[k]:.3f}" if isinstance(m.get(k), float) else str(m.get(k))
-                           for k in ["precision", "recall", "f1", "support"] +
-                           (["ap"] if bundle.multi_label else [])])
+    thresholds = result.get("thresholds") or []
+    for j, (c, m) in enumerate(per.items()):
+        cells = [f"{m[k]:.3f}" if isinstance(m.get(k), float) else str(m.get(k))
+                 for k in ["precision", "recall", "f1", "support"] +
+                 (["ap"] if bundle.multi_label else [])]
+        if bundle.multi_label:
+            cells.append(f"{thresholds[j]:.2f}" if j < len(thresholds) else "")
+        table.add_row(c, *cells)
     if len(per) <= 60:
         console.print(table)
     for a, p, n in result.get("most_confused", [])[:10]:

@@ -56,6 +56,10 @@ def train(
     out_dir: Path = typer.Option(Path("runs"), "--out", help="Folder for run directories."),
     name: Optional[str] = typer.Option(None, help="Run directory name."),
     resume: Optional[Path] = typer.Option(None, help="Continue an interrupted run directory."),
+    accelerator: str = typer.Option("auto", help="auto | cpu | gpu | ... (Lightning accelerator)."),
+    devices: str = typer.Option("auto", help="Devices per machine: auto, a count, or a list like 0,1."),
+    num_nodes: int = typer.Option(1, help="Machines taking part (see README: multi-node)."),
+    strategy: str = typer.Option("auto", help="auto | ddp | ... (Lightning strategy)."),
 ):
     """Train a classifier on labelled images and write a run directory."""
     from imgclf import api
@@ -74,7 +78,9 @@ def train(
         balance=balance,
         precision=precision, workers=workers, cache_dir=cache_dir, deterministic=deterministic,
         checkpoint_every=checkpoint_every, threshold_metric=threshold_metric, out=str(out_dir),
-        name=name)
+        name=name, accelerator=accelerator,
+        devices=int(devices) if devices.isdigit() else devices, num_nodes=num_nodes,
+        strategy=strategy)
     api.train(config=cfg, resume=resume, console=console)
 
 
@@ -91,6 +97,8 @@ def evaluate(
     data: Optional[Path] = typer.Argument(None, help="Other labelled images (default: the run's validation set)."),
     csv: Optional[Path] = typer.Option(None, help="Labels CSV for DATA."),
     label_pattern: Optional[str] = typer.Option(None, help="Regex giving the label from the file name."),
+    label_delim: str = typer.Option(" ", help="Separator of several labels in one CSV cell."),
+    label_cols: Optional[str] = typer.Option(None, help="One-hot label columns (comma-separated) or 'auto'."),
     tta: int = typer.Option(0, help="Augmented views to add (test-time augmentation)."),
     batch_size: int = typer.Option(32),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder for the results."),
@@ -99,7 +107,8 @@ def evaluate(
     from imgclf import api
 
     options = {k: v for k, v in {"csv": str(csv) if csv else None,
-                                 "label_pattern": label_pattern}.items() if v}
+                                 "label_pattern": label_pattern, "label_cols": label_cols,
+                                 "label_delim": label_delim if csv else None}.items() if v}
     api.evaluate(run, data, out=out_dir, tta=tta, batch_size=batch_size, console=console,
                  **options)
 
@@ -119,6 +128,10 @@ def predict(
 
     bundle = api.load(model)
     result = bundle.predict(paths, batch_size=batch_size, tta=tta, threshold=threshold)
+    if bundle.multi_label:
+        from imgclf.predict import describe_thresholds
+
+        console.print(describe_thresholds(bundle, threshold), highlight=False)
     for p, reason in result.errors.items():
         console.print(f"[yellow]skipped[/] {reason if str(p) in reason else f'{p}: {reason}'}")
     tops = result.top_k(top_k)
@@ -140,7 +153,7 @@ def predict(
 @app.command()
 def demo(
     out_dir: Path = typer.Option(Path("runs"), "--out", help="Folder for the demo run."),
-    epochs: int = typer.Option(3, help="Epochs."),
+    epochs: int = typer.Option(8, help="Epochs."),
 ):
     """Train on a small built-in data set (scikit-learn's digits) and print where the report is."""
     from imgclf.demo import run_demo
@@ -248,6 +261,46 @@ def serve(
                            max_pixels=max_pixels, max_files=max_files, max_batch=max_batch,
                            timeout=timeout, threads=threads),
                host=host, port=port, workers=workers, console=console)
+
+
+@app.command()
+def mine(
+    run: Path = typer.Argument(..., help="Run directory of a trained model."),
+    pool: Optional[Path] = typer.Option(None, help="Folder of unlabelled images that contain none of the classes."),
+    per_round: Optional[int] = typer.Option(None, help="Hard negatives added per round [default: 10]."),
+    rounds: Optional[int] = typer.Option(None, help="Mining rounds after round 0 [default: 3]."),
+    epochs: Optional[int] = typer.Option(None, help="Fine-tuning epochs per round [default: 2]."),
+    initial: Optional[int] = typer.Option(None, help="Pool images seeding a new negative class in round 0 [default: --per-round]."),
+    negative_label: Optional[str] = typer.Option(None, help="Name of the negative class [default: negative]."),
+    valid_negatives: Optional[Path] = typer.Option(None, help="Held-out negatives (then the whole pool is mined)."),
+    pool_valid_pct: Optional[float] = typer.Option(None, help="Pool fraction held out for validation [default: 0.2]."),
+    patience: Optional[int] = typer.Option(None, help="Stop after this many rounds without improvement [default: 2]."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate per round [default: the run's]."),
+    freeze_epochs: Optional[int] = typer.Option(None, help="Head-only epochs before each round's fine-tuning [default: 0]."),
+    batch_size: Optional[int] = typer.Option(None, help="Images per forward pass when scoring [default: 64]."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the pool split and training [default: the run's]."),
+    resume: bool = typer.Option(False, help="Continue an interrupted mining (rerunning the command does too)."),
+    restart: bool = typer.Option(False, help="Undo earlier mining of RUN and start over."),
+):
+    """Hard negative mining: add a negative class and train on the pool's most confident mistakes."""
+    from imgclf.mining import mine as mine_run
+
+    mine_run(run, pool, per_round=per_round, rounds=rounds, epochs=epochs, initial=initial,
+             negative_label=negative_label, valid_negatives=valid_negatives,
+             pool_valid_pct=pool_valid_pct, patience=patience, lr=lr, freeze_epochs=freeze_epochs,
+             batch_size=batch_size, seed=seed, resume=resume, restart=restart, console=console)
+
+
+@app.command()
+def report(
+    run: Path = typer.Argument(..., help="Run directory."),
+    heatmaps: bool = typer.Option(True, "--heatmaps/--no-heatmaps", help="Draw Grad-CAM heatmaps (loads the model)."),
+):
+    """Rebuild report.html and the PNGs in plots/ of a run."""
+    from imgclf.report.html import write_report
+
+    path = write_report(run, console=console, heatmaps=heatmaps)
+    console.print(f"Report: [bold]{path}[/]")
 
 
 def main() -> None:

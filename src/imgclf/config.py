@@ -49,6 +49,10 @@ class TrainConfig:
         threshold_metric: Multi-label metric the decision threshold maximises.
         out: Folder that holds run directories.
         name: Run directory name (default: derived from the data folder and time).
+        accelerator: Lightning accelerator for the unfrozen stage: "auto", "cpu", "gpu", ...
+        devices: Devices per machine: "auto", a count, or a list such as "0,1".
+        num_nodes: Machines taking part (multi-node runs are started by torchrun or SLURM).
+        strategy: Lightning strategy: "auto", "ddp", ... (ddp starts one process per device).
     """
 
     data: str = ""
@@ -83,6 +87,10 @@ class TrainConfig:
     threshold_metric: str = "zero_one"
     out: str = "runs"
     name: str | None = None
+    accelerator: str = "auto"
+    devices: int | str = "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"
     extra: dict = field(default_factory=dict)
 
     def to_yaml(self, path: Path) -> None:

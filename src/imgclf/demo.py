@@ -33,18 +33,18 @@ def make_digits_folder(root: str | Path, per_class: int = 40, side: int = 48, se
     return root
 
 
-def run_demo(out: str | Path = "runs", epochs: int = 3, console=None):
+def run_demo(out: str | Path = "runs", epochs: int = 8, console=None):
     """Build the digits folder, train a small model from scratch, print where the results are."""
     from imgclf import api
 
     out = Path(out)
-    data = make_digits_folder(out / "demo-data")
+    data = make_digits_folder(out / "demo-data", per_class=60)
     if console is not None:
         console.print(f"Demo data: {data} (scikit-learn digits as class folders)")
     run = api.train(data, out=str(out), name=None, model="resnet10t", pretrained=False,
                     size=64, epochs=epochs, freeze_epochs=0, lr=3e-3, batch_size=32,
                     console=console)
     if console is not None:
-        console.print(f"\nReport: [bold]{run.report_path}[/]\nBundle: {run.bundle_path}\n"
-                      f"Try:    imgclf predict {run.path} {data}/seven/000.png")
+        console.print(f"\nOpen the report in a browser: [bold]{run.report_path}[/]\n"
+                      f"Predict with the bundle:  imgclf predict {run.path} {data}/seven/000.png")
     return run

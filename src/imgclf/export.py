@@ -213,9 +213,11 @@ def _onnx_bytes(wrapper: nn.Module, example: torch.Tensor, opset: int, dynamic_b
 def _torchscript_bytes(wrapper: nn.Module, example: torch.Tensor):
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
+        # torch.jit is deprecated in favour of torch.export, but TorchScript is what C++
+        # (libtorch) and mobile deployments load today.
         module = torch.jit.trace(wrapper, (example,), check_trace=False)
-    buf = io.BytesIO()
-    torch.jit.save(module, buf)
+        buf = io.BytesIO()
+        torch.jit.save(module, buf)
     return buf.getvalue(), module
 
 

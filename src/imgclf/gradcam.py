@@ -68,40 +68,72 @@ def grad_cam(
     pre: Preprocess,
     classes: list[int] | None = None,
     multi_label: bool = False,
+    layer: nn.Module | None = None,
 ) -> tuple[list[int], list[np.ndarray], np.ndarray]:
     """Grad-CAM maps of several classes for one image, from a single forward pass.
 
     Args:
-        model: A timm classifier (anything with `forward_features` and `forward_head`).
+        model: A timm classifier (anything with `forward_features` and `forward_head`), or any
+            classifier when `layer` is given.
         view: The evaluation view, uint8 [3, S, S] (see `eval_view`).
         pre: Preprocessing, for the normalisation statistics.
         classes: Class indices to explain; None explains the most probable class.
         multi_label: Probabilities by sigmoid instead of softmax.
+        layer: Module whose output is the feature map. Default: the output of
+            `forward_features`; for transformers that classify from a class token, the input of
+            the last block (the final tokens carry no gradient there); for models without
+            `forward_features`, the last convolution.
 
     Returns:
         The classes explained; one map per class in [0, 1], float32 [S, S], upsampled from the
         feature map; and the class probabilities [C] of this view.
     """
+    layer = layer if layer is not None else default_layer(model)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     x = normalize(torch.from_numpy(np.ascontiguousarray(view))[None].to(device), pre.mean, pre.std)
     try:
-        with torch.no_grad():
-            feats = model.forward_features(x.float())
-        feats = feats.detach().float().requires_grad_(True)
         with torch.enable_grad():
-            logits = model.forward_head(feats).float()
+            if layer is None:
+                # Only the head needs autograd: the body runs once without building a graph.
+                with torch.no_grad():
+                    feats = model.forward_features(x)
+                feats = feats.detach().float().requires_grad_(True)
+                logits = model.forward_head(feats).float()
+            else:
+                captured: list[torch.Tensor] = []
+                handle = layer.register_forward_hook(lambda m, i, o: captured.append(o))
+                try:
+                    # The input requires grad so that a graph is built even for frozen weights.
+                    logits = model(x.requires_grad_(True)).float()
+                finally:
+                    handle.remove()
+                feats = captured[-1]
             if classes is None:
                 classes = [int(logits[0].argmax())]
             maps = []
             for i, c in enumerate(classes):
                 (grad,) = torch.autograd.grad(logits[0, c], feats, retain_graph=i < len(classes) - 1)
-                maps.append(_cam(feats.detach(), grad, model, view.shape[-2:]))
+                maps.append(_cam(feats.detach().float(), grad.float(), model, view.shape[-2:]))
         probs = torch.sigmoid(logits) if multi_label else torch.softmax(logits, -1)
     finally:
         model.train(was_training)
     return list(classes), maps, probs[0].detach().cpu().numpy()
+
+
+def default_layer(model: nn.Module) -> nn.Module | None:
+    """The layer Grad-CAM reads when none is given (None: the output of `forward_features`)."""
+    if not hasattr(model, "forward_features") or not hasattr(model, "forward_head"):
+        convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+        if not convs:
+            raise ValueError("cannot find a feature map: pass the layer to explain")
+        return convs[-1]
+    blocks = getattr(model, "blocks", None)
+    if getattr(model, "global_pool", None) in ("token", "map") and blocks is not None and len(blocks):
+        last = blocks[-1]
+        return getattr(last, "norm1", last)
+    return None
 
 
 def _cam(feats: torch.Tensor, grad: torch.Tensor, model: nn.Module, size) -> np.ndarray:
@@ -137,8 +169,8 @@ def _as_nchw(t: torch.Tensor, model: nn.Module) -> torch.Tensor:
 def overlay(view: np.ndarray, cam: np.ndarray, alpha: float = 0.5, cmap: str = "jet") -> np.ndarray:
     """Blend a [0, 1] map over an image as a colour heat map.
 
-    The map's colour is weighted by the map itself, so regions without activation keep their
-    original pixels instead of being tinted blue.
+    The colour's opacity grows with the map, so regions without activation stay close to their
+    original pixels (lightly tinted) and the hot regions stand out.
 
     Args:
         view: uint8 [S, S, 3] or [3, S, S].

@@ -148,6 +148,9 @@ def predict_files(bundle, paths, batch_size: int = 32, tta: int | None = None, t
         cache_dir: Decode cache folder (None: no disk cache for prediction).
         progress: Show a progress bar while decoding.
     """
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise ImgclfError(f"--threshold {threshold:g} is not a probability: pass a number "
+                          "from 0 to 1")
     files = expand_paths(list(paths) if not isinstance(paths, (str, Path)) else [paths])
     images, errors, _ = decode_all(files, bundle.preprocess, cache_dir, progress=progress)
     tta_cfg = bundle.tta or {}
@@ -160,3 +163,16 @@ def predict_files(bundle, paths, batch_size: int = 32, tta: int | None = None, t
         paths=images.paths, probs=probs, classes=bundle.classes, multi_label=bundle.multi_label,
         thresholds=bundle.decision_thresholds(threshold) if bundle.multi_label else None,
         errors=errors)
+
+
+def describe_thresholds(bundle, override: float | None = None) -> str:
+    """One line saying which multi-label decision thresholds `predict` applies, and from where."""
+    if override is not None:
+        return f"Threshold {override:g} for every class (--threshold overrides the bundle's)"
+    if bundle.thresholds is None:
+        return "Threshold 0.5 for every class (the bundle has no tuned thresholds)"
+    values = [float(t) for t in bundle.thresholds]
+    if len(set(values)) == 1:
+        return f"Threshold {values[0]:g} for every class (tuned on validation)"
+    per = ", ".join(f"{c} {t:g}" for c, t in zip(bundle.classes, values))
+    return f"Per-class thresholds tuned on validation: {per}"

@@ -21,6 +21,7 @@ import time
 import lightning.pytorch as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import Dataset, Sampler
 
 _MASK64 = (1 << 64) - 1
@@ -172,3 +173,17 @@ class ResumeState(L.Callback):
         # position cannot be restored; the epoch restarts from a fresh pass instead.
         if self.sampler is not None and self._world_size == 1:
             self.sampler.resume_at(self.epoch, self.batches * self.batch_size)
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """`ModelCheckpoint` every N steps, except on an epoch's last step.
+
+    Lightning treats a checkpoint taken after an epoch's last step as the end of that epoch, so
+    resuming from it would skip the epoch's validation; the epoch-end checkpoint, written right
+    after validation, covers that point instead.
+    """
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            return
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)

@@ -25,10 +25,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from imgclf import evaluation, models
+from imgclf import distributed, evaluation, models
 from imgclf.data.transforms import Preprocess, normalize
 from imgclf.io import atomic_write_json
-from imgclf.resume import ResumableSampler, ResumeState, SeededDataset
+from imgclf.resume import ResumableSampler, ResumeState, SeededDataset, StepCheckpoint
 from imgclf.tasks import Task
 
 log = logging.getLogger("imgclf")
@@ -119,6 +119,7 @@ class ClassifierModule(L.LightningModule):
         self.batch_transform = batch_transform
         self._val_logits: list[torch.Tensor] = []
         self._val_targets: list[torch.Tensor] = []
+        self._val_index: list[torch.Tensor] = []
         self.last_val: tuple[np.ndarray, np.ndarray] | None = None
         self.last_metrics: dict[str, float] = {}
 
@@ -139,16 +140,19 @@ class ClassifierModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch, batch_idx):
-        x, y = batch
+        # Batches may carry each image's dataset position (distributed.IndexedDataset).
+        x, y = batch[0], batch[1]
         # Validation always runs in float32, as `predict` does, so the numbers it reports are
         # exactly what the saved bundle reproduces.
         with torch.autocast(device_type=self.device.type, enabled=False):
             logits = self(x.float() if self.preprocess is None else x).float()
         self._val_logits.append(logits.detach())
         self._val_targets.append(y.detach())
+        if len(batch) > 2:
+            self._val_index.append(batch[2].detach())
 
     def on_validation_epoch_start(self) -> None:
-        self._val_logits, self._val_targets = [], []
+        self._val_logits, self._val_targets, self._val_index = [], [], []
 
     def on_validation_epoch_end(self) -> None:
         logits = torch.cat(self._val_logits) if self._val_logits else torch.zeros(0)
@@ -156,6 +160,13 @@ class ClassifierModule(L.LightningModule):
         if self.trainer.world_size > 1:
             logits = _gather_uneven(self, logits)
             targets = _gather_uneven(self, targets)
+            if self._val_index:
+                # Shards interleave the images and pad with repeats: restore the dataset's
+                # order, once per image, so metrics and predictions.csv cover the whole set.
+                from imgclf.distributed import restore_order
+
+                index = _gather_uneven(self, torch.cat(self._val_index))
+                logits, targets = restore_order(index, logits, targets)
         probs = self.task.activate(logits).cpu().numpy()
         y = self.task.targets_numpy(targets)
         scores = evaluation.metrics(evaluation.Predictions(
@@ -169,6 +180,9 @@ class ClassifierModule(L.LightningModule):
             self.log(k, v, prog_bar=k in ("valid_loss", self.task.monitor), sync_dist=False)
 
     def configure_optimizers(self):
+        if self.trainer.world_size > 1:
+            # Only rank 0 ran the learning-rate finder; every rank must step with its rates.
+            self.lrs = self.trainer.strategy.broadcast(list(self.lrs), src=0)
         param_groups = [{"params": [p for p in g if p.requires_grad], "lr": lr}
                         for g, lr in zip(self.groups, self.lrs)]
         param_groups = [g for g in param_groups if g["params"]]
@@ -231,6 +245,10 @@ class History(L.Callback):
         seconds = time.perf_counter() - self._t0
         if self.progress is not None:
             train_loss, seconds = self.progress.mean_loss(), self.progress.seconds()
+        if trainer.world_size > 1 and train_loss is not None:
+            # Each rank saw its own shard: the epoch's loss is their mean.
+            train_loss = trainer.strategy.reduce(
+                torch.as_tensor(float(train_loss), device=pl_module.device), reduce_op="mean")
         lr = trainer.optimizers[0].param_groups[-1]["lr"] if trainer.optimizers else float("nan")
         row = EpochRow(
             epoch=self._offset + trainer.current_epoch, stage=self.stage, lr=float(lr),
@@ -461,10 +479,10 @@ def make_trainer(epochs: int, precision: str, callbacks: list, cfg, root: Path |
     extra = dict(cfg.extra or {})
     return L.Trainer(
         max_epochs=epochs,
-        accelerator=extra.get("accelerator", "auto"),
-        devices=extra.get("devices", devices),
-        num_nodes=int(extra.get("num_nodes", 1)),
-        strategy=extra.get("strategy", "auto"),
+        accelerator=extra.get("accelerator", getattr(cfg, "accelerator", "auto")),
+        devices=extra.get("devices", getattr(cfg, "devices", devices)),
+        num_nodes=int(extra.get("num_nodes", getattr(cfg, "num_nodes", 1))),
+        strategy=extra.get("strategy", getattr(cfg, "strategy", "auto")),
         precision=precision,
         callbacks=callbacks,
         logger=False,
@@ -544,12 +562,16 @@ def fine_tune(
     weight = (balance.class_weights(data.y_train, len(task.classes))
               if data.balance in ("weights", "sampler") else None)
 
+    # Under DDP every process runs this function; only global rank 0 caches features, runs the
+    # LR finder, trains the frozen head and writes state (see imgclf.distributed).
+    rank_zero = distributed.is_rank_zero(int(getattr(cfg, "num_nodes", 1)))
+
     def save_state(stage: str) -> None:
-        if ckpt_dir:
+        if ckpt_dir and rank_zero:
             atomic_write_json(ckpt_dir / "state.json",
                               {"stage": stage, "lr": lr, "lr_find": lr_find_info})
 
-    if frozen and resume.get("stage") not in ("unfrozen", "done"):
+    if frozen and resume.get("stage") not in ("unfrozen", "done") and rank_zero:
         # The frozen stage has no checkpoint of its own: after a kill it runs again from the
         # start (its rows too), which gives the same head since it is seeded throughout.
         rows.clear()
@@ -590,7 +612,7 @@ def fine_tune(
                             default_root_dir=_scratch_dir())
         trainer.fit(module, feat_loader, valid_feat_loader)
         interrupted = trainer.interrupted
-        if ckpt_dir and not interrupted:
+        if ckpt_dir and not interrupted and rank_zero:
             # The unfrozen stage starts from this head; keep it until its first checkpoint.
             save_tensors(ckpt_dir / HEAD_FILE, head.state_dict())
             save_state("unfrozen")
@@ -628,16 +650,18 @@ def fine_tune(
                 dirpath=str(ckpt_dir), filename="last", save_last=False, save_top_k=-1,
                 every_n_epochs=1, save_on_train_epoch_end=True, enable_version_counter=False))
             if cfg.checkpoint_every:
-                callbacks.append(ModelCheckpoint(
+                callbacks.append(StepCheckpoint(
                     dirpath=str(ckpt_dir), filename="last", save_top_k=-1,
                     every_n_train_steps=int(cfg.checkpoint_every), enable_version_counter=False))
         trainer = make_trainer(cfg.epochs, precision, callbacks, cfg, run_dir)
+        indexed_valid_loader = make_loader(distributed.IndexedDataset(data.valid), cfg.batch_size,
+                                           train=False, workers=cfg.workers)
         ckpt = ckpt_dir / "last.ckpt" if ckpt_dir and resume.get("stage") == "unfrozen" else None
         save_state("unfrozen")
         with warnings.catch_warnings():
             # Lightning cannot see that ResumableSampler continues mid-epoch; it can.
             warnings.filterwarnings("ignore", message=".*dataloader is not resumable.*")
-            trainer.fit(module, train_loader, valid_loader,
+            trainer.fit(module, train_loader, indexed_valid_loader,
                         ckpt_path=str(ckpt) if ckpt and ckpt.is_file() else None,
                         weights_only=True)
         interrupted = trainer.interrupted

@@ -121,3 +121,31 @@ def train_transform(size: int, min_scale: float = 0.35, flip: bool = True) -> v2
 def eval_transform(size: int):
     """The deterministic view used for validation and prediction."""
     return lambda x: center_crop(x, size)
+
+
+def image_stats(images: np.ndarray | list[np.ndarray], max_images: int = 500,
+                seed: int = 0) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std (0-1 scale) of a seeded sample of presized uint8 images."""
+    n = len(images)
+    idx = np.random.default_rng(seed).permutation(n)[:max_images]
+    total = np.zeros(3)
+    total_sq = np.zeros(3)
+    count = 0
+    for i in idx:
+        a = np.asarray(images[int(i)], dtype=np.float64).reshape(3, -1) / 255.0
+        total += a.sum(1)
+        total_sq += (a**2).sum(1)
+        count += a.shape[1]
+    mean = total / max(count, 1)
+    std = np.sqrt(np.maximum(total_sq / max(count, 1) - mean**2, 1e-12))
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
+def resized_eval_transform(size: int, presize: int, crop_pct: float):
+    """Validation view at a smaller stage size (progressive resizing): the same field of view as
+    the final size, at lower resolution."""
+    if size >= presize:
+        return lambda x: center_crop(x, size)
+    inner = max(size, int(round(size / crop_pct)))
+    resize = v2.Resize(inner, antialias=True)
+    return lambda x: center_crop(resize(x), size)

@@ -28,9 +28,9 @@ def _stage_bounds(rows: list[dict]) -> list[tuple[float, str]]:
         stage_changed = row.get("stage") != prev.get("stage")
         round_changed = row.get("round") not in (None, "") and row.get("round") != prev.get("round")
         if stage_changed or round_changed:
-            label = str(row.get("stage")) if stage_changed else ""
-            if round_changed:
-                label = f"{label} round {row['round']}".strip()
+            label = str(row.get("stage"))
+            if round_changed and "round" not in label:
+                label = f"{label} round {row['round']}"
             out.append((row["epoch"] - 0.5, label))
     return out
 
@@ -203,8 +203,10 @@ def calibration(cal: dict, multi_label: bool = False):
     filled = counts > 0
     ax.bar(centers[filled], acc[filled], width=width * 0.92, color="C0", alpha=0.8,
            label="observed")
-    ax.bar(centers[filled], conf[filled] - acc[filled], bottom=acc[filled], width=width * 0.92,
-           color="C3", alpha=0.25, hatch="//", label="gap to confidence")
+    # The gap is outlined, not filled, so the accuracy bar stays readable where they overlap.
+    lo, hi = np.minimum(acc, conf)[filled], np.maximum(acc, conf)[filled]
+    ax.bar(centers[filled], hi - lo, bottom=lo, width=width * 0.92, facecolor="none",
+           edgecolor="C3", hatch="///", lw=1, label="gap to mean confidence")
     ax.plot([0, 1], [0, 1], color="grey", ls="--", lw=1, label="perfect calibration")
     what = "label present" if multi_label else "prediction correct"
     ax.set(ylabel=f"fraction {what}", xlim=(0, 1), ylim=(0, 1.02),
@@ -360,7 +362,7 @@ def threshold_curves(search, classes: list[str] | None = None, max_classes: int 
             label=f"global t={g:.2f}: {d['global_score']:.3f}")
     ax.axvline(g, color="C3" if d["kept"] == "global" else "grey", ls="--", lw=1)
     ax.axhline(d["per_class_score"], color="C2", ls=":", lw=1.4,
-               label=f"per-class: {d['per_class_score']:.3f}")
+               label=f"per-class (in-sample): {d['per_class_score']:.3f}")
     ax.set(xlabel="threshold (all classes)", ylabel=metric, xlim=(0, 1),
            title=f"{metric}, kept {d['kept'].replace('_', '-')}")
     ax.title.set_fontsize(9)

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean bench-deps
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -22,6 +22,10 @@ demo: $(STAMP)
 # pytest exits 5 when no test was collected; that is a failure of the suite, not a pass.
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# Peers for benchmarks/peers.py (fastai); never needed by the tests.
+bench-deps: $(STAMP)
+	$(BIN)/pip install -r benchmarks/requirements.txt
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

@@ -138,14 +138,15 @@ def test_fold_table_validates_on_one_fold_and_leaves_test_alone():
 
 @pytest.fixture(scope="module")
 def tiny_cv(tmp_path_factory, color_data):
-    """`imgclf cv` on the shared colour data set (3 classes x 12), 3 folds, one epoch each."""
+    """`imgclf cv` on the shared colour data set (3 classes x 12), 2 folds, one epoch each."""
     from imgclf.cli import app
 
     tmp = tmp_path_factory.mktemp("cv")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("IMGCLF_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "imgclf-cache"))
+        mp.setattr(api, "write_report", lambda *a, **k: None)  # not under test; slow on 2 cores
         result = CliRunner().invoke(app, [
-            "cv", str(color_data), "--folds", "3", "--model", "test_efficientnet",
+            "cv", str(color_data), "--folds", "2", "--model", "test_efficientnet",
             "--no-pretrained", "--size", "32", "--epochs", "1", "--freeze-epochs", "0",
             "--lr", "0.01", "--batch-size", "8", "--workers", "0", "--out", str(tmp / "runs"),
             "--name", "cv"])
@@ -155,39 +156,46 @@ def tiny_cv(tmp_path_factory, color_data):
 
 def test_cv_writes_folds_summary_and_out_of_fold_predictions(tiny_cv):
     data, cv_dir = tiny_cv
-    assert sorted(p.name for p in cv_dir.glob("fold-*")) == ["fold-0", "fold-1", "fold-2"]
+    assert sorted(p.name for p in cv_dir.glob("fold-*")) == ["fold-0", "fold-1"]
     summary = json.loads((cv_dir / crossval.SUMMARY).read_text())
-    assert summary["folds"] == 3 and summary["images"] == 36
-    assert [r["fold"] for r in summary["per_fold"]] == [0, 1, 2]
+    assert summary["folds"] == 2 and summary["images"] == 36
+    assert [r["fold"] for r in summary["per_fold"]] == [0, 1]
     for name in ("accuracy", "balanced_accuracy", "f1_macro", "loss"):
         values = [r[name] for r in summary["per_fold"]]
-        assert summary["mean"][name] == pytest.approx(sum(values) / 3)
+        assert summary["mean"][name] == pytest.approx(sum(values) / 2)
         assert summary["std"][name] >= 0
     assert "balanced_accuracy" in summary["out_of_fold"]
 
     with open(cv_dir / crossval.OOF, newline="") as f:
         rows = list(csv.DictReader(f))
-    files = sorted(str(p) for p in data.rglob("*.jpg"))
+    files = sorted(str(p) for p in Path(data).rglob("*.jpg"))
     assert sorted(r["path"] for r in rows) == files  # every image exactly once
     assert {"prob_blue", "prob_green", "prob_red", "target", "predicted", "loss"} <= set(rows[0])
     for r in rows:
         assert sum(float(r[f"prob_{c}"]) for c in ("blue", "green", "red")) == pytest.approx(1, abs=1e-5)
     # The OOF fold of an image is the fold whose run validated it, and the fold's own
     # config.yaml reproduces that split.
-    for k in range(3):
+    for k in range(2):
         run_valid = {s.path for s in api.load_table(
             TrainConfig.from_yaml(cv_dir / f"fold-{k}" / "config.yaml")).split(VALID)}
         assert run_valid == {Path(r["path"]) for r in rows if int(r["fold"]) == k}
     preds, folds = crossval.read_oof(cv_dir / crossval.OOF)
-    assert len(preds.paths) == 36 and sorted(set(folds)) == [0, 1, 2]
+    assert len(preds.paths) == 36 and sorted(set(folds)) == [0, 1]
 
 
-def test_cv_resume_keeps_finished_folds(tiny_cv):
+def test_cv_resume_keeps_finished_folds_and_trains_missing_ones(tiny_cv, monkeypatch):
+    import shutil
+
     _, cv_dir = tiny_cv
-    before = (cv_dir / "fold-1" / "metrics.json").read_text()
+    monkeypatch.setattr(api, "write_report", lambda *a, **k: None)
+    before = (cv_dir / "fold-0" / "metrics.json").read_text()
+    oof_before = crossval.read_oof(cv_dir / crossval.OOF)[1]
+    shutil.rmtree(cv_dir / "fold-1")
     (cv_dir / crossval.SUMMARY).unlink()
     result = crossval.cross_validate(resume=cv_dir)
-    assert (cv_dir / "fold-1" / "metrics.json").read_text() == before  # not retrained
+    assert (cv_dir / "fold-0" / "metrics.json").read_text() == before  # not retrained
+    assert (cv_dir / "fold-1" / "metrics.json").is_file()  # retrained, in its own folder
     assert result.summary["images"] == 36 and (cv_dir / crossval.SUMMARY).is_file()
+    assert sorted(result.folds) == sorted(oof_before)  # the same folds again
     with pytest.raises(ImgclfError, match="not a cross-validation folder"):
         crossval.cross_validate(resume=cv_dir / "fold-0")

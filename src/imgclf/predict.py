@@ -18,6 +18,8 @@ from imgclf.data.transforms import Preprocess, center_crop, normalize
 from imgclf.errors import ImgclfError
 from imgclf.io import atomic_write_text
 
+CHUNK_FILES = 1024
+
 
 def expand_paths(inputs: list[str | Path]) -> list[Path]:
     """Files, folders (searched recursively for images, hidden entries skipped) and globs."""
@@ -152,15 +154,23 @@ def predict_files(bundle, paths, batch_size: int = 32, tta: int | None = None, t
         raise ImgclfError(f"--threshold {threshold:g} is not a probability: pass a number "
                           "from 0 to 1")
     files = expand_paths(list(paths) if not isinstance(paths, (str, Path)) else [paths])
-    images, errors, _ = decode_all(files, bundle.preprocess, cache_dir, progress=progress)
     tta_cfg = bundle.tta or {}
     n = int(tta if tta is not None else tta_cfg.get("n", 0))
-    probs = predict_images(bundle.model, bundle.preprocess, images, bundle.multi_label,
-                           batch_size=batch_size, tta=n, reduce=tta_cfg.get("reduce", "mean"))
-    if probs.shape[0] == 0:
-        probs = np.zeros((0, len(bundle.classes)), np.float32)
+    kept: list[Path] = []
+    errors: dict[Path, str] = {}
+    chunks: list[np.ndarray] = []
+    # Files are decoded and scored a chunk at a time, so memory stays bounded for any count.
+    for start in range(0, len(files), CHUNK_FILES):
+        images, errs, _ = decode_all(files[start:start + CHUNK_FILES], bundle.preprocess,
+                                     cache_dir, progress=progress)
+        errors.update(errs)
+        kept += images.paths
+        chunks.append(predict_images(bundle.model, bundle.preprocess, images, bundle.multi_label,
+                                     batch_size=batch_size, tta=n,
+                                     reduce=tta_cfg.get("reduce", "mean")))
+    probs = np.concatenate(chunks) if kept else np.zeros((0, len(bundle.classes)), np.float32)
     return PredictionResult(
-        paths=images.paths, probs=probs, classes=bundle.classes, multi_label=bundle.multi_label,
+        paths=kept, probs=probs, classes=bundle.classes, multi_label=bundle.multi_label,
         thresholds=bundle.decision_thresholds(threshold) if bundle.multi_label else None,
         errors=errors)
 

@@ -188,9 +188,14 @@ class ClassifierModule(L.LightningModule):
         param_groups = [g for g in param_groups if g["params"]]
         opt = torch.optim.AdamW(param_groups, weight_decay=self.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
+        pct_start = self.pct_start
+        if abs(pct_start * total - 1.0) < 1e-9:
+            # OneCycleLR divides by zero when its warm-up ends exactly after one step
+            # (e.g. 4 steps at pct_start 0.25); a hair longer changes nothing else.
+            pct_start *= 1.01
         sched = torch.optim.lr_scheduler.OneCycleLR(
             opt, max_lr=[g["lr"] for g in param_groups], total_steps=total,
-            pct_start=self.pct_start, div_factor=self.div,
+            pct_start=pct_start, div_factor=self.div,
             final_div_factor=self.final_div / self.div, cycle_momentum=True,
             base_momentum=0.85, max_momentum=0.95,
         )

@@ -103,7 +103,7 @@ def imbalance(args, work: Path) -> None:
               flush=True)
         few = [c for c, n in counts.items() if n < 100]
         pc = m["valid_per_class"]
-        print(f"[imbalance]          recall of the 10-image classes: "
+        print("[imbalance]          recall of the 10-image classes: "
               + " ".join(f"{pc[c]['recall']:.2f}" for c in few), flush=True)
 
 

@@ -189,13 +189,14 @@ def test_cv_resume_keeps_finished_folds_and_trains_missing_ones(tiny_cv, monkeyp
     _, cv_dir = tiny_cv
     monkeypatch.setattr(api, "write_report", lambda *a, **k: None)
     before = (cv_dir / "fold-0" / "metrics.json").read_text()
-    oof_before = crossval.read_oof(cv_dir / crossval.OOF)[1]
+    preds, folds = crossval.read_oof(cv_dir / crossval.OOF)
+    fold_before = dict(zip(preds.paths, folds))
     shutil.rmtree(cv_dir / "fold-1")
     (cv_dir / crossval.SUMMARY).unlink()
     result = crossval.cross_validate(resume=cv_dir)
     assert (cv_dir / "fold-0" / "metrics.json").read_text() == before  # not retrained
     assert (cv_dir / "fold-1" / "metrics.json").is_file()  # retrained, in its own folder
     assert result.summary["images"] == 36 and (cv_dir / crossval.SUMMARY).is_file()
-    assert sorted(result.folds) == sorted(oof_before)  # the same folds again
+    assert dict(zip(result.oof.paths, result.folds)) == fold_before  # the same folds again
     with pytest.raises(ImgclfError, match="not a cross-validation folder"):
         crossval.cross_validate(resume=cv_dir / "fold-0")

@@ -6,7 +6,6 @@ import csv
 import hashlib
 import json
 import shutil
-import subprocess
 import sys
 import zlib
 from pathlib import Path
@@ -42,6 +41,18 @@ def snapshot(*folders: Path) -> dict[str, tuple[str, int]]:
             if p.is_file():
                 out[str(p)] = (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
     return out
+
+
+@pytest.fixture(autouse=True)
+def reports(request, monkeypatch) -> list:
+    """Runs whose report mining asked for; only tests that use the `real_report` fixture render
+    one (it computes heatmaps, which would dominate these tests' time)."""
+    from imgclf import api
+
+    calls: list = []
+    if "real_report" not in request.fixturenames:
+        monkeypatch.setattr(api, "write_report", lambda run_dir, console: calls.append(run_dir))
+    return calls
 
 
 @pytest.fixture
@@ -127,7 +138,12 @@ def test_grow_classifier_keeps_the_trained_outputs():
 # Whole runs (tiny random-init model)
 
 
-def test_mined_set_is_the_top_confidence_false_positives(run_copy, pool, color_data):
+@pytest.fixture
+def real_report() -> None:
+    """Marks a test that renders the real report.html."""
+
+
+def test_mined_set_is_the_top_confidence_false_positives(run_copy, pool, color_data, real_report):
     from imgclf import api
 
     before = snapshot(pool, color_data)
@@ -176,6 +192,8 @@ def test_mined_set_is_the_top_confidence_false_positives(run_copy, pool, color_d
     metrics = json.loads((run_copy / "metrics.json").read_text())
     assert metrics["classes"][-1] == "negative" and "fp_rate_V" in metrics["mining"]["rounds"][0]
     assert (run_copy / "mining" / "original" / "model" / "weights.safetensors").is_file()
+    assert (run_copy / "plots" / "mining.png").is_file()
+    assert "Hard negative mining" in (run_copy / "report.html").read_text(encoding="utf-8")
 
 
 def test_resume_after_an_interrupted_round(run_copy, pool, monkeypatch):
@@ -282,13 +300,23 @@ def test_bad_inputs_name_the_fix(run_copy, tmp_path):
     assert not (run_copy / "mining").exists()
 
 
-def test_cli_mine(run_copy, pool):
-    cmd = [sys.executable, "-m", "imgclf.cli", "mine", str(run_copy), "--pool", str(pool),
-           "--rounds", "0", "--epochs", "0", "--initial", "1"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    assert "Hard negative mining" in r.stderr and "kept: round 0" in r.stderr
-    assert manifest(run_copy)["options"]["initial"] == 1
-    r = subprocess.run(cmd[:5] + ["--pool", str(pool / "nowhere")], capture_output=True,
-                       text=True, timeout=300)
-    assert r.returncode == 2 and "Traceback" not in r.stderr and "pool" in r.stderr
+def cli(monkeypatch, *args: str) -> int:
+    """Run `imgclf ARGS` in this process (so the test's stubs apply); its exit code."""
+    from imgclf import cli as cli_module
+
+    monkeypatch.setattr(sys, "argv", ["imgclf", *map(str, args)])
+    with pytest.raises(SystemExit) as exit_info:
+        cli_module.main()
+    return exit_info.value.code
+
+
+def test_cli_mine(run_copy, pool, monkeypatch, capsys, reports):
+    code = cli(monkeypatch, "mine", run_copy, "--pool", pool, "--rounds", "0", "--epochs", "0",
+               "--initial", "1")
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "Hard negative mining" in err and "kept: round 0" in err
+    assert manifest(run_copy)["options"]["initial"] == 1 and reports == [run_copy]
+    code = cli(monkeypatch, "mine", run_copy, "--pool", pool / "elsewhere")
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and "--restart" in err

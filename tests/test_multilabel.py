@@ -8,13 +8,15 @@ test_sources.py; this file checks that the pieces are wired together: what the r
 from __future__ import annotations
 
 import csv
+import io
 import itertools
 import json
-import os
-import subprocess
 import sys
 import zlib
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -32,9 +34,25 @@ TINY_FLAGS = ["--model", "test_efficientnet", "--no-pretrained", "--size", "32",
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
-def imgclf(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "imgclf.cli", *map(str, args)],
-                          capture_output=True, text=True, env=dict(os.environ), timeout=300)
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def imgclf(*args) -> Result:
+    """Run the command line in this process (a subprocess would re-import torch each time)."""
+    from imgclf import cli
+
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with redirect_stdout(out), redirect_stderr(err), \
+            mock.patch.object(sys, "argv", ["imgclf", *map(str, args)]):
+        try:
+            cli.main()
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    return Result(code, out.getvalue(), err.getvalue())
 
 
 def make_multilabel_images(root: Path, copies: int = 6, size: int = 40) -> list[tuple[str, tuple[str, ...]]]:
@@ -80,8 +98,10 @@ def ml_data(tmp_path_factory) -> Path:
 def ml_run(ml_data, tmp_path_factory):
     """One CLI training run on the space-delimited CSV (multi-label is detected, not forced)."""
     out = tmp_path_factory.mktemp("ml-runs")
-    r = imgclf("train", ml_data / "images", "--csv", ml_data / "labels.csv", *TINY_FLAGS,
-               "--out", out, "--name", "ml")
+    with pytest.MonkeyPatch.context() as mp:  # module scope runs before the autouse cache fixture
+        mp.setenv("IMGCLF_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "imgclf-cache"))
+        r = imgclf("train", ml_data / "images", "--csv", ml_data / "labels.csv", *TINY_FLAGS,
+                   "--out", out, "--name", "ml")
     assert r.returncode == 0, r.stderr
     return out / "ml", r
 

@@ -196,6 +196,14 @@ def test_cli_report_regenerates(single_run, tmp_path):
     assert "Heatmaps were not requested" in (run / "report.html").read_text(encoding="utf-8")
 
 
+def test_report_survives_moved_images(tmp_path):
+    run = make_fake_run(tmp_path, n=9, extras=False)
+    shutil.rmtree(tmp_path / "data")
+    page = report_html.write_report(run).read_text(encoding="utf-8")
+    assert 'class="error"' not in page
+    assert "image not readable" in page and "could not be read, so have no heatmap" in page
+
+
 def test_report_of_unfinished_run_is_a_clear_error(tmp_path):
     from imgclf.errors import ImgclfError
 

@@ -180,6 +180,7 @@ def train(data: str | Path | None = None, *, config: TrainConfig | None = None,
         raise ImgclfError(f"--threshold-metric {cfg.threshold_metric!r} is not one of "
                           f"{' | '.join(evaluation.THRESHOLD_METRICS)}")
     rank_zero = distributed.is_rank_zero(cfg.num_nodes)
+    distributed.check_strategy(cfg)
     if distributed.wants_several_processes(cfg):
         distributed.share_cores(cfg)
     if not rank_zero:
@@ -206,6 +207,7 @@ def train(data: str | Path | None = None, *, config: TrainConfig | None = None,
         # Lightning's launcher starts the other ranks with rank 0's environment, which names
         # the run; under torchrun or SLURM they never need it (rank 0 alone writes).
         run_dir = Path(os.environ.get(distributed.RUN_DIR_ENV) or _scratch_run_dir())
+    scratch_run_dir = not rank_zero and run_dir.name.startswith(_SCRATCH_PREFIX)
     if rank_zero and distributed.wants_several_processes(cfg):
         os.environ[distributed.RUN_DIR_ENV] = str(run_dir)
     console.print(f"Run directory: [bold]{run_dir}[/]")
@@ -213,6 +215,7 @@ def train(data: str | Path | None = None, *, config: TrainConfig | None = None,
     if rank_zero:
         atomic_write_json(run_dir / "data_summary.json",
                           {"summary": prep.summary.to_dict(), "checks": prep.report.to_dict()})
+    _print_skipped(prep.report, console)
     fit_data = _datasets(prep, pre)
     task = prep.task
 
@@ -236,6 +239,10 @@ def train(data: str | Path | None = None, *, config: TrainConfig | None = None,
     result = training.fine_tune(model, task, pre, fit_data, cfg, run_dir, on_row, rows=rows,
                                 best=best, resume=state, console=console)
     if not rank_zero:
+        if scratch_run_dir:
+            import shutil
+
+            shutil.rmtree(run_dir, ignore_errors=True)
         return None
     if result.best.probs is None:
         raise ImgclfError("training stopped before any epoch finished: nothing to save; "
@@ -244,10 +251,22 @@ def train(data: str | Path | None = None, *, config: TrainConfig | None = None,
     return Run(run_dir)
 
 
+def _print_skipped(report: validate.CheckReport, console, limit: int = 20) -> None:
+    """Each file left out and why: the first `limit` here, all of them in data_summary.json."""
+    issues = report.source_skipped + report.unusable
+    for issue in issues[:limit]:
+        console.print(f"  skipped {issue.path}: {issue.reason}", markup=False, highlight=False)
+    if len(issues) > limit:
+        console.print(f"  ... and {len(issues) - limit} more (all listed in data_summary.json)")
+
+
+_SCRATCH_PREFIX = "imgclf-rank-"
+
+
 def _scratch_run_dir() -> str:
     import tempfile
 
-    return tempfile.mkdtemp(prefix="imgclf-rank-")
+    return tempfile.mkdtemp(prefix=_SCRATCH_PREFIX)
 
 
 def _row_fields(r: dict) -> dict:

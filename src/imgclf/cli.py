@@ -251,7 +251,8 @@ def serve(
     max_pixels: int = typer.Option(40_000_000, help="Largest image in pixels (refused from its header)."),
     max_files: int = typer.Option(64, help="Most images in one request."),
     max_batch: int = typer.Option(32, help="Most images in one forward pass (concurrent requests are batched)."),
-    timeout: float = typer.Option(30.0, help="Seconds a request may take to upload or to be predicted."),
+    upload_timeout: float = typer.Option(30.0, help="Seconds a request body may take to arrive (408 after)."),
+    predict_timeout: float = typer.Option(60.0, help="Seconds a queued prediction may take (503 after)."),
     threads: Optional[int] = typer.Option(None, help="Torch threads per process (default: cores / workers)."),
 ):
     """Serve a model over HTTP: POST /predict, GET /health, GET /model."""
@@ -259,7 +260,8 @@ def serve(
 
     run_server(ServeConfig(bundle=str(model), max_upload_bytes=int(max_upload_mb * 1e6),
                            max_pixels=max_pixels, max_files=max_files, max_batch=max_batch,
-                           timeout=timeout, threads=threads),
+                           upload_timeout=upload_timeout, predict_timeout=predict_timeout,
+                           threads=threads),
                host=host, port=port, workers=workers, console=console)
 
 

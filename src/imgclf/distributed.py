@@ -108,3 +108,18 @@ def share_cores(cfg) -> None:
     """Split this machine's cores among its training processes (CPU DDP would oversubscribe)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     torch.set_num_threads(max(1, (cores or 1) // local_processes(cfg)))
+
+
+def check_strategy(cfg) -> None:
+    """Refuse launchers that train in child processes, whose results never reach the run.
+
+    Raises:
+        ImgclfError: A spawn or fork strategy was asked for.
+    """
+    from imgclf.errors import ImgclfError
+
+    name = str(cfg.strategy)
+    if "spawn" in name or "fork" in name or name == "ddp_notebook":
+        raise ImgclfError(f"--strategy {name} trains in child processes and is not supported: "
+                          "use --strategy ddp from the command line or a script (torchrun and "
+                          "SLURM work too; see the README's multi-GPU section)")

@@ -1,11 +1,17 @@
 """Suspected label errors: rank images whose given label the model doubts, and write them down.
 
-The ranking is `evaluation.label_issues` (confident-learning style) on out-of-sample
-probabilities: a cross-validation's out-of-fold predictions (every image, each scored by the
-model that never trained on it), or a run's validation predictions. The result is
-`label_issues.csv` in the same folder (rank, path, given, suggested, score, given_prob,
-suggested_prob and, for cross-validation, fold), which the run report shows as a gallery.
-Nothing is relabelled: the file is a list to review.
+Out-of-sample probabilities are ranked: a cross-validation's out-of-fold predictions (every
+image, each scored by the model that never trained on it), or a run's validation predictions.
+An image is a suspect when another class is more probable than its given label. Suspects whose
+other class also reaches that class's typical confidence (the confident-learning rule of
+`evaluation.label_issues`) come first; the other disagreements follow. Within each tier the
+score is the margin probs[suggested] - probs[given]. A strict confident-learning list alone
+misses flipped images whose true class the model recognises with ordinary, not typical,
+confidence; the second tier keeps them in the ranking, below the surer finds.
+
+The result is `label_issues.csv` in the same folder (rank, path, given, suggested, score,
+given_prob, suggested_prob, confident and, for cross-validation, fold), which the run report
+shows as a gallery. Nothing is relabelled: the file is a list to review.
 """
 
 from __future__ import annotations
@@ -15,12 +21,15 @@ import io
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from imgclf import evaluation
 from imgclf.errors import ImgclfError
 from imgclf.io import atomic_write_text
 
 FILENAME = "label_issues.csv"
-COLUMNS = ("rank", "path", "given", "suggested", "score", "given_prob", "suggested_prob")
+COLUMNS = ("rank", "path", "given", "suggested", "score", "given_prob", "suggested_prob",
+           "confident")
 
 
 @dataclass
@@ -85,10 +94,10 @@ def find_label_issues(target: str | Path, console=None) -> LabelIssues:
         raise ImgclfError(f"{source}: label-issues handles single-label predictions only")
     folds = _fold_column(source)
     rows = []
-    for rank, r in enumerate(evaluation.label_issues(preds.probs, preds.targets, preds.classes), 1):
+    for rank, r in enumerate(rank_label_issues(preds), 1):
         row = {"rank": rank, "path": preds.paths[r["index"]], "given": r["given"],
                "suggested": r["suggested"], "score": r["score"], "given_prob": r["given_prob"],
-               "suggested_prob": r["suggested_prob"]}
+               "suggested_prob": r["suggested_prob"], "confident": r["confident"]}
         if folds is not None:
             row["fold"] = folds[r["index"]]
         rows.append(row)
@@ -99,6 +108,33 @@ def find_label_issues(target: str | Path, console=None) -> LabelIssues:
         _print(result, console)
         _refresh_report(source.parent, console)
     return result
+
+
+def rank_label_issues(preds: evaluation.Predictions) -> list[dict]:
+    """Every image whose given label is not its most probable class, most suspect first.
+
+    Args:
+        preds: Single-label, out-of-sample predictions.
+
+    Returns:
+        Rows {index, given, suggested, score, given_prob, suggested_prob, confident}: first the
+        confident-learning suspects of `evaluation.label_issues` (confident True), then the other
+        images whose most probable class is not the given one (suggested = that class); each
+        tier by descending margin score, ties by index.
+    """
+    confident = evaluation.label_issues(preds.probs, preds.targets, preds.classes)
+    taken = {r["index"] for r in confident}
+    n = len(preds.paths)
+    given = preds.probs[np.arange(n), preds.targets]
+    top = preds.probs.argmax(axis=1)
+    rest = [
+        {"index": int(i), "given": preds.classes[preds.targets[i]], "suggested": preds.classes[top[i]],
+         "score": float(preds.probs[i, top[i]] - given[i]), "given_prob": float(given[i]),
+         "suggested_prob": float(preds.probs[i, top[i]])}
+        for i in np.flatnonzero(preds.probs[np.arange(n), top] > given) if int(i) not in taken
+    ]
+    rest.sort(key=lambda r: (-r["score"], r["index"]))
+    return [{**r, "confident": True} for r in confident] + [{**r, "confident": False} for r in rest]
 
 
 def _fold_column(path: Path) -> list[int] | None:
@@ -115,7 +151,8 @@ def _write(path: Path, rows: list[dict], with_fold: bool) -> None:
     w = csv.DictWriter(buf, fieldnames=cols)
     w.writeheader()
     for r in rows:
-        w.writerow({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in r.items()})
+        w.writerow({k: f"{v:.6g}" if isinstance(v, float) else int(v) if isinstance(v, bool) else v
+                    for k, v in r.items()})
     atomic_write_text(path, buf.getvalue())
 
 
@@ -125,6 +162,7 @@ def read_label_issues(path: str | Path) -> list[dict]:
         rows = list(csv.DictReader(f))
     for r in rows:
         r["rank"] = int(r["rank"])
+        r["confident"] = r["confident"] == "1"
         for k in ("score", "given_prob", "suggested_prob"):
             r[k] = float(r[k])
         if "fold" in r:
@@ -137,8 +175,10 @@ def _print(result: LabelIssues, console, limit: int = 20) -> None:
     from rich.table import Table
 
     n = len(result.rows)
+    sure = sum(r["confident"] for r in result.rows)
     console.print(f"{n} suspected label errors among {result.n_images} images "
-                  f"({result.source.name}); nothing was relabelled")
+                  f"({result.source.name}), {sure} of them confident-learning finds ranked "
+                  "first; nothing was relabelled")
     if n:
         table = Table(title=f"Top {min(n, limit)} (highest score first)", title_justify="left")
         for col in ("rank", "image", "given", "suggested", "score"):

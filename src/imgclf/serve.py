@@ -50,7 +50,8 @@ class ServeConfig:
         max_files: Most images in one request.
         max_batch: Most images in one forward pass.
         batch_wait_ms: How long the batcher waits for more images once one is queued.
-        timeout: Seconds allowed for receiving the body, and for the prediction once queued.
+        upload_timeout: Seconds allowed for receiving a request body (408 after).
+        predict_timeout: Seconds a prediction may wait and run once queued (503 after).
         threads: Torch threads (default: the cores, divided among the server processes).
     """
 
@@ -60,7 +61,8 @@ class ServeConfig:
     max_files: int = 64
     max_batch: int = 32
     batch_wait_ms: float = 2.0
-    timeout: float = 30.0
+    upload_timeout: float = 30.0
+    predict_timeout: float = 60.0
     threads: int | None = None
 
 
@@ -262,14 +264,15 @@ def create_app(cfg: ServeConfig, bundle=None):
                 raise RequestError(415, str(e)) from None
             names.append(name)
         try:
-            probs = await asyncio.wait_for(state["batcher"].predict(np.stack(squares)), cfg.timeout)
+            probs = await asyncio.wait_for(state["batcher"].predict(np.stack(squares)),
+                                           cfg.predict_timeout)
         except asyncio.TimeoutError:
-            raise RequestError(503, f"prediction took longer than {cfg.timeout:g}s: the server is "
-                                    "overloaded; retry later") from None
+            raise RequestError(503, f"prediction took longer than {cfg.predict_timeout:g}s: the "
+                                    "server is overloaded; retry later") from None
         return {"task": info["task"], "version": info["version"],
                 "predictions": _results(bundle, names, probs, top_k)}
 
-    return _BodyLimit(app, cfg.max_upload_bytes, cfg.timeout)
+    return _BodyLimit(app, cfg.max_upload_bytes, cfg.upload_timeout)
 
 
 def _results(bundle, names: list[str], probs: np.ndarray, top_k: int) -> list[dict]:
@@ -387,7 +390,7 @@ def run_server(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, work
     say = console.print if console is not None else print
     say(f"Serving {bundle.arch} ({len(bundle.classes)} classes) from {bundle.path} on "
         f"http://{host}:{port} ({workers} process{'es' if workers > 1 else ''}, "
-        f"{cfg.threads} threads each): POST /predict, GET /health, GET /model, docs at /docs")
+        f"{cfg.threads} thread{'s' if cfg.threads > 1 else ''} each): POST /predict, GET /health, GET /model, docs at /docs")
     options = dict(host=host, port=port, log_level="warning", timeout_keep_alive=5,
                    limit_concurrency=512, h11_max_incomplete_event_size=64 * 1024)
     if workers == 1:

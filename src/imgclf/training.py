@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import re
 import time
 import warnings
 from collections.abc import Callable
@@ -356,7 +357,7 @@ def feature_lr_find(head: nn.Module, task: Task, feats: torch.Tensor, targets: t
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False,
                         default_root_dir=_scratch_dir())
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _env(TQDM_DISABLE="1"):
         warnings.simplefilter("ignore")
         finder = Tuner(trainer).lr_find(module, train_dataloaders=loader, min_lr=1e-6,
                                         max_lr=1.0, num_training=100, update_attr=False)
@@ -366,6 +367,24 @@ def feature_lr_find(head: nn.Module, task: Task, feats: torch.Tensor, targets: t
     ok = np.isfinite(losses)
     lrs, losses = lrs[ok], losses[ok]
     return valley_lr(lrs, losses), lrs, losses
+
+
+@contextlib.contextmanager
+def _env(**values: str):
+    """Environment variables set for the duration of a block (Lightning's LR finder draws its
+    own tqdm bar, which only TQDM_DISABLE silences)."""
+    import os
+
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _scratch_dir() -> str:
@@ -418,14 +437,15 @@ class AtomicCheckpointIO(L.plugins.TorchCheckpointIO):
 
         from imgclf.errors import ImgclfError
 
-        fix = (f"delete it to resume from the previous stage, or train again "
-               f"(it is {Path(path).parent})")
+        fix = ("delete it and resume again (the stage restarts from its beginning), or train "
+               "anew")
         try:
             return torch.load(path, map_location=map_location or "cpu", weights_only=True)
         except pickle.UnpicklingError as e:
-            first = " ".join(str(e).split("\n")[0].split())[:160]
-            raise ImgclfError(f"{path}: refused to load: it holds pickled objects other than "
-                              f"tensors ({first}), so it was not written by imgclf; {fix}") from None
+            found = re.search(r"GLOBAL (\S+)", str(e))
+            what = f" ({found.group(1)})" if found else ""
+            raise ImgclfError(f"{path}: refused to load: it holds pickled code{what}, not just "
+                              f"tensors, so imgclf did not write it; {fix}") from None
         except (RuntimeError, EOFError, OSError, ValueError) as e:
             raise ImgclfError(f"{path}: damaged checkpoint ({type(e).__name__}: "
                               f"{' '.join(str(e).split())[:160]}); {fix}") from None
@@ -632,6 +652,9 @@ def fine_tune(
 
     if not interrupted and cfg.epochs > 0 and resume.get("stage") != "done":
         models.set_body_trainable(model, True)
+        # Feature caching left the body in eval mode, and Lightning keeps submodules' modes: the
+        # whole network must train here (batch norm, dropout), as it does after a resume.
+        model.train()
         groups = models.layer_groups(model, 3)
         base = lr / 2 if frozen else lr
         lrs = discriminative_lrs(base, len(groups)) if cfg.pretrained else [base] * len(groups)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from imgclf.errors import ImgclfError
 from imgclf.interpret import Example, Interpretation, thumbnail
 from imgclf.io import atomic_write_text
 from imgclf.run import Run
@@ -32,7 +33,9 @@ HEATMAP_SIDE = 168  # heatmap panels
 TOP_LOSSES = 24  # the first TOP_LOSSES_OPEN are shown, the rest behind "show more"
 TOP_LOSSES_OPEN = 12
 WRONG_PER_CLASS = 6
-WRONG_CLASSES = 24  # classes shown in the per-class gallery (most errors first)
+WRONG_CLASSES = 24  # classes shown in the per-class gallery (most errors first) ...
+WRONG_CLASSES_OPEN = 6  # ... of which these are open, the rest behind "show more"
+MANY_CLASSES = 30  # from here on, tables scroll, the worst classes come first, plots stack
 HEATMAPS_WRONG = 6
 HEATMAPS_RIGHT = 6
 LABEL_ISSUES = 24
@@ -97,6 +100,7 @@ class _Builder:
         self.metrics_json = run.metrics()
         self._thumbs: dict[tuple[str, int], str | None] = {}
         self._scores: dict | None = None
+        self._curves: tuple[dict, dict] | None = None
 
     # -------------------------------------------------------------------------------------
     # Assembly
@@ -132,8 +136,10 @@ class _Builder:
                 section.error = f"{type(e).__name__}: {e}"
                 section.data = {"traceback": traceback.format_exc(limit=-3)}
                 if self.console is not None:
+                    from rich.markup import escape
+
                     self.console.print(f"[yellow]report: section '{title}' failed: "
-                                       f"{section.error}[/]", markup=True, highlight=False)
+                                       f"{escape(section.error)}[/]", highlight=False)
             sections.append(section)
         return {
             "title": f"{self.run.path.name}: imgclf report",
@@ -157,6 +163,12 @@ class _Builder:
         if self._scores is None:
             self._scores = self.interp.metrics()
         return self._scores
+
+    def curves(self) -> tuple[dict, dict]:
+        """Per-class PR and ROC data, computed once for the table and the plots."""
+        if self._curves is None:
+            self._curves = (self.interp.pr_curves(), self.interp.roc_curves())
+        return self._curves
 
     # -------------------------------------------------------------------------------------
     # Helpers
@@ -201,8 +213,8 @@ class _Builder:
                   "f1_macro": "macro F1", "map": "mean AP", "loss": "validation loss",
                   "accuracy": "accuracy", "balanced_accuracy": "balanced accuracy",
                   "top5_accuracy": "top-5 accuracy"}
-        cards = [{"label": labels[k], "value": f"{scores[k]:.3f}"} for k in keys
-                 if isinstance(scores.get(k), float)]
+        keys = [k for k in keys if isinstance(scores.get(k), float)]
+        cards = [{"label": labels[k], "value": f"{scores[k]:.3f}"} for k in keys]
         m = self.metrics_json
         facts = []
         for key, label, fmt in (("model", "model", "{}"), ("epochs", "epochs", "{}"),
@@ -227,7 +239,7 @@ class _Builder:
         evaluation = _read_json(self.run.path / "evaluation.json")
         eval_rows = []
         if isinstance(evaluation, dict):
-            eval_rows.append(("latest `imgclf evaluate`", {k: evaluation.get(k) for k in keys}))
+            eval_rows.append(("imgclf evaluate, plain view", {k: evaluation.get(k) for k in keys}))
             if isinstance(evaluation.get("tta"), dict):
                 t = evaluation["tta"]
                 eval_rows.append((f"with TTA ({t.get('views')} views)", {k: t.get(k) for k in keys}))
@@ -270,6 +282,7 @@ class _Builder:
         if classes and splits:
             chart = self.plot(_counts_figure(classes, splits, summary["counts"]), "class_counts")
         s.data = {"splits": splits, "rows": rows, "totals": totals, "facts": facts,
+                  "scroll": len(rows) > MANY_CLASSES,
                   "notes": summary.get("notes", []), "details": details, "chart": chart}
 
     def _section_training(self, s: Section) -> None:
@@ -318,7 +331,8 @@ class _Builder:
         cm, fig = self.interp.confusion(plot=True)
         _, fig_n = self.interp.confusion(normalize=True, plot=True)
         data = {"multi": False, "img": self.plot(fig, "confusion"),
-                "img_norm": self.plot(fig_n, "confusion_normalized")}
+                "img_norm": self.plot(fig_n, "confusion_normalized"),
+                "stack": len(classes) > MANY_CLASSES}
         if len(classes) <= CONFUSION_TABLE_MAX:
             norm = self.interp.confusion(normalize=True)
             data["table"] = {"classes": classes, "rows": [
@@ -328,8 +342,7 @@ class _Builder:
 
     def _section_per_class(self, s: Section) -> None:
         per = self.scores()["per_class"]
-        pr = self.interp.pr_curves()
-        roc = self.interp.roc_curves()
+        pr, roc = self.curves()
         thresholds = self.p.decision_thresholds if self.interp.multi_label else None
         cols = ["class", "precision", "recall", "F1", "support", "AP", "AUC"]
         if thresholds is not None:
@@ -341,10 +354,17 @@ class _Builder:
             if thresholds is not None:
                 row.append(f"{thresholds[j]:.2f}")
             row += [_fmt(pr[c]["ap"]), _fmt(roc[c]["auc"])]
-            rows.append({"cells": row, "weak": m["support"] > 0 and m["f1"] < 0.5})
-        s.data = {"cols": cols, "rows": rows, "scroll": len(rows) > 30}
+            rows.append({"cells": row, "weak": m["support"] > 0 and m["f1"] < 0.5,
+                         "f1": m["f1"] if m["support"] > 0 else 2.0})
+        many = len(rows) > MANY_CLASSES
+        if many:
+            rows.sort(key=lambda r: r["f1"])
+            s.note = "Sorted by F1, the weakest classes first."
+        s.data = {"cols": cols, "rows": rows, "scroll": many}
         if self.interp.multi_label:
-            s.note = "Precision, recall and F1 at the decision thresholds shown; AP and AUC do not depend on them."
+            s.note = ((s.note + " ") if s.note else "") + (
+                "Precision, recall and F1 at the decision thresholds shown; AP and AUC do not "
+                "depend on them.")
 
     def _section_most_confused(self, s: Section) -> None:
         pairs = self.interp.most_confused(min_count=1)
@@ -375,18 +395,17 @@ class _Builder:
                 continue
             cards = []
             for e in by_class[c]:
+                extra = None
                 if self.interp.multi_label:
                     j = self.p.classes.index(c)
-                    wrong = "missed" if c in e.actual else "added"
-                    extra = f"{c} {wrong}, p = {e.probs[j]:.2f}"
-                else:
-                    extra = f"looks like {e.predicted[0]} ({e.prob(e.predicted[0]):.2f})"
+                    extra = f"{c} {'missed' if c in e.actual else 'added'}, p = {e.probs[j]:.2f}"
                 cards.append(self.card(e, extra))
             groups.append({"cls": c, "n": n_wrong.get(c, 0), "cards": cards})
         if not groups:
             s.note = "No wrong predictions in any class."
         hidden = sum(1 for c in order[WRONG_CLASSES:] if by_class[c])
-        s.data = {"groups": groups, "hidden": hidden}
+        s.data = {"open": groups[:WRONG_CLASSES_OPEN], "more": groups[WRONG_CLASSES_OPEN:],
+                  "hidden": hidden}
 
     def _wrong_per_class(self) -> dict[str, int]:
         p = self.p
@@ -397,10 +416,13 @@ class _Builder:
         return {c: int(n) for c, n in zip(p.classes, wrong)}
 
     def _section_curves(self, s: Section) -> None:
-        _, fig_pr = self.interp.pr_curves(plot=True)
-        _, fig_roc = self.interp.roc_curves(plot=True)
-        s.data = {"pr": self.plot(fig_pr, "pr_curves"), "roc": self.plot(fig_roc, "roc_curves"),
-                  "many": len(self.p.classes) > 10}
+        from imgclf.report import plots
+
+        pr, roc = self.curves()
+        s.data = {"pr": self.plot(plots.pr_curves(pr), "pr_curves"),
+                  "roc": self.plot(plots.roc_curves(roc), "roc_curves"),
+                  "many": len(self.p.classes) > plots.OVERLAY_MAX,
+                  "stack": len(self.p.classes) > plots.OVERLAY_MAX}
 
     def _section_calibration(self, s: Section) -> None:
         cal, fig = self.interp.calibration(plot=True)
@@ -438,23 +460,30 @@ class _Builder:
         groups = []
         right_title = ("Correct predictions (the most confident)" if p.multi_label else
                        "Correct predictions (the most confident of each class)")
+        unreadable = []
         for title, idx in (("Top losses (wrong predictions)", wrong), (right_title, right)):
             items = []
             for i in idx:
                 ex = self.interp.example(int(i))
-                maps = self.interp.heatmap(int(i))
+                try:
+                    maps = self.interp.heatmap(int(i), classes=_explained(ex)[:3])
+                except (ImgclfError, OSError) as e:
+                    unreadable.append(f"{_short_path(ex.path)} ({e})")
+                    continue
                 panels = [{"src": _jpeg_uri(_resize(maps[0].view, HEATMAP_SIDE)),
                            "label": "what the model saw"}]
-                for m in maps[:3]:
-                    role = ("actual" if m.class_name in ex.actual and m.class_name not in ex.predicted
-                            else "predicted")
+                for m in maps:
                     panels.append({"src": _jpeg_uri(_resize(m.overlay(), HEATMAP_SIDE)),
-                                   "label": f"{role}: {m.class_name} ({m.probability:.2f})"})
+                                   "label": f"{_role(ex, m.class_name)}: {m.class_name} "
+                                            f"({m.probability:.2f})"})
                 items.append({"name": _short_path(ex.path), "path": ex.path, "ok": ex.correct,
                               "caption": ex.caption(), "panels": panels})
             if items:
                 groups.append({"title": title, "entries": items})
-        if not groups:
+        if unreadable:
+            s.note = (f"{len(unreadable)} images could not be read, so have no heatmap: "
+                      + "; ".join(unreadable[:3]) + (" …" if len(unreadable) > 3 else ""))
+        elif not groups:
             s.note = "No validation images to explain."
         s.data = {"groups": groups}
 
@@ -519,6 +548,22 @@ class _Builder:
 
 # ---------------------------------------------------------------------------------------------
 # Small helpers
+
+
+def _explained(ex: Example) -> list[str]:
+    """Classes a heatmap explains: the predicted ones (most probable first), then the actual
+    ones the model missed."""
+    predicted = sorted(ex.predicted, key=lambda c: -ex.prob(c)) or [
+        ex.classes[int(np.argmax(ex.probs))]]
+    return predicted + [c for c in ex.actual if c not in predicted]
+
+
+def _role(ex: Example, name: str) -> str:
+    if not ex.multi_label:
+        return "predicted" if name in ex.predicted else "actual"
+    if name in ex.predicted:
+        return "predicted" if name in ex.actual else "predicted, not labelled"
+    return "labelled, missed" if name in ex.actual else "most probable"
 
 
 @contextlib.contextmanager

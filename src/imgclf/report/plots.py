@@ -94,14 +94,17 @@ def lr_find(lrs: list[float], losses: list[float], chosen: float):
 def confusion(cm: np.ndarray, classes: list[str], normalized: bool = False):
     """Confusion matrix heat map with counts (or row fractions) in the cells."""
     n = len(classes)
-    side = min(22, max(4.5, 0.35 * n + 2))
+    # Past ~40 classes the cells are read as colours, not numbers: a bounded figure keeps the
+    # PNG small and quick to draw.
+    side = min(13, max(4.5, 0.35 * n + 2))
     fig, ax = plt.subplots(figsize=(side, side))
     data = cm.astype(float)
     if normalized:
         data = data / np.maximum(data.sum(1, keepdims=True), 1)
     ax.imshow(data, cmap="Blues")
-    ax.set_xticks(range(n), classes, rotation=90 if n > 6 else 0, fontsize=8 if n > 20 else 10)
-    ax.set_yticks(range(n), classes, fontsize=8 if n > 20 else 10)
+    fontsize = 10 if n <= 20 else 8 if n <= 40 else 5
+    ax.set_xticks(range(n), classes, rotation=90 if n > 6 else 0, fontsize=fontsize)
+    ax.set_yticks(range(n), classes, fontsize=fontsize)
     ax.set(xlabel="predicted", ylabel="actual",
            title="Confusion matrix" + (" (row-normalised)" if normalized else ""))
     if n <= 30:

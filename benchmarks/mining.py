@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/mining.py [--run RUN] [--out DIR] [--epochs N] [--lr LR]
                                           [--freeze-epochs N] [--per-round N] [--rounds N]
+    .venv/bin/python benchmarks/mining.py --memory 2000,20000
 
 Trains fridgeObjects with the default recipe (tf_efficientnet_lite0, local ImageNet weights,
 seed 42), or copies an already trained run given with --run, then mines with
@@ -9,6 +10,10 @@ caltech101_background_negatives as the pool (64 images, seeded 80/20 split into 
 and the held-out negatives V). Prints the per-round table and checks the two claims of the issue:
 the false-positive rate on V falls from round 0 to the final round, and the accuracy on the
 positive classes drops by no more than 2 points.
+
+--memory N1,N2,... instead scores generated pools of N1, N2, ... images with a tiny model, each in
+a fresh process, and prints the peak resident memory of each: scoring streams the pool in chunks,
+so the peak should not grow with the pool's size.
 """
 
 from __future__ import annotations
@@ -36,8 +41,16 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--freeze-epochs", type=int, default=None)
     ap.add_argument("--patience", type=int, default=None)
+    ap.add_argument("--memory", help="comma-separated pool sizes for the memory check")
+    ap.add_argument("--score-pool", type=int, help=argparse.SUPPRESS)  # one memory-check child
     args = ap.parse_args()
     os.environ.setdefault("IMGCLF_CACHE_DIR", str(Path(tempfile.gettempdir()) / "imgclf-cache"))
+    if args.memory:
+        memory_check([int(n) for n in args.memory.split(",")], args.out)
+        return
+    if args.score_pool:
+        score_generated_pool(args.score_pool, Path(args.out))
+        return
     for p in (DATA, POOL, WEIGHTS):
         if not p.exists():
             print(f"skip: {p} missing")
@@ -88,6 +101,49 @@ def main() -> None:
           f"{last['fp_rate_V']:.3f}: {'falls' if fell else 'DOES NOT FALL'}")
     print(f"positive accuracy drop: {drop0:+.1f} points vs round 0, {drop_base:+.1f} vs before "
           f"mining: {'ok (<= 2)' if max(drop0, drop_base) <= 2 + 1e-9 else 'MORE THAN 2 POINTS'}")
+
+
+def memory_check(sizes: list[int], out: str | None) -> None:
+    """Peak memory of scoring generated pools of each size, each in its own process."""
+    import subprocess
+    import sys
+
+    root = Path(out or tempfile.mkdtemp(prefix="imgclf-bench-pool-"))
+    print(f"{'pool':>7} {'scored':>7} {'seconds':>8} {'peak_rss_MB':>11}")
+    for n in sizes:
+        t0 = time.perf_counter()
+        r = subprocess.run([sys.executable, __file__, "--score-pool", str(n), "--out", str(root)],
+                           capture_output=True, text=True, check=True)
+        scored, peak = r.stdout.split()[-2:]
+        print(f"{n:>7} {scored:>7} {time.perf_counter() - t0:8.1f} {float(peak):11.0f}")
+
+
+def score_generated_pool(n: int, root: Path) -> None:
+    """Write n small noise JPEGs (reusing earlier ones), score them, print count and peak RSS."""
+    import resource
+
+    import numpy as np
+    import timm
+    from PIL import Image
+
+    from imgclf.data.transforms import Preprocess
+    from imgclf.mining import score_pool
+
+    pool = root / "pool"
+    pool.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):
+        p = pool / f"{i:06d}.jpg"
+        if not p.is_file():
+            Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(p)
+        paths.append(p)
+    model = timm.create_model("test_efficientnet", num_classes=4).eval()
+    pre = Preprocess(size=32, presize=36)
+    res = score_pool(model, pre, paths, False, 3, None, ["a", "b", "c", "negative"], 10, set(),
+                     root / "cache", batch_size=256)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(res.scored, peak_mb)
 
 
 if __name__ == "__main__":

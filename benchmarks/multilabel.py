@@ -9,7 +9,8 @@ the seed also draws the 20% validation split. Prints, per seed, the kept decisio
 the validation metrics at those thresholds (zero-one, Hamming, macro F1, mAP), zero-one at 0.5
 for comparison and the training seconds, then the means over seeds against the issue's targets
 (zero-one >= 0.85, Hamming >= 0.95). Finally it checks that `predict` with the saved bundle gives
-the label sets of predictions.csv.
+the label sets of predictions.csv. Passing the `--out` folder of an interrupted benchmark
+resumes it: finished seeds are reused, an interrupted one continues from its checkpoint.
 """
 
 from __future__ import annotations
@@ -65,9 +66,13 @@ def main() -> None:
     quiet = Console(stderr=True, quiet=True)
     rows = []
     for seed in [int(s) for s in args.seeds.split(",")]:
-        run = api.train(DATA / "images", csv=str(DATA / "labels.csv"), model="tf_efficientnet_lite0",
-                        weights=str(WEIGHTS), seed=seed, out=str(out), name=f"seed{seed}",
-                        console=quiet, **opts)
+        if (out / f"seed{seed}" / "config.yaml").is_file():
+            # --out of an earlier, interrupted benchmark: finish (or reuse) that seed's run
+            run = api.train(resume=out / f"seed{seed}", console=quiet)
+        else:
+            run = api.train(DATA / "images", csv=str(DATA / "labels.csv"),
+                            model="tf_efficientnet_lite0", weights=str(WEIGHTS), seed=seed,
+                            out=str(out), name=f"seed{seed}", console=quiet, **opts)
         m = run.metrics()
         rows.append({
             "seed": seed, "thresholds": _thresholds_text(m),

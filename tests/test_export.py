@@ -162,6 +162,7 @@ def test_static_batch_export_predicts_any_number_of_images(tiny_run, onnx_single
     np.testing.assert_allclose(dynamic.predict(paths, tta=3).probs, ref.probs, atol=1e-4)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 def test_torchscript_export_via_cli_prints_parity(tiny_run, tmp_path):
     out = tmp_path / "model.pt"
     r = subprocess.run([sys.executable, "-m", "imgclf.cli", "export", str(tiny_run.path),

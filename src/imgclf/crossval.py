@@ -159,7 +159,7 @@ def cross_validate(data: str | Path | None = None, *, folds: int = 5,
     Returns:
         The result; the same numbers are in `<cv_dir>/cv_summary.json`.
     """
-    from imgclf import api
+    from imgclf import api, balance
     from imgclf.run import new_run_dir
 
     console = api._console(console)
@@ -176,7 +176,8 @@ def cross_validate(data: str | Path | None = None, *, folds: int = 5,
         if not cfg.data:
             raise ImgclfError("no data given: pass a folder of images, e.g. `imgclf cv photos/`")
         cfg.folds, cfg.fold = folds, None
-        # Fail on impossible folds before creating anything.
+        # Fail on bad settings and impossible folds before creating anything.
+        balance.resolve(cfg.balance, None)
         table = api.load_table(dataclasses.replace(cfg, folds=0))
         pool = [s for s in table.samples if s.split in (TRAIN, VALID)]
         assign_folds(pool, cfg.folds, cfg.seed, table.multi_label)

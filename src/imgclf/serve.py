@@ -294,38 +294,45 @@ class _BodyLimit:
 
     The body is read here, in full, before the application sees it, so a client that declares
     (Content-Length) or sends too much gets 413 and a stalled upload gets 408, and the multipart
-    parser never touches more than `max_bytes`.
+    parser never touches more than `max_bytes`. An oversized body of up to `drain_factor` times
+    the limit is read to its end and discarded before the 413: a client that sends its whole
+    body before reading the answer (most do) would otherwise see a broken connection instead.
     """
 
-    def __init__(self, app, max_bytes: int, timeout: float):
+    def __init__(self, app, max_bytes: int, timeout: float, drain_factor: int = 4):
         self.app, self.max_bytes, self.timeout = app, max_bytes, timeout
+        self.drain_limit = max_bytes * drain_factor
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope.get("method") not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None:
-            if not declared.isdigit():
-                return await _reply(send, 400, "invalid Content-Length header")
-            if int(declared) > self.max_bytes:
-                return await _reply(send, 413, self._too_big(int(declared)))
+        if declared is not None and not declared.isdigit():
+            return await _reply(send, 400, "invalid Content-Length header")
+        if declared is not None and int(declared) > self.drain_limit:
+            return await _reply(send, 413, self._too_big(int(declared)))
         chunks, total = [], 0
         deadline = time.monotonic() + self.timeout
         while True:
             try:
                 msg = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
             except asyncio.TimeoutError:
+                if total > self.max_bytes:
+                    return await _reply(send, 413, self._too_big(total))
                 return await _reply(send, 408, f"the upload took longer than {self.timeout:g}s: "
                                                "send a smaller request or retry")
             if msg["type"] == "http.disconnect":
                 return
             body = msg.get("body", b"")
             total += len(body)
-            if total > self.max_bytes:
+            if total <= self.max_bytes:
+                chunks.append(body)
+            elif total > self.drain_limit:
                 return await _reply(send, 413, self._too_big(total))
-            chunks.append(body)
             if not msg.get("more_body", False):
                 break
+        if total > self.max_bytes:
+            return await _reply(send, 413, self._too_big(total))
         whole = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
         sent = False
 

@@ -96,7 +96,8 @@ def test_false_positives_single_label_ignore_the_negative_column():
 
 def test_false_positives_multi_label_use_the_thresholds():
     probs = np.array([[0.6, 0.1], [0.3, 0.45], [0.2, 0.9]])
-    predicted, confidence, is_fp = mining.false_positive_scores(probs, thresholds=np.array([0.5, 0.4]))
+    thresholds = np.array([0.5, 0.4])
+    predicted, confidence, is_fp = mining.false_positive_scores(probs, thresholds=thresholds)
     assert predicted.tolist() == [0, 1, 1]
     np.testing.assert_allclose(confidence, [0.6, 0.45, 0.9])
     assert is_fp.tolist() == [True, True, True]

@@ -64,9 +64,9 @@ def test_tiny_run_writes_the_run_directory(tiny_run):
     for key in ["valid_accuracy", "valid_loss", "train_seconds", "images_per_second", "epochs",
                 "model", "valid_balanced_accuracy", "valid_f1_macro"]:
         assert key in m, key
-    assert m["epochs"] == 2 and m["model"] == "test_efficientnet"
+    assert m["epochs"] == 3 and m["model"] == "test_efficientnet"
     rows = tiny_run.history()
-    assert [r["stage"] for r in rows] == ["unfrozen", "unfrozen"]
+    assert [r["stage"] for r in rows] == ["unfrozen"] * 3
     assert {"epoch", "lr", "train_loss", "valid_loss", "valid_accuracy", "seconds"} <= set(rows[0])
 
 

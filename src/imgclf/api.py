@@ -164,7 +164,7 @@ def train(data: str | Path | None = None, *, config: TrainConfig | None = None,
         except (OSError, ValueError) as e:
             raise ImgclfError(f"{state_p} is damaged ({e}): delete it to resume from the "
                               "start of training") from None
-        if state.get("stage") == "done" and (run_dir / "model" / "model.json").is_file():
+        if state.get("stage") == "finished":
             console.print(f"{run_dir} already finished; nothing to resume")
             return Run(run_dir)
     else:
@@ -250,6 +250,10 @@ def train(data: str | Path | None = None, *, config: TrainConfig | None = None,
         raise ImgclfError("training stopped before any epoch finished: nothing to save; "
                           f"resume with `imgclf train --resume {run_dir}`")
     finish_run(run_dir, cfg, model, task, pre, prep, result, console)
+    # Only now is nothing left to redo: a run killed while writing its report resumes into
+    # finish_run again ("done" means training finished).
+    atomic_write_json(run_dir / "checkpoints" / "state.json",
+                      {"stage": "finished", "lr": result.lr, "lr_find": result.lr_find})
     return Run(run_dir)
 
 

@@ -147,7 +147,8 @@ class Predictions:
         tmp = path + ".tmp"
         header = ["path", "target", "predicted", *self._prob_columns(), "loss"]
         losses = self.losses
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
+        # surrogateescape: a file name that is not valid UTF-8 is written back as its raw bytes.
+        with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
             writer = csv.writer(f)
             writer.writerow(header)
             for i, (target, pred) in enumerate(zip(self._label_cells(self.targets), self._label_cells(self.predicted))):
@@ -171,7 +172,7 @@ class Predictions:
                 otherwise multi-label. Pass it explicitly when the task is known (model.json).
             thresholds: Multi-label decision thresholds; they are not stored in the file.
         """
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
             reader = csv.reader(f)
             header = next(reader)
             rows = list(reader)

@@ -39,7 +39,9 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+    # File names that are not valid UTF-8 reach here surrogate-escaped; write their raw bytes
+    # back rather than fail the whole write over one name.
+    atomic_write_bytes(path, text.encode("utf-8", "surrogateescape"))
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:

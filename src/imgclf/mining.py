@@ -250,7 +250,8 @@ def score_pool(model, pre, paths: list[Path], multi_label: bool, negative_index:
     Images whose content equals one in `skip_digests` (a training or validation image, or an
     earlier copy in the pool) are not scored.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeRemainingColumn)
 
     seen = set(skip_digests)
     kept: list[Path] = []
@@ -600,7 +601,8 @@ def _round_row(r: dict, n_train_negatives: int) -> dict:
             "positive_accuracy": m["positive_accuracy"],
             "overall_accuracy": m["overall_accuracy"], "valid_loss": m["valid_loss"],
             "n_mined": len(r["mined"]), "n_train_negatives": n_train_negatives,
-            "pool_scored": r.get("pool_scored"), "pool_false_positives": r.get("pool_false_positives"),
+            "pool_scored": r.get("pool_scored"),
+            "pool_false_positives": r.get("pool_false_positives"),
             "mined": r["mined"], "confusion": m["confusion"], "seconds": r.get("seconds"),
             "improved": r.get("improved", False)}
 
@@ -737,6 +739,7 @@ def mine(run: str | Path, pool: str | Path | None = None, *, per_round: int | No
                 raise DataError(f"{display_path(folder)} is not a folder: pass {flag} a folder "
                                 "of images that contain none of the classes")
         _snapshot_original(run_dir)
+        (mdir / "pool.json").unlink(missing_ok=True)  # from a start that never got a manifest
     s = _setup(run_dir, cfg, opts, console)
     if manifest is None:
         manifest = {"version": MANIFEST_VERSION, "options": dataclasses.asdict(opts),
@@ -906,7 +909,8 @@ def _run_rounds(run_dir: Path, s: _Setup, model, manifest: dict, lr: float,
         metrics, _, search = _evaluate(s, model)
         thresholds = None if search is None else search.thresholds
         best_k = manifest["best_round"]
-        improved = better(metrics, None if best_k is None else manifest["rounds"][best_k]["metrics"])
+        previous = None if best_k is None else manifest["rounds"][best_k]["metrics"]
+        improved = better(metrics, previous)
         weights = f"round_{k}.safetensors"
         _save_weights(mdir / weights, model)
         pending.update(status="done", metrics=metrics, epochs=epochs, weights=weights,

@@ -131,12 +131,12 @@ def score_generated_pool(n: int, root: Path) -> None:
 
     pool = root / "pool"
     pool.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
     paths = []
     for i in range(n):
         p = pool / f"{i:06d}.jpg"
         if not p.is_file():
-            Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(p)
+            pixels = np.random.default_rng(i).integers(0, 256, (48, 48, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(p)
         paths.append(p)
     model = timm.create_model("test_efficientnet", num_classes=4).eval()
     pre = Preprocess(size=32, presize=36)

@@ -38,6 +38,8 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 @dataclass
 class Result:
+    """Exit code and output of one command line run."""
+
     returncode: int
     stdout: str
     stderr: str

@@ -534,8 +534,14 @@ def _train_round(s: _Setup, model, train_neg: DecodedImages, lr: float, k: int, 
         return [], False
     shutil.rmtree(work, ignore_errors=True)
     L.seed_everything(s.opts.seed + k, workers=True, verbose=False)
+    # One process on one device: a round is small, and a multi-process launcher would start the
+    # whole `mine` command again in every process.
+    single = {k: v for k, v in {"devices": 1, "num_nodes": 1, "strategy": "auto"}.items()
+              if hasattr(s.cfg, k)}
+    extra = {k: v for k, v in (s.cfg.extra or {}).items()
+             if k not in ("devices", "num_nodes", "strategy")}
     cfg = dataclasses.replace(s.cfg, epochs=s.opts.epochs, freeze_epochs=s.opts.freeze_epochs,
-                              lr=lr)
+                              lr=lr, extra=extra, **single)
     # Checkpoints go to a scratch folder in mining/, never over the run's own resume state.
     result = training.fine_tune(model, s.task, s.pre, _fit_data(s, train_neg), cfg, work,
                                 lambda row, improved: None, rows=[], best=training.Best(),

@@ -65,7 +65,7 @@ def train(out: Path, name: str, deterministic: bool) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=8, help="timed steps per configuration (0: skip)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--runs", type=int, default=2)
     args = ap.parse_args()
@@ -74,8 +74,8 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"bf16 matrix units: {cpu_supports_bf16()}")
-    times = step_times(args.steps, args.batch)
-    for precision in ("float32", "bf16"):
+    times = step_times(args.steps, args.batch) if args.steps else {}
+    for precision in ("float32", "bf16") if times else ():
         off, on = times[f"{precision} deterministic=False"], times[f"{precision} deterministic=True"]
         print(f"{precision:8s} step {off * 1000:7.0f} ms -> deterministic {on * 1000:7.0f} ms "
               f"({on / off:.2f}x)")

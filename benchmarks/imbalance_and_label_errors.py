@@ -101,6 +101,10 @@ def imbalance(args, work: Path) -> None:
               f"accuracy={m['valid_accuracy']:.4f} f1_macro={m['valid_f1_macro']:.4f} "
               f"best_epoch={m['best_epoch']} ({m['best_stage']}) wall={time.time() - t:.0f}s",
               flush=True)
+        # The best epoch is picked on val itself, so the last epoch is the unbiased number.
+        last = run.history()[-1]
+        print(f"[imbalance]          last epoch: balanced_accuracy="
+              f"{last['valid_balanced_accuracy']:.4f} f1_macro={last['valid_f1_macro']:.4f}")
         few = [c for c, n in counts.items() if n < 100]
         pc = m["valid_per_class"]
         print("[imbalance]          recall of the 10-image classes: "
@@ -120,15 +124,21 @@ def label_errors(args, work: Path) -> None:
     print(f"[label-errors] {len(flipped)} of {n} training labels flipped (seed {args.seed})")
     print(f"[label-errors] cv: {args.folds} folds, {args.model}, freeze_epochs="
           f"{args.cv_freeze_epochs}, epochs={args.cv_epochs}, size={args.cv_size}")
-    shutil.rmtree(work / "runs" / "label-errors-cv", ignore_errors=True)
+    cv_dir = work / "runs" / "label-errors-cv"
     t = time.time()
-    result = cross_validate(data, folds=args.folds, weights=args.weights, model=args.model,
-                            epochs=args.cv_epochs, freeze_epochs=args.cv_freeze_epochs,
-                            size=args.cv_size, batch_size=args.batch_size, seed=args.seed,
-                            out=str(work / "runs"), name="label-errors-cv",
-                            console=_console(args.verbose))
+    if args.reuse_cv and (cv_dir / "cv_config.yaml").is_file():
+        # Same seed, same flips: finished folds are kept, the rest trained.
+        result = cross_validate(resume=cv_dir, console=_console(args.verbose))
+    else:
+        shutil.rmtree(cv_dir, ignore_errors=True)
+        result = cross_validate(data, folds=args.folds, weights=args.weights, model=args.model,
+                                epochs=args.cv_epochs, freeze_epochs=args.cv_freeze_epochs,
+                                size=args.cv_size, batch_size=args.batch_size, seed=args.seed,
+                                out=str(work / "runs"), name=cv_dir.name,
+                                console=_console(args.verbose))
     s = result.summary
-    print(f"[label-errors] cv wall={time.time() - t:.0f}s; mean ± std over folds: " + ", ".join(
+    wall = "reused" if args.reuse_cv else f"{time.time() - t:.0f}s"
+    print(f"[label-errors] cv wall={wall}; mean ± std over folds: " + ", ".join(
         f"{k}={s['mean'][k]:.4f}±{s['std'][k]:.4f}"
         for k in ("accuracy", "balanced_accuracy", "f1_macro")))
     issues = find_label_issues(result.path)
@@ -165,6 +175,8 @@ def main() -> None:
     ap.add_argument("--cv-epochs", type=int, default=1)
     ap.add_argument("--cv-freeze-epochs", type=int, default=1)
     ap.add_argument("--cv-size", type=int, default=160)
+    ap.add_argument("--reuse-cv", action="store_true",
+                    help="Resume the label-error cross-validation in --work instead of redoing it.")
     ap.add_argument("--verbose", action="store_true", help="Show each run's own output.")
     args = ap.parse_args()
     if not Path(args.data).is_dir():

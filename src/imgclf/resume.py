@@ -169,8 +169,8 @@ class ResumeState(L.Callback):
         self.epoch, self.batches = int(state_dict["epoch"]), int(state_dict["batches"])
         self.images, self._loss_sum = int(state_dict["images"]), float(state_dict["loss_sum"])
         self._seconds_before, self._t0 = float(state_dict["seconds"]), time.perf_counter()
-        # With several processes the sampler's order is sharded by Lightning's wrapper, so the
-        # position cannot be restored; the epoch restarts from a fresh pass instead.
+        # With several processes Lightning's wrapper shards the order, so the position cannot
+        # be restored: the rest of the epoch is then drawn from the start of its order.
         if self.sampler is not None and self._world_size == 1:
             self.sampler.resume_at(self.epoch, self.batches * self.batch_size)
 

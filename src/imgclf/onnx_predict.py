@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -27,34 +26,11 @@ import numpy as np
 from PIL import Image
 
 from imgclf.data.images import IMAGE_EXTENSIONS, open_rgb
+from imgclf.data.presize import presize_image  # torch-free, shared with training
 from imgclf.errors import ImageError, ImgclfError
 
 ONNX_FILE = "model.onnx"
 META_KEY = "imgclf_model_json"
-
-# Same filters as imgclf.data.transforms (which imports torch, so it cannot be imported here).
-_PIL_INTERPOLATION = {
-    "bicubic": Image.Resampling.BICUBIC,
-    "bilinear": Image.Resampling.BILINEAR,
-    "nearest": Image.Resampling.NEAREST,
-    "lanczos": Image.Resampling.LANCZOS,
-}
-
-
-def presize_image(img: Image.Image, presize: int, interpolation: str = "bicubic") -> np.ndarray:
-    """Resize the short side to `presize` and center-crop a square: uint8 [3, P, P].
-
-    Identical to `imgclf.data.transforms.presize_image` (a test compares them pixel for pixel).
-    """
-    w, h = img.size
-    scale = presize / min(w, h)
-    nw, nh = max(presize, math.ceil(w * scale - 1e-6)), max(presize, math.ceil(h * scale - 1e-6))
-    if (nw, nh) != (w, h):
-        img = img.resize((nw, nh), _PIL_INTERPOLATION[interpolation], reducing_gap=None)
-    left, top = (nw - presize) // 2, (nh - presize) // 2
-    img = img.crop((left, top, left + presize, top + presize))
-    return np.asarray(img.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1).copy()
-
 
 def center_crop(x: np.ndarray, size: int) -> np.ndarray:
     """The central `size` square of a [..., H, W] array."""

@@ -13,15 +13,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from PIL import Image
 from torchvision.transforms import v2
 
-_PIL_INTERPOLATION = {
-    "bicubic": Image.Resampling.BICUBIC,
-    "bilinear": Image.Resampling.BILINEAR,
-    "nearest": Image.Resampling.NEAREST,
-    "lanczos": Image.Resampling.LANCZOS,
-}
+from imgclf.data.presize import PIL_INTERPOLATION, presize_image  # noqa: F401 (re-exported)
+
 
 
 @dataclass(frozen=True)
@@ -50,7 +45,7 @@ class Preprocess:
         size = int(size or cfg.get("input_size", (3, 224, 224))[-1])
         crop_pct = float(crop_pct or cfg.get("crop_pct") or 0.875)
         interp = cfg.get("interpolation") or "bicubic"
-        if interp not in _PIL_INTERPOLATION:
+        if interp not in PIL_INTERPOLATION:
             interp = "bicubic"
         return cls(
             size=size,
@@ -79,19 +74,6 @@ class Preprocess:
 def presize_for(size: int, crop_pct: float = 0.875) -> int:
     """The presize that makes a center `size` crop cover `crop_pct` of the image side."""
     return max(size, int(math.floor(size / crop_pct)))
-
-
-def presize_image(img: Image.Image, presize: int, interpolation: str = "bicubic") -> np.ndarray:
-    """Resize the short side to `presize` and center-crop a square: uint8 array [3, P, P]."""
-    w, h = img.size
-    scale = presize / min(w, h)
-    # Rounding up keeps both sides >= presize so the crop never needs padding.
-    nw, nh = max(presize, math.ceil(w * scale - 1e-6)), max(presize, math.ceil(h * scale - 1e-6))
-    if (nw, nh) != (w, h):
-        img = img.resize((nw, nh), _PIL_INTERPOLATION[interpolation], reducing_gap=None)
-    left, top = (nw - presize) // 2, (nh - presize) // 2
-    img = img.crop((left, top, left + presize, top + presize))
-    return np.asarray(img.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1).copy()
 
 
 def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:

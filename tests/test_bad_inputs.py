@@ -91,7 +91,8 @@ def build_corpus(root: Path) -> Path:
     (red / "truncated.jpg").write_bytes(good[: len(good) // 2])
     (red / "empty.jpg").write_bytes(b"")
     (red / "page.jpg").write_text("<!DOCTYPE html><html><body>404 Not Found</body></html>")
-    svg = '<svg xmlns="http://www.w3.org/2000/svg" width="40" height="40"><rect width="40" height="40"/></svg>'
+    svg = ('<svg xmlns="http://www.w3.org/2000/svg" width="40" height="40">'
+           '<rect width="40" height="40"/></svg>')
     (red / "vector.png").write_text(svg)
     (red / "drawing.svg").write_text(svg)
     (red / "bomb.png").write_bytes(bomb_png())

@@ -50,10 +50,9 @@ def setup(tmp_path_factory):
     net = timm.create_model("test_efficientnet", pretrained=False)
     weights = root / "test_efficientnet.safetensors"
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(weights))
-    RUN["cache_dir"] = str(root / "cache")
-    reference = api.train(data, out=str(root / "runs"), name="reference",
-                          weights=str(weights), **RUN)
-    return data, weights, root, reference.path
+    opts = {**RUN, "cache_dir": str(root / "cache"), "weights": str(weights)}
+    reference = api.train(data, out=str(root / "runs"), name="reference", **opts)
+    return data, opts, root, reference.path
 
 
 def read_metrics(run: Path) -> tuple[dict, list[dict]]:
@@ -84,11 +83,11 @@ def crash_at(monkeypatch, n: int, before: bool) -> None:
     (3, True, "after epoch 0's row and best were written, before its checkpoint"),
 ])
 def test_crash_then_resume_equals_uninterrupted(setup, monkeypatch, n, before, where):
-    data, weights, root, reference = setup
+    data, opts, root, reference = setup
     name = f"crash-{n}-{'before' if before else 'after'}"
     with monkeypatch.context() as m, pytest.raises(Killed):
         crash_at(m, n, before)
-        api.train(data, out=str(root / "runs"), name=name, weights=str(weights), **RUN)
+        api.train(data, out=str(root / "runs"), name=name, **opts)
     run = root / "runs" / name
     assert not (run / "metrics.json").exists(), where
     api.train(resume=run)
@@ -97,10 +96,12 @@ def test_crash_then_resume_equals_uninterrupted(setup, monkeypatch, n, before, w
 
 def test_sigkill_mid_epoch_then_cli_resume_equals_uninterrupted(setup, tmp_path):
     """A real `imgclf train` killed with SIGKILL in the middle of an epoch, then resumed."""
-    data, weights, root, reference = setup
+    data, opts, root, reference = setup
     flags = ["--model", RUN["model"], "--size", "32", "--epochs", "2", "--freeze-epochs", "1",
-             "--batch-size", "4", "--lr", "0.01", "--seed", "0", "--deterministic", "--precision", "32",
-             "--checkpoint-every", "3", "--weights", str(weights), "--cache-dir", RUN["cache_dir"]]
+             "--batch-size", "4", "--lr", "0.01", "--seed", "0", "--deterministic",
+             "--precision", "32",
+             "--checkpoint-every", "3", "--weights", opts["weights"],
+             "--cache-dir", opts["cache_dir"]]
     env = {**os.environ, "COLUMNS": "200"}
     cmd = [sys.executable, "-m", "imgclf.cli"]
     run = tmp_path / "killed"

@@ -252,8 +252,9 @@ def train(data: str | Path | None = None, *, config: TrainConfig | None = None,
     finish_run(run_dir, cfg, model, task, pre, prep, result, console)
     # Only now is nothing left to redo: a run killed while writing its report resumes into
     # finish_run again ("done" means training finished).
-    atomic_write_json(run_dir / "checkpoints" / "state.json",
-                      {"stage": "finished", "lr": result.lr, "lr_find": result.lr_find})
+    if not result.interrupted:  # after Ctrl-C, --resume continues from the last checkpoint
+        atomic_write_json(run_dir / "checkpoints" / "state.json",
+                          {"stage": "finished", "lr": result.lr, "lr_find": result.lr_find})
     return Run(run_dir)
 
 
@@ -409,7 +410,12 @@ def _print_verdict(summary: dict, task: Task, run_dir: Path, console) -> None:
             if task.multi_label else ["valid_accuracy", "valid_balanced_accuracy",
                                       "valid_f1_macro"])
     shown = "  ".join(f"{k[6:]}={summary[k]:.4f}" for k in keys if summary.get(k) is not None)
-    console.print(f"[bold green]Done[/] in {summary['train_seconds']:.1f}s: {shown}")
+    if summary.get("interrupted"):
+        console.print(f"[bold yellow]Stopped early[/] after {summary['train_seconds']:.1f}s; kept "
+                      f"the best epoch so far: {shown}\nContinue with: imgclf train --resume "
+                      f"{run_dir}")
+    else:
+        console.print(f"[bold green]Done[/] in {summary['train_seconds']:.1f}s: {shown}")
     console.print(f"Bundle: {run_dir / 'model'}")
     if (run_dir / "report.html").is_file():
         console.print(f"Report: {run_dir / 'report.html'}")

@@ -491,6 +491,25 @@ class FitResult:
     train_seconds: float
 
 
+def fit_interruptible(trainer: L.Trainer, *args, **kwargs) -> None:
+    """`trainer.fit`, except that Ctrl-C ends the fit instead of the process.
+
+    Lightning handles KeyboardInterrupt by marking the trainer interrupted and calling
+    sys.exit(1); imgclf still has the best epoch in memory and writes its bundle and report, so
+    the exit is caught here and the normal Ctrl-C behaviour restored.
+    """
+    import signal
+
+    try:
+        trainer.fit(*args, **kwargs)
+    except SystemExit:
+        if not trainer.interrupted:
+            raise
+    finally:
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def discriminative_lrs(lr: float, n_groups: int, lr_mult: float = 100.0) -> list[float]:
     """Peak rates spaced geometrically from lr / lr_mult (first group) to lr (the head)."""
     if n_groups == 1:
@@ -635,7 +654,7 @@ def fine_tune(
                             enable_model_summary=False, num_sanity_val_steps=0,
                             deterministic=bool(cfg.deterministic),
                             default_root_dir=_scratch_dir())
-        trainer.fit(module, feat_loader, valid_feat_loader)
+        fit_interruptible(trainer, module, feat_loader, valid_feat_loader)
         interrupted = trainer.interrupted
         if ckpt_dir and not interrupted and rank_zero:
             # The unfrozen stage starts from this head; keep it until its first checkpoint.
@@ -689,7 +708,7 @@ def fine_tune(
         with warnings.catch_warnings():
             # Lightning cannot see that ResumableSampler continues mid-epoch; it can.
             warnings.filterwarnings("ignore", message=".*dataloader is not resumable.*")
-            trainer.fit(module, train_loader, indexed_valid_loader,
+            fit_interruptible(trainer, module, train_loader, indexed_valid_loader,
                         ckpt_path=str(ckpt) if ckpt and ckpt.is_file() else None,
                         weights_only=True)
         interrupted = trainer.interrupted

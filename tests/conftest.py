@@ -107,7 +107,7 @@ def make_color_dataset(root: str | Path, per_class: int = 12, size: int = 40,
     return root
 
 
-TINY = dict(model="test_efficientnet", pretrained=False, size=32, epochs=3, freeze_epochs=0,
+TINY = dict(model="test_efficientnet", pretrained=False, size=32, epochs=4, freeze_epochs=0,
             lr=1e-2, batch_size=8)
 """Training options for fast tests: a 100k-parameter random-init model at 32 px."""
 

@@ -7,7 +7,10 @@ import torch
 from imgclf.augment import MixBatch
 from imgclf.config import TrainConfig
 from imgclf.data.transforms import image_stats, resized_eval_transform
+from imgclf.errors import ImgclfError
 from imgclf.predict import tta_views
+from imgclf.recipe import (IMAGENET_MEAN, IMAGENET_STD, SizeStage, check_techniques,
+                           parse_ints, parse_norm_stats, resolve_norm_stats, size_schedule)
 
 
 def test_image_stats_on_known_images():
@@ -97,6 +100,162 @@ def test_resized_eval_transform_keeps_field_of_view():
 
 
 def test_config_round_trip(tmp_path):
-    cfg = TrainConfig(data="x", model="resnet26d", pretrained=False, epochs=7, lr=0.003)
+    cfg = TrainConfig(data="x", model="resnet26d", pretrained=False, epochs=7, lr=0.003,
+                      sizes=[128, 192, 224], stage_epochs=[3, 2, 2], mixup=0.4, cutmix=1.0,
+                      mixup_off_epoch=5, label_smoothing=0.1, norm_stats="0.5,0.25", tta=4,
+                      tta_reduce="max")
     cfg.to_yaml(tmp_path / "config.yaml")
     assert TrainConfig.from_yaml(tmp_path / "config.yaml") == cfg
+
+
+def test_size_schedule_splits_epochs_and_checks_its_input():
+    assert size_schedule([128, 192, 224], 10) == [
+        SizeStage(128, 4), SizeStage(192, 3), SizeStage(224, 3)]
+    assert size_schedule([128, 224], 5, [1, 4]) == [SizeStage(128, 1), SizeStage(224, 4)]
+    assert size_schedule(None, 5, None, final_size=224) == [SizeStage(224, 5)]
+    with pytest.raises(ImgclfError, match="largest"):
+        size_schedule([224, 128], 4)
+    with pytest.raises(ImgclfError, match="one number of epochs per size"):
+        size_schedule([128, 224], 4, [1, 2, 3])
+    with pytest.raises(ImgclfError, match="at least 3 epochs"):
+        size_schedule([96, 128, 224], 2)
+    with pytest.raises(ImgclfError, match="at least one epoch"):
+        size_schedule([128, 224], 4, [0, 4])
+    assert parse_ints("128, 192,224", "--sizes") == [128, 192, 224]
+    with pytest.raises(ImgclfError, match="--sizes"):
+        parse_ints("128,big", "--sizes")
+
+
+def test_norm_stats_settings():
+    assert parse_norm_stats("auto") == "auto"
+    assert parse_norm_stats("imagenet") == (IMAGENET_MEAN, IMAGENET_STD)
+    assert parse_norm_stats("0.5,0.25") == ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    assert parse_norm_stats("0.1,0.2,0.3,0.4,0.5,0.6") == ((0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
+    for bad in ("0.5", "a,b", "0.5,0"):
+        with pytest.raises(ImgclfError, match="--norm-stats"):
+            parse_norm_stats(bad)
+    imgs = [np.full((3, 4, 4), 51, np.uint8), np.full((3, 4, 4), 153, np.uint8)]
+    mean, std, source = resolve_norm_stats("auto", False, ((0, 0, 0), (1, 1, 1)), imgs)
+    assert source == "data" and mean == pytest.approx((0.4,) * 3) and std == pytest.approx((0.2,) * 3)
+    assert resolve_norm_stats("auto", True, ((0.1,) * 3, (0.9,) * 3), imgs)[2] == "model"
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(mixup=-1.0), "--mixup"), (dict(label_smoothing=1.0), "--label-smoothing"),
+    (dict(tta=-1), "--tta"), (dict(tta_reduce="median"), "--tta-reduce"),
+    (dict(sizes=[128, 224], size=192), "disagree"), (dict(norm_stats="x"), "--norm-stats"),
+    (dict(mixup_off_epoch=-2), "--mixup-off-epoch")])
+def test_bad_technique_settings_are_refused(change, message):
+    with pytest.raises(ImgclfError, match=message):
+        check_techniques(TrainConfig(data="x", **change))
+
+
+def test_label_smoothing_is_single_label_only():
+    with pytest.raises(ImgclfError, match="multi-label"):
+        check_techniques(TrainConfig(data="x", label_smoothing=0.1), multi_label=True)
+
+
+def test_mixing_is_keyed_so_a_resumed_run_mixes_alike():
+    x, y = torch.rand(6, 3, 8, 8), torch.arange(6) % 3
+    a = MixBatch(num_classes=3, mixup=0.4, cutmix=1.0, seed=5)
+    b = MixBatch(num_classes=3, mixup=0.4, cutmix=1.0, seed=5)
+    a(x, y, (0, 1))  # b never saw step 1
+    xa, ta = a(x, y, (0, 2))
+    xb, tb = b(x, y, (0, 2))
+    assert torch.equal(xa, xb) and torch.equal(ta, tb)
+
+
+TECH = dict(model="test_efficientnet", pretrained=False, freeze_epochs=1, lr=1e-2, batch_size=8,
+            seed=0, sizes=[24, 32], epochs=3, mixup=0.4, cutmix=1.0, mixup_off_epoch=2,
+            label_smoothing=0.1, tta=2)
+
+
+@pytest.fixture(scope="module")
+def tech_run(tmp_path_factory, color_data):
+    from imgclf import api
+
+    return api.train(color_data, out=str(tmp_path_factory.mktemp("tech")), name="tech", **TECH)
+
+
+def test_from_scratch_run_with_every_technique(tech_run, color_data):
+    import csv
+    import json
+
+    import imgclf
+    from imgclf.data.cache import decode_all
+
+    with open(tech_run.path / "metrics.csv", newline="") as f:
+        stages = [r["stage"] for r in csv.DictReader(f)]
+    # Random init has no frozen stage; 3 epochs over 2 sizes: 2 small, 1 at the final size.
+    assert stages == ["unfrozen-24px", "unfrozen-24px", "unfrozen-32px"]
+    m = json.loads((tech_run.path / "metrics.json").read_text())
+    assert m["best_stage"] == "unfrozen-32px"
+    assert m["tta"] == {"views": 3, "reduce": "mean"}
+    assert "accuracy" in m["valid_without_tta"]
+    b = imgclf.load(tech_run.path)
+    assert b.tta == {"n": 2, "reduce": "mean"} and b.preprocess.size == 32
+    # Norm stats come from the training images when there are no pretrained weights.
+    assert m["normalization"]["source"] == "data"
+    assert tuple(b.preprocess.mean) == pytest.approx(tuple(m["normalization"]["mean"]))
+    files = sorted(p for p in color_data.rglob("*.jpg"))
+    decoded, _, _ = decode_all(files, b.preprocess, None)
+    mean, _ = image_stats([decoded.get(i) for i in range(len(decoded))])
+    assert b.preprocess.mean == pytest.approx(mean, abs=0.03)  # train is 5/6 of all images
+    # The bundle (with its TTA) predicts exactly what predictions.csv says validation measured.
+    preds = tech_run.predictions()
+    again = b.predict(preds.paths).probs
+    np.testing.assert_allclose(again, preds.probs, atol=1e-4)
+    plain = b.predict(preds.paths, tta=0).probs
+    assert not np.allclose(plain, again, atol=1e-6)
+    config = TrainConfig.from_yaml(tech_run.path / "config.yaml")
+    assert (config.sizes, config.mixup, config.tta, config.size) == ([24, 32], 0.4, 2, 32)
+
+
+def test_evaluate_uses_and_overrides_the_bundles_tta(tech_run):
+    from imgclf import api
+
+    r = api.evaluate(tech_run.path, out=tech_run.path / "eval-tta")
+    assert r["tta"]["views"] == 3 and r["tta"]["reduce"] == "mean"
+    r0 = api.evaluate(tech_run.path, tta=0, out=tech_run.path / "eval-plain")
+    assert "tta" not in r0
+    rmax = api.evaluate(tech_run.path, tta=4, tta_reduce="max", out=tech_run.path / "eval-max")
+    assert rmax["tta"] == {**rmax["tta"], "views": 5, "reduce": "max"}
+
+
+def test_progressive_mixup_run_resumes_exactly_across_a_stage_boundary(tmp_path, color_data):
+    """Killed after the small stage, before the final stage's checkpoint: the resumed run
+    restarts the final stage from the small stage's weights and ends where the reference did."""
+    import json
+
+    from imgclf import api, training
+
+    opts = {**TECH, "deterministic": True, "precision": "32", "tta": 0,
+            "cache_dir": str(tmp_path / "cache"), "out": str(tmp_path / "runs")}
+    ref = api.train(color_data, name="ref", **opts)
+
+    class Killed(BaseException):
+        pass
+
+    save = training.AtomicCheckpointIO.save_checkpoint
+    count = {"n": 0}
+
+    def crashing(self, checkpoint, path, storage_options=None):
+        count["n"] += 1
+        if count["n"] == 3:  # two epoch checkpoints at 24 px, then the first at 32 px
+            raise Killed
+        save(self, checkpoint, path, storage_options)
+
+    training.AtomicCheckpointIO.save_checkpoint = crashing
+    try:
+        with pytest.raises(Killed):
+            api.train(color_data, name="killed", **opts)
+    finally:
+        training.AtomicCheckpointIO.save_checkpoint = save
+    run = tmp_path / "runs" / "killed"
+    state = json.loads((run / "checkpoints" / "state.json").read_text())
+    assert state["stage"] == "unfrozen" and state["size_stage"] == 1
+    api.train(resume=run)
+    keys = ("valid_accuracy", "valid_loss", "best_epoch", "best_stage")
+    a = json.loads((ref.path / "metrics.json").read_text())
+    b = json.loads((run / "metrics.json").read_text())
+    assert {k: a[k] for k in keys} == {k: b[k] for k in keys}

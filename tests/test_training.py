@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
+from conftest import TINY
 
 from imgclf import models, training
 from imgclf.data.cache import decode_all
@@ -64,9 +65,9 @@ def test_tiny_run_writes_the_run_directory(tiny_run):
     for key in ["valid_accuracy", "valid_loss", "train_seconds", "images_per_second", "epochs",
                 "model", "valid_balanced_accuracy", "valid_f1_macro"]:
         assert key in m, key
-    assert m["epochs"] == 3 and m["model"] == "test_efficientnet"
+    assert m["epochs"] == TINY["epochs"] and m["model"] == "test_efficientnet"
     rows = tiny_run.history()
-    assert [r["stage"] for r in rows] == ["unfrozen"] * 3
+    assert [r["stage"] for r in rows] == ["unfrozen"] * TINY["epochs"]
     assert {"epoch", "lr", "train_loss", "valid_loss", "valid_accuracy", "seconds"} <= set(rows[0])
 
 

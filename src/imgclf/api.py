@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from imgclf import distributed, evaluation, models, preflight
+from imgclf import distributed, evaluation, models, preflight, recipe
 from imgclf.bundle import Bundle, find_bundle, save_bundle
 from imgclf.bundle import load as load_bundle
 from imgclf.config import TrainConfig
@@ -96,7 +96,8 @@ def prepare_data(cfg: TrainConfig, pre: Preprocess, console, table: SampleTable 
     summary.balance_note = balance.describe(cfg.balance, summary.balance, summary.imbalance_ratio,
                                             table.multi_label)
     validate.print_summary(summary, console)
-    task = task or Task(tuple(table.classes), table.multi_label)
+    smoothing = 0.0 if table.multi_label else float(getattr(cfg, "label_smoothing", 0) or 0)
+    task = task or Task(tuple(table.classes), table.multi_label, smoothing)
     index = {p: i for i, p in enumerate(decoded.paths)}
     return PreparedData(table, task, decoded, index, report, summary)
 
@@ -195,6 +196,11 @@ def train(data: str | Path | None = None, *, config: TrainConfig | None = None,
     training.quiet_lightning()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     table = load_table(cfg)
+    recipe.check_techniques(cfg, table.multi_label)
+    if cfg.sizes:
+        cfg.size = int(cfg.sizes[-1])  # the bundle's size; config.yaml says so explicitly
+    if cfg.stage_epochs:
+        cfg.epochs = int(sum(cfg.stage_epochs))
     # Before the model (a weights file that does not fit is a preflight problem) and before the
     # run folder exists (a refused run leaves nothing behind).
     preflight.require(preflight.check(cfg, table, run_dir or Path(cfg.out)))
@@ -214,6 +220,7 @@ def train(data: str | Path | None = None, *, config: TrainConfig | None = None,
         os.environ[distributed.RUN_DIR_ENV] = str(run_dir)
     console.print(f"Run directory: [bold]{run_dir}[/]")
     prep = prepare_data(cfg, pre, console, table=table)
+    pre, norm_source = _normalisation(cfg, model, pre, prep, console)
     if rank_zero:
         atomic_write_json(run_dir / "data_summary.json",
                           {"summary": prep.summary.to_dict(), "checks": prep.report.to_dict()})
@@ -249,13 +256,38 @@ def train(data: str | Path | None = None, *, config: TrainConfig | None = None,
     if result.best.probs is None:
         raise ImgclfError("training stopped before any epoch finished: nothing to save; "
                           f"resume with `imgclf train --resume {run_dir}`")
-    finish_run(run_dir, cfg, model, task, pre, prep, result, console)
+    finish_run(run_dir, cfg, model, task, pre, prep, result, console,
+               extra={"normalization": {"mean": list(pre.mean), "std": list(pre.std),
+                                        "source": norm_source}})
     # Only now is nothing left to redo: a run killed while writing its report resumes into
     # finish_run again ("done" means training finished).
     if not result.interrupted:  # after Ctrl-C, --resume continues from the last checkpoint
         atomic_write_json(run_dir / "checkpoints" / "state.json",
                           {"stage": "finished", "lr": result.lr, "lr_find": result.lr_find})
     return Run(run_dir)
+
+
+def _normalisation(cfg: TrainConfig, model, pre: Preprocess, prep: PreparedData,
+                   console) -> tuple[Preprocess, str]:
+    """The run's input mean/std (--norm-stats), printed; they go into the bundle with `pre`."""
+    cfg_model = model.pretrained_cfg or {}
+    model_stats = (tuple(cfg_model.get("mean", pre.mean)), tuple(cfg_model.get("std", pre.std)))
+    train_idx = [prep.index[s.path] for s in prep.table.split(TRAIN)]
+
+    class _TrainImages:
+        def __len__(self):
+            return len(train_idx)
+
+        def __getitem__(self, i):
+            return prep.decoded.get(train_idx[i])
+
+    mean, std, source = recipe.resolve_norm_stats(cfg.norm_stats, cfg.pretrained, model_stats,
+                                                  _TrainImages())
+    words = {"model": "the pretrained model's own", "data": "computed from up to 500 training "
+             "images", "imagenet": "ImageNet's", "given": "given by --norm-stats"}[source]
+    console.print(f"Normalisation ({words}): mean {', '.join(f'{v:.3f}' for v in mean)}; "
+                  f"std {', '.join(f'{v:.3f}' for v in std)}", highlight=False)
+    return dataclasses.replace(pre, mean=tuple(mean), std=tuple(std)), source
 
 
 def _print_skipped(report: validate.CheckReport, console, limit: int = 20) -> None:
@@ -302,14 +334,30 @@ def _save_best(run_dir: Path, best: training.Best) -> None:
 
 
 def finish_run(run_dir: Path, cfg: TrainConfig, model, task: Task, pre: Preprocess,
-               prep: PreparedData, result: training.FitResult, console) -> None:
-    """Write predictions, metrics, thresholds, the bundle, plots and the report."""
+               prep: PreparedData, result: training.FitResult, console,
+               extra: dict | None = None) -> None:
+    """Write predictions, metrics, thresholds, the bundle, plots and the report.
+
+    With `cfg.tta` the bundle predicts with test-time augmentation, so the validation numbers,
+    predictions.csv and the report are the TTA ones; metrics.json keeps the plain ones next to
+    them under "valid_without_tta".
+    """
     from imgclf.report import plots
 
     valid = prep.table.split(VALID)
     preds = evaluation.Predictions(
         paths=[str(s.path) for s in valid], classes=list(task.classes), probs=result.best.probs,
         targets=task.targets_numpy(task.encode(valid)), multi_label=task.multi_label)
+    tta = int(getattr(cfg, "tta", 0) or 0)
+    plain_scores = None
+    if tta:
+        from imgclf.predict import predict_images
+
+        plain_scores = evaluation.metrics(preds)
+        images = prep.decoded.subset([prep.index[s.path] for s in valid])
+        tta_probs = predict_images(model, pre, images, task.multi_label,
+                                   batch_size=cfg.batch_size, tta=tta, reduce=cfg.tta_reduce)
+        preds = dataclasses.replace(preds, probs=tta_probs)
     thresholds = None
     search = None
     if task.multi_label:
@@ -357,9 +405,15 @@ def finish_run(run_dir: Path, cfg: TrainConfig, model, task: Task, pre: Preproce
         summary["valid_at_threshold_0.5"] = {
             k: at_half[k] for k in ("hamming_accuracy", "zero_one_accuracy", "f1_micro",
                                     "f1_macro")}
+    summary.update(extra or {})
+    if plain_scores is not None:
+        summary["tta"] = {"views": tta + 1, "reduce": cfg.tta_reduce}
+        summary["valid_without_tta"] = {k: v for k, v in plain_scores.items()
+                                        if not isinstance(v, (dict, list))}
     atomic_write_json(run_dir / "metrics.json", summary)
     save_bundle(run_dir / "model", model, cfg.model, list(task.classes), task.multi_label, pre,
                 thresholds=None if thresholds is None else [float(t) for t in thresholds],
+                tta={"n": tta, "reduce": cfg.tta_reduce} if tta else None,
                 extra={"trained_on": str(cfg.data), "valid_metrics": {
                     k: v for k, v in summary.items() if k.startswith("valid_") and
                     not isinstance(v, dict)}})
@@ -416,6 +470,12 @@ def _print_verdict(summary: dict, task: Task, run_dir: Path, console) -> None:
                       f"{run_dir}")
     else:
         console.print(f"[bold green]Done[/] in {summary['train_seconds']:.1f}s: {shown}")
+    if summary.get("valid_without_tta"):
+        plain = summary["valid_without_tta"]
+        console.print(f"  (with TTA, {summary['tta']['views']} views combined by "
+                      f"{summary['tta']['reduce']}; without TTA: " + "  ".join(
+                          f"{k[6:]}={plain[k[6:]]:.4f}" for k in keys
+                          if plain.get(k[6:]) is not None) + ")", highlight=False)
     console.print(f"Bundle: {run_dir / 'model'}")
     if (run_dir / "report.html").is_file():
         console.print(f"Report: {run_dir / 'report.html'}")
@@ -433,15 +493,17 @@ def predict(bundle_or_path, paths, **kwargs):
 
 
 def evaluate(target: str | Path, data: str | Path | None = None, *, out: str | Path | None = None,
-             tta: int = 0, batch_size: int = 32, console=None, **source_options) -> dict:
+             tta: int | None = None, tta_reduce: str | None = None, batch_size: int = 32,
+             console=None, **source_options) -> dict:
     """Score a bundle on its run's validation set, or on another labelled folder or CSV.
 
     Args:
         target: Run directory or bundle folder.
         data: Labelled images (folder or CSV root); None uses the run's validation split.
         out: Folder for the results (default: `<run>/eval/<data name>` or the run itself).
-        tta: Augmented views to average in addition to the plain one; when > 0 the plain
-            score is reported next to the TTA score.
+        tta: Augmented views to combine with the plain one (None: the bundle's setting);
+            when > 0 the plain score is reported next to the TTA score.
+        tta_reduce: "mean" or "max" over the views (None: the bundle's setting, else mean).
         batch_size: Images per forward pass.
         console: rich Console.
         **source_options: Data-source options (csv, label_col, ...) as for `train`.
@@ -455,6 +517,7 @@ def evaluate(target: str | Path, data: str | Path | None = None, *, out: str | P
     console = _console(console)
     _set_threads()
     bundle = load_bundle(target)
+    tta, tta_reduce = bundle.tta_setting(tta, tta_reduce)
     run_dir = bundle.path.parent if (bundle.path.parent / "config.yaml").is_file() else None
     if data is None:
         if run_dir is None:
@@ -495,8 +558,7 @@ def evaluate(target: str | Path, data: str | Path | None = None, *, out: str | P
 
     def score(n_tta: int) -> tuple[evaluation.Predictions, dict]:
         probs = predict_images(bundle.model, bundle.preprocess, decoded, bundle.multi_label,
-                               batch_size=batch_size, tta=n_tta,
-                               reduce=(bundle.tta or {}).get("reduce", "mean"))
+                               batch_size=batch_size, tta=n_tta, reduce=tta_reduce)
         p = evaluation.Predictions(paths=[str(s.path) for s in used], classes=bundle.classes,
                                    probs=probs, targets=targets, multi_label=bundle.multi_label,
                                    thresholds=thresholds)
@@ -506,7 +568,7 @@ def evaluate(target: str | Path, data: str | Path | None = None, *, out: str | P
     result = {k: v for k, v in scores.items()}
     if tta:
         preds_tta, scores_tta = score(tta)
-        result["tta"] = {"views": tta + 1, **{k: v for k, v in scores_tta.items()
+        result["tta"] = {"views": tta + 1, "reduce": tta_reduce, **{k: v for k, v in scores_tta.items()
                                                if not isinstance(v, dict)}}
         preds, scores = preds_tta, scores_tta
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -52,9 +52,21 @@ class MixBatch:
             onehot = onehot * (1 - self.label_smoothing) + self.label_smoothing / self.num_classes
         return onehot
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.enabled or (self.off_epoch is not None and self.epoch >= self.off_epoch):
+    @property
+    def active(self) -> bool:
+        """Whether batches of the current epoch are mixed."""
+        return self.enabled and (self.off_epoch is None or self.epoch < self.off_epoch)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor,
+                 key: tuple[int, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mix a batch; `key` (e.g. stage and step) reseeds the draws, so a resumed run mixes
+        exactly as the uninterrupted one would have."""
+        if not self.active:
             return x, y
+        if key is not None:
+            from imgclf.resume import mix_seed
+
+            self.rng = np.random.default_rng(mix_seed(self.seed, *key))
         methods = [m for m, a in (("mixup", self.mixup), ("cutmix", self.cutmix)) if a > 0]
         method = methods[self.rng.integers(len(methods))]
         alpha = self.mixup if method == "mixup" else self.cutmix

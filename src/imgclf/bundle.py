@@ -50,12 +50,25 @@ class Bundle:
     path: Path | None = None
 
     def predict(self, paths, batch_size: int = 32, tta: int | None = None, top_k: int = 5,
-                threshold: float | None = None):
+                threshold: float | None = None, tta_reduce: str | None = None):
         """Predict files; see `imgclf.predict.predict_files`."""
         from imgclf.predict import predict_files
 
         return predict_files(self, paths, batch_size=batch_size, tta=tta, top_k=top_k,
-                             threshold=threshold)
+                             threshold=threshold, tta_reduce=tta_reduce)
+
+    def tta_setting(self, n: int | None = None, reduce: str | None = None) -> tuple[int, str]:
+        """(views added, reduction): the arguments where given, else what training chose."""
+        from imgclf.recipe import TTA_REDUCTIONS
+
+        saved = self.tta or {}
+        n = int(n if n is not None else saved.get("n", 0))
+        reduce = reduce or saved.get("reduce") or "mean"
+        if n < 0:
+            raise ImgclfError(f"--tta {n}: the number of augmented views must be >= 0")
+        if reduce not in TTA_REDUCTIONS:
+            raise ImgclfError(f"--tta-reduce {reduce!r} is not one of {' | '.join(TTA_REDUCTIONS)}")
+        return n, reduce
 
     def decision_thresholds(self, override: float | None = None) -> np.ndarray:
         """Per-class thresholds (multi-label): the override, the tuned ones, or 0.5."""

@@ -60,10 +60,20 @@ def train(
     devices: str = typer.Option("auto", help="Devices per machine: auto, a count, or a list like 0,1."),
     num_nodes: int = typer.Option(1, help="Machines taking part (see README: multi-node)."),
     strategy: str = typer.Option("auto", help="auto | ddp | ... (Lightning strategy)."),
+    norm_stats: str = typer.Option("auto", help="Input normalisation: auto (the model's when pretrained, else computed from the training images) | imagenet | MEAN,STD | M1,M2,M3,S1,S2,S3."),
+    sizes: Optional[str] = typer.Option(None, help="Progressive resizing: sizes of the training stages, small to large, e.g. 128,192,224."),
+    stage_epochs: Optional[str] = typer.Option(None, help="Epochs per --sizes stage, e.g. 4,3,3 (default: --epochs split evenly)."),
+    mixup: float = typer.Option(0.0, help="Mixup Beta parameter (0: off; 0.2-0.4 is common)."),
+    cutmix: float = typer.Option(0.0, help="CutMix Beta parameter (0: off; 1.0 is common)."),
+    mixup_off_epoch: Optional[int] = typer.Option(None, help="Epoch (as numbered in metrics.csv) from which batches are no longer mixed."),
+    label_smoothing: float = typer.Option(0.0, help="Label smoothing for single-label data (0.1 is usual)."),
+    tta: int = typer.Option(0, help="Test-time augmentation views the saved model adds (0: off); validation is reported with and without."),
+    tta_reduce: str = typer.Option("mean", help="How TTA views combine: mean | max."),
 ):
     """Train a classifier on labelled images and write a run directory."""
     from imgclf import api
     from imgclf.config import TrainConfig
+    from imgclf.recipe import parse_ints
 
     if resume is None and data is None:
         raise ImgclfError("pass DATA (a folder of images) or --resume RUN")
@@ -80,7 +90,10 @@ def train(
         checkpoint_every=checkpoint_every, threshold_metric=threshold_metric, out=str(out_dir),
         name=name, accelerator=accelerator,
         devices=int(devices) if devices.isdigit() else devices, num_nodes=num_nodes,
-        strategy=strategy)
+        strategy=strategy, norm_stats=norm_stats, sizes=parse_ints(sizes, "--sizes"),
+        stage_epochs=parse_ints(stage_epochs, "--stage-epochs"), mixup=mixup, cutmix=cutmix,
+        mixup_off_epoch=mixup_off_epoch, label_smoothing=label_smoothing, tta=tta,
+        tta_reduce=tta_reduce)
     api.train(config=cfg, resume=resume, console=console)
 
 
@@ -99,7 +112,8 @@ def evaluate(
     label_pattern: Optional[str] = typer.Option(None, help="Regex giving the label from the file name."),
     label_delim: str = typer.Option(" ", help="Separator of several labels in one CSV cell."),
     label_cols: Optional[str] = typer.Option(None, help="One-hot label columns (comma-separated) or 'auto'."),
-    tta: int = typer.Option(0, help="Augmented views to add (test-time augmentation)."),
+    tta: Optional[int] = typer.Option(None, help="Augmented views to add (test-time augmentation; default: the bundle's setting); scores are shown with and without."),
+    tta_reduce: Optional[str] = typer.Option(None, help="How TTA views combine: mean | max (default: the bundle's, else mean)."),
     batch_size: int = typer.Option(32),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder for the results."),
 ):
@@ -109,8 +123,8 @@ def evaluate(
     options = {k: v for k, v in {"csv": str(csv) if csv else None,
                                  "label_pattern": label_pattern, "label_cols": label_cols,
                                  "label_delim": label_delim if csv else None}.items() if v}
-    api.evaluate(run, data, out=out_dir, tta=tta, batch_size=batch_size, console=console,
-                 **options)
+    api.evaluate(run, data, out=out_dir, tta=tta, tta_reduce=tta_reduce, batch_size=batch_size,
+                 console=console, **options)
 
 
 @app.command()
@@ -120,6 +134,7 @@ def predict(
     top_k: int = typer.Option(3, help="Labels shown per image."),
     out_csv: Optional[Path] = typer.Option(None, "--out", help="Write all probabilities to this CSV."),
     tta: Optional[int] = typer.Option(None, help="Augmented views (default: the bundle's setting)."),
+    tta_reduce: Optional[str] = typer.Option(None, help="How TTA views combine: mean | max (default: the bundle's, else mean)."),
     threshold: Optional[float] = typer.Option(None, help="Multi-label: override the tuned thresholds."),
     batch_size: int = typer.Option(32),
 ):
@@ -127,7 +142,8 @@ def predict(
     from imgclf import api
 
     bundle = api.load(model)
-    result = bundle.predict(paths, batch_size=batch_size, tta=tta, threshold=threshold)
+    result = bundle.predict(paths, batch_size=batch_size, tta=tta, tta_reduce=tta_reduce,
+                            threshold=threshold)
     if bundle.multi_label:
         from imgclf.predict import describe_thresholds
 

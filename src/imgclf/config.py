@@ -53,6 +53,20 @@ class TrainConfig:
         devices: Devices per machine: "auto", a count, or a list such as "0,1".
         num_nodes: Machines taking part (multi-node runs are started by torchrun or SLURM).
         strategy: Lightning strategy: "auto", "ddp", ... (ddp starts one process per device).
+        norm_stats: Input normalisation: "auto" (the model's own statistics when pretrained,
+            else computed from a sample of the training images), "imagenet", or explicit values
+            "MEAN,STD" (one value for every channel) or "M1,M2,M3,S1,S2,S3".
+        sizes: Progressive resizing: the input size of each stage of whole-network training,
+            smallest first; the last is the size the bundle predicts at.
+        stage_epochs: Epochs of each `sizes` stage (None: `epochs` split evenly, any remainder
+            going to the earlier, cheaper stages).
+        mixup: Beta parameter of mixup (0: off).
+        cutmix: Beta parameter of CutMix (0: off).
+        mixup_off_epoch: Epoch (metrics.csv numbering) from which batches are no longer mixed.
+        label_smoothing: Cross-entropy label smoothing (single-label).
+        tta: Test-time augmentation views the bundle adds to the plain view (0: off); the run's
+            validation numbers and predictions.csv are then with TTA.
+        tta_reduce: How TTA views are combined: "mean" or "max".
     """
 
     data: str = ""
@@ -91,6 +105,15 @@ class TrainConfig:
     devices: int | str = "auto"
     num_nodes: int = 1
     strategy: str = "auto"
+    norm_stats: str = "auto"
+    sizes: list[int] | None = None
+    stage_epochs: list[int] | None = None
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    mixup_off_epoch: int | None = None
+    label_smoothing: float = 0.0
+    tta: int = 0
+    tta_reduce: str = "mean"
     extra: dict = field(default_factory=dict)
 
     def to_yaml(self, path: Path) -> None:

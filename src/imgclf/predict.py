@@ -137,7 +137,7 @@ class PredictionResult:
 
 def predict_files(bundle, paths, batch_size: int = 32, tta: int | None = None, top_k: int = 5,
                   threshold: float | None = None, cache_dir: Path | None = None,
-                  progress: bool = False) -> PredictionResult:
+                  progress: bool = False, tta_reduce: str | None = None) -> PredictionResult:
     """Decode, presize and predict files with a bundle.
 
     Args:
@@ -149,13 +149,13 @@ def predict_files(bundle, paths, batch_size: int = 32, tta: int | None = None, t
         threshold: Override the bundle's multi-label thresholds.
         cache_dir: Decode cache folder (None: no disk cache for prediction).
         progress: Show a progress bar while decoding.
+        tta_reduce: "mean" or "max" over TTA views (None: the bundle's setting, else mean).
     """
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise ImgclfError(f"--threshold {threshold:g} is not a probability: pass a number "
                           "from 0 to 1")
     files = expand_paths(list(paths) if not isinstance(paths, (str, Path)) else [paths])
-    tta_cfg = bundle.tta or {}
-    n = int(tta if tta is not None else tta_cfg.get("n", 0))
+    n, reduce = bundle.tta_setting(tta, tta_reduce)
     kept: list[Path] = []
     errors: dict[Path, str] = {}
     chunks: list[np.ndarray] = []
@@ -166,8 +166,7 @@ def predict_files(bundle, paths, batch_size: int = 32, tta: int | None = None, t
         errors.update(errs)
         kept += images.paths
         chunks.append(predict_images(bundle.model, bundle.preprocess, images, bundle.multi_label,
-                                     batch_size=batch_size, tta=n,
-                                     reduce=tta_cfg.get("reduce", "mean")))
+                                     batch_size=batch_size, tta=n, reduce=reduce))
     probs = np.concatenate(chunks) if kept else np.zeros((0, len(bundle.classes)), np.float32)
     return PredictionResult(
         paths=kept, probs=probs, classes=bundle.classes, multi_label=bundle.multi_label,

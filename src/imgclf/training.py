@@ -91,7 +91,10 @@ class ClassifierModule(L.LightningModule):
         weight_decay: AdamW weight decay.
         preprocess: When given, inputs are uint8 images normalised with its mean/std.
         class_weight: Optional per-class loss weights.
-        batch_transform: Optional (x, y) -> (x, y) on training batches (e.g. mixup).
+        batch_transform: Optional (x, y, key) -> (x, y) on training batches (e.g. mixup);
+            its `epoch` attribute, if any, is kept at the run's epoch number.
+        epoch_offset: Run epoch number of this fit's first epoch (earlier stages' epochs).
+        stage_index: Distinguishes fits of one run in the keys given to `batch_transform`.
     """
 
     def __init__(
@@ -107,6 +110,8 @@ class ClassifierModule(L.LightningModule):
         preprocess: Preprocess | None = None,
         class_weight: torch.Tensor | None = None,
         batch_transform: Callable | None = None,
+        epoch_offset: int = 0,
+        stage_index: int = 0,
     ):
         super().__init__()
         self.net = net
@@ -118,6 +123,7 @@ class ClassifierModule(L.LightningModule):
         self.preprocess = preprocess
         self.class_weight = class_weight
         self.batch_transform = batch_transform
+        self.epoch_offset, self.stage_index = epoch_offset, stage_index
         self._val_logits: list[torch.Tensor] = []
         self._val_targets: list[torch.Tensor] = []
         self._val_index: list[torch.Tensor] = []
@@ -130,10 +136,15 @@ class ClassifierModule(L.LightningModule):
             x = x.contiguous(memory_format=torch.channels_last)
         return self.net(x)
 
+    def on_train_epoch_start(self) -> None:
+        if hasattr(self.batch_transform, "epoch"):
+            self.batch_transform.epoch = self.epoch_offset + self.current_epoch
+
     def training_step(self, batch, batch_idx):
         x, y = batch
         if self.batch_transform is not None:
-            x, y = self.batch_transform(x, y)
+            # Keyed by the step Lightning restores from a checkpoint, so resuming mixes alike.
+            x, y = self.batch_transform(x, y, (self.stage_index, self.global_step))
         weight = self.class_weight.to(self.device) if self.class_weight is not None else None
         loss = self.task.loss(self(x), y, weight)
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True,
@@ -225,13 +236,16 @@ class History(L.Callback):
         on_row: Called after each row is added (writes metrics.csv and best weights).
         progress: The stage's `ResumeState`, whose loss and time cover an epoch interrupted
             and resumed; without it they come from Lightning and this process's clock.
+        eligible: Whether this stage's epochs may become the best epoch (with progressive
+            resizing only the final size's may: the bundle predicts at that size).
     """
 
     def __init__(self, rows: list[EpochRow], best: Best, stage: str, full_model: nn.Module,
-                 monitor: str, on_row: Callable[[EpochRow, bool], None], progress=None):
+                 monitor: str, on_row: Callable[[EpochRow, bool], None], progress=None,
+                 eligible: bool = True):
         self.rows, self.best, self.stage = rows, best, stage
         self.full_model, self.monitor, self.on_row = full_model, monitor, on_row
-        self.progress = progress
+        self.progress, self.eligible = progress, eligible
         self._t0 = time.perf_counter()
         # Rows of earlier stages come first; rows of this stage from before a resume follow.
         self._offset = sum(r.stage != stage for r in rows)
@@ -264,7 +278,7 @@ class History(L.Callback):
             seconds=round(seconds, 3),
         )
         self.rows.append(row)
-        improved = self.best.offer(m.get(self.monitor, -math.inf), row.valid_loss, row.epoch,
+        improved = self.eligible and self.best.offer(m.get(self.monitor, -math.inf), row.valid_loss, row.epoch,
                                    self.stage, self.full_model, pl_module.last_val[0])
         self.on_row(row, improved)
 
@@ -357,7 +371,7 @@ def feature_lr_find(head: nn.Module, task: Task, feats: torch.Tensor, targets: t
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False,
                         default_root_dir=_scratch_dir())
-    with warnings.catch_warnings(), _env(TQDM_DISABLE="1"):
+    with warnings.catch_warnings(), _quiet_lr_finder_bar():
         warnings.simplefilter("ignore")
         finder = Tuner(trainer).lr_find(module, train_dataloaders=loader, min_lr=1e-6,
                                         max_lr=1.0, num_training=100, update_attr=False)
@@ -370,21 +384,22 @@ def feature_lr_find(head: nn.Module, task: Task, feats: torch.Tensor, targets: t
 
 
 @contextlib.contextmanager
-def _env(**values: str):
-    """Environment variables set for the duration of a block (Lightning's LR finder draws its
-    own tqdm bar, which only TQDM_DISABLE silences)."""
-    import os
+def _quiet_lr_finder_bar():
+    """Lightning's LR finder draws a tqdm bar of its own, passing disable=False explicitly (so
+    TQDM_DISABLE cannot silence it); imgclf prints the finder's result instead."""
+    from lightning.pytorch.tuner import lr_finder
 
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
+    original = lr_finder.tqdm
+
+    def silent(*args, **kwargs):
+        kwargs["disable"] = True
+        return original(*args, **kwargs)
+
+    lr_finder.tqdm = silent
     try:
         yield
     finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        lr_finder.tqdm = original
 
 
 def _scratch_dir() -> str:
@@ -555,6 +570,28 @@ class FitData:
     balance: str = "none"
 
 
+def batch_mixer(cfg, task: Task):
+    """The mixup/CutMix batch transform a config asks for, or None.
+
+    Label smoothing is left to the loss (cross-entropy smooths soft targets the same way), so
+    it applies alike to mixed batches and to the unmixed ones after `mixup_off_epoch`.
+    """
+    from imgclf.augment import MixBatch
+
+    mixup, cutmix = float(getattr(cfg, "mixup", 0) or 0), float(getattr(cfg, "cutmix", 0) or 0)
+    if mixup <= 0 and cutmix <= 0:
+        return None
+    return MixBatch(num_classes=len(task.classes), multi_label=task.multi_label, mixup=mixup,
+                    cutmix=cutmix, off_epoch=getattr(cfg, "mixup_off_epoch", None),
+                    seed=cfg.seed)
+
+
+def load_module_weights(model: nn.Module, ckpt_path: Path) -> None:
+    """The network's weights from a Lightning checkpoint of a `ClassifierModule` around it."""
+    state = AtomicCheckpointIO().load_checkpoint(ckpt_path)["state_dict"]
+    model.load_state_dict({k[len("net."):]: v for k, v in state.items() if k.startswith("net.")})
+
+
 def fine_tune(
     model: nn.Module,
     task: Task,
@@ -583,8 +620,9 @@ def fine_tune(
         resume: State of an interrupted run: {"stage", "lr", "lr_find"}.
         console: rich Console for messages.
     """
-    from imgclf import balance
-    from imgclf.data.datasets import make_loader
+    from imgclf import balance, recipe
+    from imgclf.data.datasets import make_loader, with_transform
+    from imgclf.data.transforms import resized_eval_transform, train_transform
 
     quiet_lightning()
     say = console.print if console is not None else print
@@ -610,10 +648,11 @@ def fine_tune(
     # LR finder, trains the frozen head and writes state (see imgclf.distributed).
     rank_zero = distributed.is_rank_zero(int(getattr(cfg, "num_nodes", 1)))
 
-    def save_state(stage: str) -> None:
+    def save_state(stage: str, size_stage: int = 0) -> None:
         if ckpt_dir and rank_zero:
             atomic_write_json(ckpt_dir / "state.json",
-                              {"stage": stage, "lr": lr, "lr_find": lr_find_info})
+                              {"stage": stage, "lr": lr, "lr_find": lr_find_info,
+                               "size_stage": size_stage})
 
     if frozen and resume.get("stage") not in ("unfrozen", "done") and rank_zero:
         # The frozen stage has no checkpoint of its own: after a kill it runs again from the
@@ -669,6 +708,8 @@ def fine_tune(
         lr_find_info = None
         say(f"lr = {lr:.1e} (default for {'random init' if not cfg.pretrained else 'fine-tuning'})")
 
+    stages = recipe.size_schedule(getattr(cfg, "sizes", None), cfg.epochs,
+                                  getattr(cfg, "stage_epochs", None), pre.size)
     if not interrupted and cfg.epochs > 0 and resume.get("stage") != "done":
         models.set_body_trainable(model, True)
         # Feature caching left the body in eval mode, and Lightning keeps submodules' modes: the
@@ -677,42 +718,76 @@ def fine_tune(
         groups = models.layer_groups(model, 3)
         base = lr / 2 if frozen else lr
         lrs = discriminative_lrs(base, len(groups)) if cfg.pretrained else [base] * len(groups)
-        module = ClassifierModule(model, task, groups, lrs, pct_start=0.3 if frozen else 0.25,
-                                  div=5.0 if frozen else 25.0, preprocess=pre,
-                                  class_weight=weight if data.balance == "weights" else None)
+        mixer = batch_mixer(cfg, task)
         sampler = (balance.balanced_sampler(data.y_train, len(task.classes), cfg.seed)
                    if data.balance == "sampler" else None)
-        # Order and augmentation are functions of (seed, epoch, position), so a resumed run
-        # sees exactly the batches the uninterrupted one would have (see imgclf.resume).
-        order = ResumableSampler(len(data.train), cfg.seed, inner=sampler)
-        train_loader = make_loader(SeededDataset(data.train), cfg.batch_size, train=True,
-                                   workers=cfg.workers, seed=cfg.seed, sampler=order)
-        progress = ResumeState(order, cfg.seed, cfg.batch_size)
-        callbacks: list = [progress, History(rows, best, "unfrozen", model, task.monitor, on_row,
-                                             progress=progress)]
-        if ckpt_dir:
-            from lightning.pytorch.callbacks import ModelCheckpoint
+        first = int(resume.get("size_stage", 0)) if resume.get("stage") == "unfrozen" else 0
+        epoch_offset = (cfg.freeze_epochs if frozen else 0) + sum(
+            st.epochs for st in stages[:first])
+        if len(stages) > 1:
+            say("Progressive resizing: " + ", then ".join(
+                f"{st.epochs} epoch{'s' if st.epochs != 1 else ''} at {st.size}px"
+                for st in stages) + " (the best epoch is chosen among the last stage's)")
+        for k in range(first, len(stages)):
+            st = stages[k]
+            name = "unfrozen" if len(stages) == 1 else f"unfrozen-{st.size}px"
+            train_ds, valid_ds = data.train, data.valid
+            if st.size != pre.size:
+                train_ds = with_transform(data.train, train_transform(st.size))
+                valid_ds = with_transform(data.valid, resized_eval_transform(
+                    st.size, pre.presize, pre.size / pre.presize))
+            # Each stage is a one-cycle of its own; later stages start from trained weights, so
+            # they warm up briefly from a fifth of the peak rather than from scratch.
+            later = frozen or k > 0
+            module = ClassifierModule(model, task, groups, lrs, pct_start=0.25 if k == 0 else 0.2,
+                                      div=5.0 if later else 25.0, preprocess=pre,
+                                      class_weight=weight if data.balance == "weights" else None,
+                                      batch_transform=mixer, epoch_offset=epoch_offset,
+                                      stage_index=k)
+            # Order and augmentation are functions of (seed, epoch, position), so a resumed run
+            # sees exactly the batches the uninterrupted one would have (see imgclf.resume).
+            order = ResumableSampler(len(train_ds), cfg.seed + 7919 * k, inner=sampler)
+            train_loader = make_loader(SeededDataset(train_ds), cfg.batch_size, train=True,
+                                       workers=cfg.workers, seed=cfg.seed, sampler=order)
+            progress = ResumeState(order, cfg.seed + 7919 * k, cfg.batch_size)
+            callbacks: list = [progress, History(rows, best, name, model, task.monitor, on_row,
+                                                 progress=progress,
+                                                 eligible=k == len(stages) - 1)]
+            ckpt_name = "last" if k == 0 else f"last-stage{k}"
+            if ckpt_dir:
+                from lightning.pytorch.callbacks import ModelCheckpoint
 
-            callbacks.append(ModelCheckpoint(
-                dirpath=str(ckpt_dir), filename="last", save_last=False, save_top_k=-1,
-                every_n_epochs=1, save_on_train_epoch_end=True, enable_version_counter=False))
-            if cfg.checkpoint_every:
-                callbacks.append(StepCheckpoint(
-                    dirpath=str(ckpt_dir), filename="last", save_top_k=-1,
-                    every_n_train_steps=int(cfg.checkpoint_every), enable_version_counter=False))
-        trainer = make_trainer(cfg.epochs, precision, callbacks, cfg, run_dir)
-        indexed_valid_loader = make_loader(distributed.IndexedDataset(data.valid), cfg.batch_size,
-                                           train=False, workers=cfg.workers)
-        ckpt = ckpt_dir / "last.ckpt" if ckpt_dir and resume.get("stage") == "unfrozen" else None
-        save_state("unfrozen")
-        with warnings.catch_warnings():
-            # Lightning cannot see that ResumableSampler continues mid-epoch; it can.
-            warnings.filterwarnings("ignore", message=".*dataloader is not resumable.*")
-            fit_interruptible(trainer, module, train_loader, indexed_valid_loader,
-                        ckpt_path=str(ckpt) if ckpt and ckpt.is_file() else None,
-                        weights_only=True)
-        interrupted = trainer.interrupted
-        seen += cfg.epochs * (len(data.train) + len(data.valid))
+                callbacks.append(ModelCheckpoint(
+                    dirpath=str(ckpt_dir), filename=ckpt_name, save_last=False, save_top_k=-1,
+                    every_n_epochs=1, save_on_train_epoch_end=True,
+                    enable_version_counter=False))
+                if cfg.checkpoint_every:
+                    callbacks.append(StepCheckpoint(
+                        dirpath=str(ckpt_dir), filename=ckpt_name, save_top_k=-1,
+                        every_n_train_steps=int(cfg.checkpoint_every),
+                        enable_version_counter=False))
+            trainer = make_trainer(st.epochs, precision, callbacks, cfg, run_dir)
+            indexed_valid_loader = make_loader(distributed.IndexedDataset(valid_ds),
+                                               cfg.batch_size, train=False, workers=cfg.workers)
+            ckpt = None
+            if ckpt_dir and resume.get("stage") == "unfrozen" and k == first:
+                ckpt = ckpt_dir / f"{ckpt_name}.ckpt"
+                previous = ckpt_dir / ("last.ckpt" if k == 1 else f"last-stage{k - 1}.ckpt")
+                if not ckpt.is_file() and k > 0 and previous.is_file():
+                    # Killed between stages: start this stage from the last one's weights.
+                    load_module_weights(model, previous)
+            save_state("unfrozen", k)
+            with warnings.catch_warnings():
+                # Lightning cannot see that ResumableSampler continues mid-epoch; it can.
+                warnings.filterwarnings("ignore", message=".*dataloader is not resumable.*")
+                fit_interruptible(trainer, module, train_loader, indexed_valid_loader,
+                                  ckpt_path=str(ckpt) if ckpt and ckpt.is_file() else None,
+                                  weights_only=True)
+            interrupted = trainer.interrupted
+            seen += st.epochs * (len(data.train) + len(data.valid))
+            epoch_offset += st.epochs
+            if interrupted:
+                break
         if not interrupted:
             save_state("done")
 

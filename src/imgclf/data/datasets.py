@@ -43,6 +43,24 @@ class ImageDataset(Dataset):
         return x.contiguous(), self.targets[i]
 
 
+def with_transform(dataset: Dataset, transform: Callable[[torch.Tensor], torch.Tensor]) -> Dataset:
+    """The same images and targets under another transform (e.g. a progressive-resizing size).
+
+    Works through `ConcatDataset`s; the images themselves are shared, not copied.
+    """
+    import copy
+
+    from torch.utils.data import ConcatDataset
+
+    if isinstance(dataset, ConcatDataset):
+        return ConcatDataset([with_transform(d, transform) for d in dataset.datasets])
+    if isinstance(dataset, ImageDataset):
+        out = copy.copy(dataset)
+        out.transform = transform
+        return out
+    raise TypeError(f"cannot change the transform of a {type(dataset).__name__}")
+
+
 def default_workers() -> int:
     """Loader processes: none on small machines, where workers would steal the compute's cores.
 

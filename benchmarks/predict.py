@@ -8,8 +8,8 @@
 2. Training-step throughput of the default model in GFLOP/s (FLOPs counted by
    torch.utils.flop_counter, forward + backward) in float32 and bf16 autocast, against this
    machine's measured matrix-multiply peak in the same precisions.
-3. Peak memory of streaming prediction over N and 10 x N images (from the decode cache on disk
-   for the large set), to show memory does not grow with the number of images.
+3. Peak memory of scoring a mining pool (`imgclf mine`'s chunked scorer) of N and 10 x N
+   distinct images, to show memory does not grow with the size of the pool.
 """
 
 from __future__ import annotations
@@ -94,9 +94,11 @@ def gflops_vs_peak(batch_size: int) -> None:
 
     p32, p16 = peak(torch.float32), peak(torch.bfloat16)
     print(f"matmul peak: fp32 {p32:.0f} GFLOP/s, bf16 {p16:.0f} GFLOP/s")
-    for arch in ("tf_efficientnet_lite0", "resnet50"):
-        model = models.create_model(arch, 10, pretrained=False).to(memory_format=torch.channels_last)
-        x = torch.randn(batch_size, 3, 224, 224).contiguous(memory_format=torch.channels_last)
+    for arch, layout in [(a, f) for a in ("tf_efficientnet_lite0", "resnet50")
+                         for f in ("channels_last", "contiguous")]:
+        fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+        model = models.create_model(arch, 10, pretrained=False).to(memory_format=fmt)
+        x = torch.randn(batch_size, 3, 224, 224).contiguous(memory_format=fmt)
         y = torch.randint(0, 10, (batch_size,))
         opt = torch.optim.AdamW(model.parameters())
         with FlopCounterMode(display=False) as fc:
@@ -115,7 +117,8 @@ def gflops_vs_peak(batch_size: int) -> None:
                 times.append(time.perf_counter() - t0)
             t = min(times[1:])
             achieved = flops / t / 1e9
-            print(f"train step {arch:22} {name}: {batch_size / t:6.1f} img/s, {achieved:6.0f} GFLOP/s "
+            print(f"train step {arch:21} {layout:13} {name}: {batch_size / t:6.1f} img/s, "
+                  f"{achieved:6.0f} GFLOP/s "
                   f"= {achieved / pk:.1%} of {name} matmul peak ({flops / batch_size / 1e9:.2f} GFLOP/img)")
 
 
@@ -123,10 +126,35 @@ def memory_child(n: int, batch_size: int, cache: str) -> None:
     os.environ["IMGCLF_CACHE_DIR"] = cache
     from imgclf.data.cache import default_cache_dir
 
+    from imgclf.mining import score_pool
+
     b = make_bundle(Path(tempfile.mkdtemp()) / "model")
-    files = photos(n)
-    res = b.predict(files, batch_size=batch_size, cache_dir=default_cache_dir())
-    print(f"MEM {n} {len(res.paths)} {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}")
+    # Distinct files (symbolic links to the photos would share content digests, and the pool
+    # scorer skips repeated content): the photos cycled, each copy one pixel different.
+    files = pool_files(n)
+    score = score_pool(b.model, b.preprocess, files, False, 0, None, b.classes, k=50,
+                       skip_digests=set(), cache_dir=default_cache_dir(), batch_size=batch_size)
+    print(f"MEM {n} {score.scored} {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}")
+
+
+def pool_files(n: int) -> list[Path]:
+    """n distinct small JPEGs made from the photos (written once into a shared folder)."""
+    import numpy as np
+    from PIL import Image
+
+    folder = Path(tempfile.gettempdir()) / "imgclf-bench-pool"
+    folder.mkdir(exist_ok=True)
+    sources = photos(min(n, 200))
+    out = []
+    for i in range(n):
+        p = folder / f"{i:06d}.jpg"
+        if not p.is_file():
+            a = np.asarray(Image.open(sources[i % len(sources)]).convert("RGB").resize((160, 160)))
+            a = a.copy()
+            a[0, 0] = (i % 256, (i // 256) % 256, (i // 65536) % 256)
+            Image.fromarray(a).save(p, quality=90)
+        out.append(p)
+    return out
 
 
 def memory(n: int, batch_size: int) -> None:
@@ -142,7 +170,7 @@ def memory(n: int, batch_size: int) -> None:
             return
         _, c, got, mb = line[-1].split()
         peaks[count] = float(mb)
-        print(f"streaming predict over {c} images: peak RSS {mb} MB")
+        print(f"mining pool scoring over {c} images: peak RSS {mb} MB")
     print(f"peak memory {10 * n} vs {n} images: {peaks[10 * n] / peaks[n]:.2f}x")
 
 

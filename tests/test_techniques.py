@@ -9,6 +9,7 @@ from imgclf.config import TrainConfig
 from imgclf.data.transforms import image_stats, resized_eval_transform
 from imgclf.errors import ImgclfError
 from imgclf.predict import tta_views
+from conftest import TINY
 from imgclf.recipe import (IMAGENET_MEAN, IMAGENET_STD, SizeStage, check_techniques,
                            parse_ints, parse_norm_stats, resolve_norm_stats, size_schedule)
 
@@ -259,3 +260,29 @@ def test_progressive_mixup_run_resumes_exactly_across_a_stage_boundary(tmp_path,
     a = json.loads((ref.path / "metrics.json").read_text())
     b = json.loads((run / "metrics.json").read_text())
     assert {k: a[k] for k in keys} == {k: b[k] for k in keys}
+
+
+def test_batch_crop_draws_by_key_and_keeps_whole_images_at_full_scale():
+    from imgclf.augment import BatchCrop
+
+    x = torch.randint(0, 256, (6, 3, 20, 20), dtype=torch.uint8)
+    crop = BatchCrop(12, seed=3)
+    a, b = crop(x, (0, 5)), crop(x, (0, 5))
+    assert a.shape == (6, 3, 12, 12) and a.dtype == torch.float32 and torch.equal(a, b)
+    assert not torch.equal(a, crop(x, (0, 6)))
+    assert 0 <= float(a.min()) and float(a.max()) <= 255
+    whole = BatchCrop(20, seed=0, min_scale=1.0, ratio=(1.0, 1.0))(x, (1,))
+    for i in range(len(x)):  # full-area square crops are the image itself or its mirror
+        xi = x[i].float()
+        assert torch.allclose(whole[i], xi, atol=1e-3) or \
+            torch.allclose(whole[i], xi.flip(-1), atol=1e-3)
+
+
+def test_training_with_crops_on_the_device(tmp_path, color_data):
+    from imgclf import api
+
+    run = api.train(color_data, out=str(tmp_path), name="device-crops", seed=0,
+                    augment_on="device", **{**TINY, "epochs": 2})
+    assert run.config().augment_on == "device"
+    preds = run.predictions()
+    np.testing.assert_allclose(run.load().predict(preds.paths).probs, preds.probs, atol=1e-4)

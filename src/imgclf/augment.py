@@ -93,3 +93,52 @@ def _cutmix(x: torch.Tensor, perm: torch.Tensor, lam: float,
     out = x.clone()
     out[..., y0:y1, x0:x1] = x[perm][..., y0:y1, x0:x1]
     return out, 1 - (y1 - y0) * (x1 - x0) / (h * w)
+
+
+@dataclass
+class BatchCrop:
+    """Random resized crops and flips of a whole batch at once, on whatever device it is on.
+
+    The loader then only stacks presized uint8 squares, and the crop, resize and flip of every
+    image run as one `grid_sample` on the device: on a GPU that takes the per-image work off the
+    CPU, which otherwise starves it. The draws come from a CPU generator seeded by `key`, so
+    they are the same on any device and after a resume.
+
+    Attributes:
+        size: Output side.
+        seed: The run's seed.
+        min_scale: Smallest crop area as a fraction of the image (as `train_transform`).
+        ratio: Range of crop aspect ratios.
+        flip: Also flip half of the images horizontally.
+    """
+
+    size: int
+    seed: int = 0
+    min_scale: float = 0.35
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip: bool = True
+
+    def __call__(self, x: torch.Tensor, key: tuple[int, ...] = ()) -> torch.Tensor:
+        """uint8 or float [B, 3, P, P] on the 0-255 scale -> float [B, 3, size, size]."""
+        from imgclf.resume import mix_seed
+
+        g = torch.Generator().manual_seed(mix_seed(self.seed, 17, *key))
+        n = len(x)
+        area = torch.empty(n).uniform_(self.min_scale, 1.0, generator=g)
+        log_r = torch.empty(n).uniform_(float(np.log(self.ratio[0])), float(np.log(self.ratio[1])),
+                                        generator=g)
+        r = torch.exp(log_r)
+        # Width and height as fractions of the image side, clipped to the image.
+        w, h = torch.sqrt(area * r).clamp(max=1.0), torch.sqrt(area / r).clamp(max=1.0)
+        cx = (torch.rand(n, generator=g) * 2 - 1) * (1 - w)
+        cy = (torch.rand(n, generator=g) * 2 - 1) * (1 - h)
+        sign = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0) if self.flip \
+            else torch.ones(n)
+        theta = torch.zeros(n, 2, 3)
+        theta[:, 0, 0], theta[:, 0, 2] = w * sign, cx
+        theta[:, 1, 1], theta[:, 1, 2] = h, cy
+        theta = theta.to(x.device)
+        grid = torch.nn.functional.affine_grid(theta, [n, x.shape[1], self.size, self.size],
+                                               align_corners=False)
+        return torch.nn.functional.grid_sample(x.float(), grid, mode="bilinear",
+                                               padding_mode="border", align_corners=False)

@@ -69,6 +69,7 @@ def train(
     label_smoothing: float = typer.Option(0.0, help="Label smoothing for single-label data (0.1 is usual)."),
     tta: int = typer.Option(0, help="Test-time augmentation views the saved model adds (0: off); validation is reported with and without."),
     tta_reduce: str = typer.Option("mean", help="How TTA views combine: mean | max."),
+    augment_on: str = typer.Option("auto", help="Where training crops run: loader (per image) | device (batched on the GPU/CPU doing the training) | auto (device on CUDA)."),
 ):
     """Train a classifier on labelled images and write a run directory."""
     from imgclf import api
@@ -93,7 +94,7 @@ def train(
         strategy=strategy, norm_stats=norm_stats, sizes=parse_ints(sizes, "--sizes"),
         stage_epochs=parse_ints(stage_epochs, "--stage-epochs"), mixup=mixup, cutmix=cutmix,
         mixup_off_epoch=mixup_off_epoch, label_smoothing=label_smoothing, tta=tta,
-        tta_reduce=tta_reduce)
+        tta_reduce=tta_reduce, augment_on=augment_on)
     api.train(config=cfg, resume=resume, console=console)
 
 

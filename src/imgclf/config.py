@@ -67,6 +67,8 @@ class TrainConfig:
         tta: Test-time augmentation views the bundle adds to the plain view (0: off); the run's
             validation numbers and predictions.csv are then with TTA.
         tta_reduce: How TTA views are combined: "mean" or "max".
+        augment_on: Where training crops and flips run: "loader" (per image, in the data
+            loader), "device" (batched on the training device) or "auto" (the device on CUDA).
     """
 
     data: str = ""
@@ -114,6 +116,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     tta: int = 0
     tta_reduce: str = "mean"
+    augment_on: str = "auto"
     extra: dict = field(default_factory=dict)
 
     def to_yaml(self, path: Path) -> None:

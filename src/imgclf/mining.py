@@ -202,13 +202,6 @@ def better(a: dict, b: dict | None) -> bool:
 # Images
 
 
-def _subset(decoded: DecodedImages, indices: list[int]) -> DecodedImages:
-    return DecodedImages(
-        paths=[decoded.paths[i] for i in indices], digests=[decoded.digests[i] for i in indices],
-        array=decoded.array[indices] if decoded.array is not None else None,
-        files=[decoded.files[i] for i in indices] if decoded.array is None else None)
-
-
 def _predict(model, pre, decoded: DecodedImages, multi_label: bool, batch_size: int) -> np.ndarray:
     """Probabilities in float32 on the center crop: exactly what validation and predict see."""
     from imgclf.predict import predict_images
@@ -271,7 +264,7 @@ def score_pool(model, pre, paths: list[Path], multi_label: bool, negative_index:
                     seen.add(d)
                     fresh.append(i)
             if fresh:
-                sub = _subset(decoded, fresh)
+                sub = decoded.subset(fresh)
                 probs = _predict(model, pre, sub, multi_label, batch_size)
                 p, c, f = false_positive_scores(probs, negative_index, thresholds)
                 kept += sub.paths
@@ -444,7 +437,7 @@ def _balance_mode(s: _Setup, y_train: torch.Tensor) -> str:
 
 def _validation_probs(s: _Setup, model, batch_size: int) -> np.ndarray:
     va = s.prep.table.split(VALID)
-    pos = _subset(s.prep.decoded, [s.prep.index[x.path] for x in va])
+    pos = s.prep.decoded.subset([s.prep.index[x.path] for x in va])
     return np.concatenate([_predict(model, s.pre, pos, s.task.multi_label, batch_size),
                            _predict(model, s.pre, s.valid_neg, s.task.multi_label, batch_size)])
 
@@ -570,7 +563,7 @@ def _draw_seeds(s: _Setup, model, n: int) -> list[dict]:
                 seen.add(d)
                 fresh.append(i)
         if fresh:
-            sub = _subset(decoded, fresh)
+            sub = decoded.subset(fresh)
             probs = _predict(model, s.pre, sub, s.task.multi_label, s.opts.batch_size)
             picks += [{"path": str(p), "predicted": s.task.classes[int(row.argmax())],
                        "confidence": float(row.max())} for p, row in zip(sub.paths, probs)]
@@ -824,7 +817,7 @@ def _setup(run_dir: Path, cfg: TrainConfig, opts: MineOptions, console) -> _Setu
     if len(usable) < len(valid_neg):
         console.print(f"[yellow]{len(valid_neg) - len(usable)} held-out pool images are copies "
                       "of labelled images; they are left out[/]")
-    valid_neg = _subset(valid_neg, usable)
+    valid_neg = valid_neg.subset(usable)
     if not len(valid_neg):
         raise DataError("no usable held-out negatives (V): pass --valid-negatives DIR or a "
                         "larger pool")

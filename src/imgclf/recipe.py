@@ -150,6 +150,8 @@ def check_techniques(cfg, multi_label: bool | None = None) -> None:
     if cfg.mixup_off_epoch is not None and cfg.mixup_off_epoch < 0:
         raise ImgclfError(f"--mixup-off-epoch {cfg.mixup_off_epoch} must be >= 0")
     parse_norm_stats(cfg.norm_stats)
+    if cfg.augment_on not in ("auto", "loader", "device"):
+        raise ImgclfError(f"--augment-on {cfg.augment_on!r} is not one of auto | loader | device")
     if cfg.sizes and cfg.size and cfg.size != cfg.sizes[-1]:
         raise ImgclfError(f"--size {cfg.size} and --sizes {','.join(map(str, cfg.sizes))} "
                           "disagree: the last of --sizes is the final size; drop --size")

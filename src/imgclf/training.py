@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from imgclf import distributed, evaluation, models
+from imgclf.augment import BatchCrop
 from imgclf.data.transforms import Preprocess, normalize
 from imgclf.io import atomic_write_json
 from imgclf.resume import ResumableSampler, ResumeState, SeededDataset, StepCheckpoint
@@ -95,6 +96,8 @@ class ClassifierModule(L.LightningModule):
             its `epoch` attribute, if any, is kept at the run's epoch number.
         epoch_offset: Run epoch number of this fit's first epoch (earlier stages' epochs).
         stage_index: Distinguishes fits of one run in the keys given to `batch_transform`.
+        device_augment: Optional (x, key) -> x run on the device before `batch_transform`
+            (random crops of presized squares; see imgclf.augment.BatchCrop).
     """
 
     def __init__(
@@ -112,6 +115,7 @@ class ClassifierModule(L.LightningModule):
         batch_transform: Callable | None = None,
         epoch_offset: int = 0,
         stage_index: int = 0,
+        device_augment: Callable | None = None,
     ):
         super().__init__()
         self.net = net
@@ -124,6 +128,7 @@ class ClassifierModule(L.LightningModule):
         self.class_weight = class_weight
         self.batch_transform = batch_transform
         self.epoch_offset, self.stage_index = epoch_offset, stage_index
+        self.device_augment = device_augment
         self._val_logits: list[torch.Tensor] = []
         self._val_targets: list[torch.Tensor] = []
         self._val_index: list[torch.Tensor] = []
@@ -142,6 +147,8 @@ class ClassifierModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
+        if self.device_augment is not None:
+            x = self.device_augment(x, (self.stage_index, self.global_step))
         if self.batch_transform is not None:
             # Keyed by the step Lightning restores from a checkpoint, so resuming mixes alike.
             x, y = self.batch_transform(x, y, (self.stage_index, self.global_step))
@@ -586,6 +593,21 @@ def batch_mixer(cfg, task: Task):
                     seed=cfg.seed)
 
 
+def augment_on_device(cfg) -> bool:
+    """Whether training crops and flips run batched on the device ("device") rather than per
+    image in the loader ("loader"); "auto" picks the device when training runs on CUDA."""
+    where = getattr(cfg, "augment_on", "auto") or "auto"
+    if where == "auto":
+        return torch.cuda.is_available() and getattr(cfg, "accelerator", "auto") in (
+            "auto", "gpu", "cuda")
+    return where == "device"
+
+
+def keep_presized(x: torch.Tensor) -> torch.Tensor:
+    """The loader's transform when crops happen on the device: none."""
+    return x
+
+
 def load_module_weights(model: nn.Module, ckpt_path: Path) -> None:
     """The network's weights from a Lightning checkpoint of a `ClassifierModule` around it."""
     state = AtomicCheckpointIO().load_checkpoint(ckpt_path)["state_dict"]
@@ -719,6 +741,7 @@ def fine_tune(
         base = lr / 2 if frozen else lr
         lrs = discriminative_lrs(base, len(groups)) if cfg.pretrained else [base] * len(groups)
         mixer = batch_mixer(cfg, task)
+        on_device = augment_on_device(cfg)
         sampler = (balance.balanced_sampler(data.y_train, len(task.classes), cfg.seed)
                    if data.balance == "sampler" else None)
         first = int(resume.get("size_stage", 0)) if resume.get("stage") == "unfrozen" else 0
@@ -736,6 +759,11 @@ def fine_tune(
                 train_ds = with_transform(data.train, train_transform(st.size))
                 valid_ds = with_transform(data.valid, resized_eval_transform(
                     st.size, pre.presize, pre.size / pre.presize))
+            crop = None
+            if on_device:
+                # The loader hands over whole presized squares; crops happen on the device.
+                train_ds = with_transform(data.train, keep_presized)
+                crop = BatchCrop(st.size, seed=cfg.seed)
             # Each stage is a one-cycle of its own; later stages start from trained weights, so
             # they warm up briefly from a fifth of the peak rather than from scratch.
             later = frozen or k > 0
@@ -743,7 +771,7 @@ def fine_tune(
                                       div=5.0 if later else 25.0, preprocess=pre,
                                       class_weight=weight if data.balance == "weights" else None,
                                       batch_transform=mixer, epoch_offset=epoch_offset,
-                                      stage_index=k)
+                                      stage_index=k, device_augment=crop)
             # Order and augmentation are functions of (seed, epoch, position), so a resumed run
             # sees exactly the batches the uninterrupted one would have (see imgclf.resume).
             order = ResumableSampler(len(train_ds), cfg.seed + 7919 * k, inner=sampler)

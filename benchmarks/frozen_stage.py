@@ -1,0 +1,80 @@
+"""What the frozen stage costs, in forward passes over the data (issue 7). Run by hand:
+
+    .venv/bin/python benchmarks/frozen_stage.py [--data fridge|caltech] [--freeze-epochs 1]
+
+The frozen stage (body features cached once per view, the LR finder and the head's training on
+those features, validation) is timed inside `imgclf.train` with no unfrozen epochs
+(`train_seconds` in metrics.json covers exactly the recipe, not data loading or the report).
+A forward pass is then timed the way anyone would compute the body's output: the same model
+in eval mode over the same decoded training and validation images, same batch size and
+precision. The decode cache is warmed first, so neither side pays for decoding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import tempfile
+import time
+from pathlib import Path
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+DATA = {"fridge": SHARED / "data" / "fridgeObjects",
+        "caltech": SHARED / "data" / "caltech101_subset"}
+WEIGHTS = SHARED / "weights" / "tf_efficientnet_lite0.in1k.safetensors"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", choices=sorted(DATA), default="fridge")
+    ap.add_argument("--freeze-epochs", type=int, default=1)
+    ap.add_argument("--batch-size", type=int, default=32)
+    args = ap.parse_args()
+    os.environ.setdefault("IMGCLF_CACHE_DIR", tempfile.mkdtemp(prefix="imgclf-frozen-"))
+
+    import torch
+    from rich.console import Console
+
+    from imgclf import api, models, training
+    from imgclf.config import TrainConfig
+    from imgclf.data.samples import TRAIN, VALID
+    from imgclf.data.transforms import Preprocess, normalize
+
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    quiet = Console(file=io.StringIO())
+    out = tempfile.mkdtemp(prefix="imgclf-frozen-runs-")
+    opts = dict(model="tf_efficientnet_lite0", weights=str(WEIGHTS), epochs=0,
+                freeze_epochs=args.freeze_epochs, batch_size=args.batch_size, seed=42)
+    # Warm the decode cache (and the process) with a first run; time the second.
+    api.train(DATA[args.data], out=out, name="warm", console=quiet, **opts)
+    run = api.train(DATA[args.data], out=out, name="timed", console=quiet, **opts)
+    frozen_s = run.metrics()["train_seconds"]
+
+    cfg = TrainConfig(data=str(DATA[args.data]), **opts)
+    model = models.create_model(cfg.model, len(run.metrics()["classes"]), weights=cfg.weights)
+    pre = Preprocess.from_model_cfg(model.pretrained_cfg)
+    prep = api.prepare_data(cfg, pre, quiet)
+    idx = [prep.index[s.path] for s in prep.table.split(TRAIN) + prep.table.split(VALID)]
+    precision = training.resolve_precision("auto", model)
+    model = model.eval().to(memory_format=torch.channels_last)
+    t0 = time.perf_counter()
+    with torch.no_grad(), training.autocast_context(precision, torch.device("cpu")):
+        for s in range(0, len(idx), args.batch_size):
+            batch = torch.stack([torch.from_numpy(prep.decoded.get(i)) for i in
+                                 idx[s:s + args.batch_size]])
+            x = normalize(batch[..., :pre.size, :pre.size], pre.mean, pre.std)
+            model(x.contiguous(memory_format=torch.channels_last))
+    forward_s = time.perf_counter() - t0
+    n_tr, n_va = len(prep.table.split(TRAIN)), len(prep.table.split(VALID))
+    print(f"{args.data}: {n_tr} train + {n_va} valid images, {args.freeze_epochs} frozen "
+          f"epoch(s), precision {precision}")
+    print(f"frozen stage (feature cache + LR finder + head training + validation): "
+          f"{frozen_s:.2f}s")
+    print(f"one forward pass over the same images: {forward_s:.2f}s")
+    print(f"frozen stage = {frozen_s / forward_s:.2f} forward passes "
+          f"({'PASS' if frozen_s / forward_s <= 1.5 else 'FAIL'}: target <= 1.5)")
+
+
+if __name__ == "__main__":
+    main()

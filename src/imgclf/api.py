@@ -568,8 +568,8 @@ def evaluate(target: str | Path, data: str | Path | None = None, *, out: str | P
     result = {k: v for k, v in scores.items()}
     if tta:
         preds_tta, scores_tta = score(tta)
-        result["tta"] = {"views": tta + 1, "reduce": tta_reduce, **{k: v for k, v in scores_tta.items()
-                                               if not isinstance(v, dict)}}
+        result["tta"] = {"views": tta + 1, "reduce": tta_reduce,
+                         **{k: v for k, v in scores_tta.items() if not isinstance(v, dict)}}
         preds, scores = preds_tta, scores_tta
     out_dir.mkdir(parents=True, exist_ok=True)
     if out_dir != run_dir:

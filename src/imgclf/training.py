@@ -285,8 +285,9 @@ class History(L.Callback):
             seconds=round(seconds, 3),
         )
         self.rows.append(row)
-        improved = self.eligible and self.best.offer(m.get(self.monitor, -math.inf), row.valid_loss, row.epoch,
-                                   self.stage, self.full_model, pl_module.last_val[0])
+        improved = self.eligible and self.best.offer(
+            m.get(self.monitor, -math.inf), row.valid_loss, row.epoch, self.stage,
+            self.full_model, pl_module.last_val[0])
         self.on_row(row, improved)
 
 
@@ -787,7 +788,7 @@ def fine_tune(
             later = frozen or k > 0
             stage_lrs = [r / (k + 1) for r in lrs]
             module = ClassifierModule(model, task, groups, stage_lrs,
-                                      pct_start=0.25 if k == 0 else 0.2,
+                                      pct_start=(0.3 if frozen else 0.25) if k == 0 else 0.2,
                                       div=5.0 if later else 25.0, preprocess=pre,
                                       class_weight=weight if data.balance == "weights" else None,
                                       batch_transform=mixer, epoch_offset=epoch_offset,

@@ -308,9 +308,9 @@ def resolve_precision(precision: str, model: nn.Module) -> str:
     models built of dense convolutions and float32 for depthwise-convolution models.
 
     Measured on this project's 2-core AMX machine (benchmarks/predict.py, batch 32, 224 px,
-    channels_last): a resnet50 training step runs 12.1 img/s in bf16 against 5.0 in float32,
-    but tf_efficientnet_lite0 runs 9.8 img/s in bf16 against 14.5 in float32 (bf16 depthwise
-    kernels are slow on CPU).
+    channels_last, two runs): a resnet50 training step runs 9.9-12.1 img/s in bf16 against
+    4.8-5.0 in float32, but tf_efficientnet_lite0 gains nothing (9.8-15.1 img/s in bf16
+    against 14.5-15.2 in float32): its depthwise convolutions do not use the matrix units.
     """
     if precision != "auto":
         return precision

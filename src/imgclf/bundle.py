@@ -59,15 +59,12 @@ class Bundle:
 
     def tta_setting(self, n: int | None = None, reduce: str | None = None) -> tuple[int, str]:
         """(views added, reduction): the arguments where given, else what training chose."""
-        from imgclf.recipe import TTA_REDUCTIONS
+        from imgclf.recipe import check_tta
 
         saved = self.tta or {}
         n = int(n if n is not None else saved.get("n", 0))
         reduce = reduce or saved.get("reduce") or "mean"
-        if n < 0:
-            raise ImgclfError(f"--tta {n}: the number of augmented views must be >= 0")
-        if reduce not in TTA_REDUCTIONS:
-            raise ImgclfError(f"--tta-reduce {reduce!r} is not one of {' | '.join(TTA_REDUCTIONS)}")
+        check_tta(n, reduce)
         return n, reduce
 
     def decision_thresholds(self, override: float | None = None) -> np.ndarray:

@@ -130,6 +130,14 @@ def resolve_norm_stats(text: str, pretrained: bool, model_stats: tuple, images) 
     return parsed[0], parsed[1], source
 
 
+def check_tta(n: int, reduce: str) -> None:
+    """Refuse a negative number of TTA views or an unknown reduction."""
+    if n < 0:
+        raise ImgclfError(f"--tta {n}: the number of augmented views must be >= 0")
+    if reduce not in TTA_REDUCTIONS:
+        raise ImgclfError(f"--tta-reduce {reduce!r} is not one of {' | '.join(TTA_REDUCTIONS)}")
+
+
 def check_techniques(cfg, multi_label: bool | None = None) -> None:
     """Refuse settings that make no sense, before the run folder exists."""
     for flag, value in (("--mixup", cfg.mixup), ("--cutmix", cfg.cutmix)):
@@ -142,11 +150,7 @@ def check_techniques(cfg, multi_label: bool | None = None) -> None:
     if cfg.label_smoothing and multi_label:
         raise ImgclfError("--label-smoothing applies to single-label data, and this data is "
                           "multi-label: drop the flag")
-    if cfg.tta < 0:
-        raise ImgclfError(f"--tta {cfg.tta}: the number of augmented views must be >= 0")
-    if cfg.tta_reduce not in TTA_REDUCTIONS:
-        raise ImgclfError(f"--tta-reduce {cfg.tta_reduce!r} is not one of "
-                          f"{' | '.join(TTA_REDUCTIONS)}")
+    check_tta(cfg.tta, cfg.tta_reduce)
     if cfg.mixup_off_epoch is not None and cfg.mixup_off_epoch < 0:
         raise ImgclfError(f"--mixup-off-epoch {cfg.mixup_off_epoch} must be >= 0")
     parse_norm_stats(cfg.norm_stats)

@@ -110,10 +110,14 @@ def test_training_applies_the_resolved_mode(tmp_path, make_dataset, monkeypatch)
     data = make_dataset(tmp_path / "data", {"train/a": 20, "train/b": 2, "valid/a": 3, "valid/b": 3})
     stage_weights, samplers = [], []
     init = training.ClassifierModule.__init__
+    train_head = training.train_head
 
-    def spy_module(self, *args, **kw):
-        if "pct_start" in kw:  # the two training stages, not the LR finder
-            stage_weights.append(kw.get("class_weight"))
+    def spy_head(*args, **kw):  # the frozen stage
+        stage_weights.append(kw.get("class_weight"))
+        return train_head(*args, **kw)
+
+    def spy_module(self, *args, **kw):  # the unfrozen stage
+        stage_weights.append(kw.get("class_weight"))
         init(self, *args, **kw)
 
     make_loader = datasets.make_loader
@@ -124,6 +128,7 @@ def test_training_applies_the_resolved_mode(tmp_path, make_dataset, monkeypatch)
         return make_loader(dataset, batch_size, train, **kw)
 
     monkeypatch.setattr(training.ClassifierModule, "__init__", spy_module)
+    monkeypatch.setattr(training, "train_head", spy_head)
     monkeypatch.setattr(datasets, "make_loader", spy_loader)
     monkeypatch.setattr(api, "write_report", lambda *a, **k: None)
     common = dict(model="test_resnet", weights=str(weights), size=32, epochs=1, freeze_epochs=1,

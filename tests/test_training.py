@@ -1,4 +1,4 @@
-"""The recipe's pieces: LR rule, feature cache, view sampler, and a whole tiny training run."""
+"""The recipe's pieces: feature cache, precision, schedules, and a whole tiny training run."""
 
 import json
 
@@ -12,31 +12,6 @@ from imgclf import models, training
 from imgclf.data.cache import decode_all
 from imgclf.data.datasets import ImageDataset
 from imgclf.data.transforms import Preprocess, eval_transform, normalize
-
-
-def test_valley_picks_the_steep_descent_not_the_minimum():
-    lrs = np.logspace(-6, 0, 100)
-    # Flat, then a long descent from 1e-4 to 1e-1, then an explosion.
-    losses = np.where(lrs < 1e-4, 2.0, 2.0 - 1.5 * np.log10(lrs / 1e-4) / 3)
-    losses = np.where(lrs > 1e-1, 0.5 + 20 * (lrs - 1e-1), losses)
-    lr = training.valley_lr(lrs, losses)
-    assert 1e-4 < lr < 1e-2
-
-
-def test_view_sampler_cycles_views_and_repeats_passes():
-    s = training.ViewSampler(n=5, views=2, seed=0, passes=3)
-    s.set_epoch(0)
-    first = list(s)
-    assert len(first) == 15 and sorted(set(first)) == [0, 1, 2, 3, 4]
-    s.set_epoch(1)
-    assert sorted(set(s)) == [5, 6, 7, 8, 9]
-    s.set_epoch(0)
-    assert list(s) == first
-
-
-def test_head_passes_gives_enough_steps():
-    assert training.head_passes(86, 32, 60) == 30
-    assert training.head_passes(10_000, 32, 60) == 1
 
 
 def test_cached_features_equal_frozen_body_output(color_data):

@@ -17,7 +17,7 @@ import re
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning.pytorch as L
@@ -26,56 +26,16 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from imgclf import distributed, evaluation, models
+from imgclf import distributed, models
 from imgclf.augment import BatchCrop
+from imgclf.epochs import Best, EpochRow, score_validation
+from imgclf.frozen_head import ViewSampler, head_passes, lr_range_test, train_head
 from imgclf.data.transforms import Preprocess, normalize
 from imgclf.io import atomic_write_json
 from imgclf.resume import ResumableSampler, ResumeState, SeededDataset, StepCheckpoint
 from imgclf.tasks import Task
 
 log = logging.getLogger("imgclf")
-
-
-@dataclass
-class EpochRow:
-    """One line of metrics.csv."""
-
-    epoch: int
-    stage: str
-    lr: float
-    train_loss: float
-    valid_loss: float
-    metrics: dict[str, float]
-    seconds: float
-
-    def to_dict(self) -> dict:
-        return {
-            "epoch": self.epoch, "stage": self.stage, "lr": self.lr,
-            "train_loss": self.train_loss, "valid_loss": self.valid_loss,
-            **self.metrics, "seconds": self.seconds,
-        }
-
-
-@dataclass
-class Best:
-    """The best epoch so far: full-model weights and its validation probabilities."""
-
-    score: float = -math.inf
-    loss: float = math.inf
-    epoch: int = -1
-    stage: str = ""
-    state: dict[str, torch.Tensor] | None = None
-    probs: np.ndarray | None = None
-
-    def offer(self, score: float, loss: float, epoch: int, stage: str, model: nn.Module,
-              probs: np.ndarray) -> bool:
-        """Keep this epoch if it beats the best (ties go to the lower validation loss)."""
-        if score > self.score + 1e-12 or (abs(score - self.score) <= 1e-12 and loss < self.loss):
-            self.score, self.loss, self.epoch, self.stage = score, loss, epoch, stage
-            self.state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-            self.probs = probs
-            return True
-        return False
 
 
 class ClassifierModule(L.LightningModule):
@@ -116,8 +76,10 @@ class ClassifierModule(L.LightningModule):
         epoch_offset: int = 0,
         stage_index: int = 0,
         device_augment: Callable | None = None,
+        cycle: tuple[int, int] | None = None,
     ):
         super().__init__()
+        self.cycle = cycle
         self.net = net
         self.task = task
         self.groups = groups
@@ -186,13 +148,7 @@ class ClassifierModule(L.LightningModule):
 
                 index = _gather_uneven(self, torch.cat(self._val_index))
                 logits, targets = restore_order(index, logits, targets)
-        probs = self.task.activate(logits).cpu().numpy()
-        y = self.task.targets_numpy(targets)
-        scores = evaluation.metrics(evaluation.Predictions(
-            paths=[""] * len(probs), classes=list(self.task.classes), probs=probs, targets=y,
-            multi_label=self.task.multi_label))
-        flat = {f"valid_{k}": float(v) for k, v in scores.items()
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "n_samples"}
+        probs, y, flat = score_validation(self.task, logits, targets)
         self.last_val = (probs, y)
         self.last_metrics = flat
         for k, v in flat.items():
@@ -207,6 +163,9 @@ class ClassifierModule(L.LightningModule):
         param_groups = [g for g in param_groups if g["params"]]
         opt = torch.optim.AdamW(param_groups, weight_decay=self.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
+        start = 0
+        if self.cycle is not None:
+            start, total = self.cycle
         pct_start = self.pct_start
         if abs(pct_start * total - 1.0) < 1e-9:
             # OneCycleLR divides by zero when its warm-up ends exactly after one step
@@ -218,6 +177,11 @@ class ClassifierModule(L.LightningModule):
             final_div_factor=self.final_div / self.div, cycle_momentum=True,
             base_momentum=0.85, max_momentum=0.95,
         )
+        if start:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                sched.last_epoch = start - 1
+                sched.step()
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
@@ -350,108 +314,10 @@ def extract_features(model: nn.Module, loader: DataLoader, pre: Preprocess, prec
     return torch.cat(feats), torch.cat(targets)
 
 
-def valley_lr(lrs: np.ndarray, losses: np.ndarray) -> float:
-    """fastai's "valley" rule for picking a rate from an LR range test.
-
-    Take the longest decreasing subsequence of the loss curve (the longest stretch over which the
-    loss keeps falling, tolerant of noise) and return the rate half a section past its first
-    third: on the steep descent, well before the minimum where the loss is about to explode.
-    A rule on the whole curve is far more stable than the steepest-gradient point.
-    """
-    losses = np.asarray(losses, dtype=float)
-    n = len(losses)
-    if n < 3:
-        return float(lrs[0]) if n else 1e-3
-    length = np.ones(n, dtype=int)
-    best_end = 0
-    for i in range(1, n):
-        smaller = losses[:i] > losses[i]
-        if smaller.any():
-            length[i] = 1 + length[:i][smaller].max()
-        if length[i] > length[best_end]:
-            best_end = i
-    start = best_end - length[best_end] + 1
-    section = (best_end - start) / 3
-    idx = min(n - 1, start + int(section) + int(section / 2))
-    return float(lrs[idx])
-
-
-def feature_lr_find(head: nn.Module, task: Task, feats: torch.Tensor, targets: torch.Tensor,
-                    batch_size: int, seed: int) -> tuple[float, np.ndarray, np.ndarray]:
-    """LR range test of the classifier on cached features; returns (valley lr, lrs, losses)."""
-    from lightning.pytorch.tuner import Tuner
-
-    snapshot = {k: v.clone() for k, v in head.state_dict().items()}
-    module = ClassifierModule(head, task, [list(head.parameters())], [1e-3])
-    loader = DataLoader(TensorDataset(feats, targets), batch_size=batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(seed))
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False,
-                        default_root_dir=_scratch_dir())
-    with warnings.catch_warnings(), _quiet_lr_finder_bar():
-        warnings.simplefilter("ignore")
-        finder = Tuner(trainer).lr_find(module, train_dataloaders=loader, min_lr=1e-6,
-                                        max_lr=1.0, num_training=100, update_attr=False)
-    head.load_state_dict(snapshot)
-    lrs = np.asarray(finder.results["lr"], dtype=float)
-    losses = np.asarray(finder.results["loss"], dtype=float)
-    ok = np.isfinite(losses)
-    lrs, losses = lrs[ok], losses[ok]
-    return valley_lr(lrs, losses), lrs, losses
-
-
-@contextlib.contextmanager
-def _quiet_lr_finder_bar():
-    """Lightning's LR finder draws a tqdm bar of its own, passing disable=False explicitly (so
-    TQDM_DISABLE cannot silence it); imgclf prints the finder's result instead."""
-    from lightning.pytorch.tuner import lr_finder
-
-    original = lr_finder.tqdm
-
-    def silent(*args, **kwargs):
-        kwargs["disable"] = True
-        return original(*args, **kwargs)
-
-    lr_finder.tqdm = silent
-    try:
-        yield
-    finally:
-        lr_finder.tqdm = original
-
-
 def _scratch_dir() -> str:
     import tempfile
 
-    return tempfile.mkdtemp(prefix="imgclf-lrfind-")
-
-
-class ViewSampler(torch.utils.data.Sampler):
-    """Epoch e makes `passes` seeded random passes over the N cached features of view e mod K."""
-
-    def __init__(self, n: int, views: int, seed: int, passes: int = 1):
-        self.n, self.views, self.seed, self.passes, self.epoch = n, views, seed, passes, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.n * self.passes
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
-        offset = (self.epoch % self.views) * self.n
-        order = torch.cat([torch.randperm(self.n, generator=g) for _ in range(self.passes)])
-        return iter((offset + order).tolist())
-
-
-def head_passes(n: int, batch_size: int, min_steps: int = 60) -> int:
-    """Passes over cached features per frozen epoch so the head gets at least `min_steps` steps.
-
-    On features a pass costs microseconds, so the head can be trained to convergence where an
-    uncached frozen epoch on a small data set would give it two or three steps.
-    """
-    steps = max(1, n // batch_size)
-    return max(1, math.ceil(min_steps / steps))
+    return tempfile.mkdtemp(prefix="imgclf-trainer-")
 
 
 class AtomicCheckpointIO(L.plugins.TorchCheckpointIO):
@@ -706,30 +572,20 @@ def fine_tune(
         f_valid, y_valid = extract_features(model, valid_loader, pre, "32-true", device,
                                             desc="Caching validation features")
         seen += views * len(data.train) + len(data.valid)
+        head.to("cpu")  # next to its cached features: a linear layer needs no accelerator
         if lr is None:
-            lr, lrs_curve, loss_curve = feature_lr_find(
+            lr, lrs_curve, loss_curve = lr_range_test(
                 head, task, torch.cat(feats), torch.cat(ys), cfg.batch_size, cfg.seed)
             lr_find_info = {"lrs": lrs_curve.tolist(), "losses": loss_curve.tolist(),
                             "suggestion": lr, "rule": "valley", "on": "frozen-body features"}
             say(f"Learning-rate finder (valley rule on cached features): lr = {lr:.2e}")
         n = len(data.train)
-        sampler = ViewSampler(n, views, cfg.seed, head_passes(n, cfg.batch_size))
-        feat_loader = DataLoader(TensorDataset(torch.cat(feats), torch.cat(ys)),
-                                 batch_size=cfg.batch_size, sampler=sampler,
-                                 drop_last=n > cfg.batch_size)
-        valid_feat_loader = DataLoader(TensorDataset(f_valid, y_valid), batch_size=256)
         # ViewSampler walks the cached augmented views epoch by epoch; weighting the loss gives
         # balanced sampling's expected gradient without breaking that walk, so both modes use it.
-        module = ClassifierModule(head, task, [list(head.parameters())], [lr], pct_start=0.99,
-                                  div=25.0, class_weight=weight)
-        hist = History(rows, best, "frozen", model, task.monitor, on_row)
-        trainer = L.Trainer(max_epochs=cfg.freeze_epochs, accelerator="cpu", precision="32-true",
-                            callbacks=[hist], logger=False, enable_checkpointing=False,
-                            enable_model_summary=False, num_sanity_val_steps=0,
-                            deterministic=bool(cfg.deterministic),
-                            default_root_dir=_scratch_dir())
-        fit_interruptible(trainer, module, feat_loader, valid_feat_loader)
-        interrupted = trainer.interrupted
+        interrupted = train_head(
+            head, task, TensorDataset(torch.cat(feats), torch.cat(ys)), (f_valid, y_valid),
+            cfg.freeze_epochs, lr, ViewSampler(n, views, cfg.seed, head_passes(n, cfg.batch_size)),
+            cfg.batch_size, rows, best, model, on_row, class_weight=weight)
         if ckpt_dir and not interrupted and rank_zero:
             # The unfrozen stage starts from this head; keep it until its first checkpoint.
             save_tensors(ckpt_dir / HEAD_FILE, head.state_dict())
@@ -787,12 +643,21 @@ def fine_tune(
             # their peak falls as 1/(k+1), and they warm up briefly from a fifth of it.
             later = frozen or k > 0
             stage_lrs = [r / (k + 1) for r in lrs]
+            import os
+            cyc = None
+            pct = (0.3 if frozen else 0.25) if k == 0 else 0.2
+            if os.environ.get("IMGCLF_XP_CONTINUOUS"):
+                spe = len(train_ds) // cfg.batch_size
+                cyc = (spe * sum(x.epochs for x in stages[:k]), spe * sum(x.epochs for x in stages))
+                stage_lrs = list(lrs)
+                later = False
+                pct = 0.25
             module = ClassifierModule(model, task, groups, stage_lrs,
-                                      pct_start=(0.3 if frozen else 0.25) if k == 0 else 0.2,
+                                      pct_start=pct,
                                       div=5.0 if later else 25.0, preprocess=pre,
                                       class_weight=weight if data.balance == "weights" else None,
                                       batch_transform=mixer, epoch_offset=epoch_offset,
-                                      stage_index=k, device_augment=crop)
+                                      stage_index=k, device_augment=crop, cycle=cyc)
             # Order and augmentation are functions of (seed, epoch, position), so a resumed run
             # sees exactly the batches the uninterrupted one would have (see imgclf.resume).
             order = ResumableSampler(len(train_ds), cfg.seed + 7919 * k, inner=sampler)

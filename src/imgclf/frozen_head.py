@@ -1,0 +1,206 @@
+"""The frozen stage's classifier, trained on cached body features in a plain loop.
+
+With the body frozen (and in eval mode) its pooled features are fixed, so the stage reduces to
+a linear model on an [N, F] tensor: a hundred LR-finder steps and a few hundred training steps
+cost milliseconds. Lightning's trainer would add seconds of set-up per fit, more than the whole
+stage on a small data set, so this loop does the same work directly: AdamW, fastai's
+one-cycle, one metrics.csv row per epoch, the best epoch offered to the run's tracker.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from imgclf.epochs import Best, EpochRow, score_validation
+from imgclf.tasks import Task
+
+
+def valley_lr(lrs: np.ndarray, losses: np.ndarray) -> float:
+    """fastai's "valley" rule for picking a rate from an LR range test.
+
+    Take the longest decreasing subsequence of the loss curve (the longest stretch over which the
+    loss keeps falling, tolerant of noise) and return the rate half a section past its first
+    third: on the steep descent, well before the minimum where the loss is about to explode.
+    A rule on the whole curve is far more stable than the steepest-gradient point.
+    """
+    losses = np.asarray(losses, dtype=float)
+    n = len(losses)
+    if n < 3:
+        return float(lrs[0]) if n else 1e-3
+    length = np.ones(n, dtype=int)
+    best_end = 0
+    for i in range(1, n):
+        smaller = losses[:i] > losses[i]
+        if smaller.any():
+            length[i] = 1 + length[:i][smaller].max()
+        if length[i] > length[best_end]:
+            best_end = i
+    start = best_end - length[best_end] + 1
+    section = (best_end - start) / 3
+    idx = min(n - 1, start + int(section) + int(section / 2))
+    return float(lrs[idx])
+
+
+def lr_range_test(head: nn.Module, task: Task, feats: torch.Tensor, targets: torch.Tensor,
+                  batch_size: int, seed: int, min_lr: float = 1e-6, max_lr: float = 1.0,
+                  steps: int = 100, stop_factor: float = 4.0,
+                  beta: float = 0.98) -> tuple[float, np.ndarray, np.ndarray]:
+    """LR range test of the classifier on cached features; the head is left as it was.
+
+    The rate grows exponentially from `min_lr` to `max_lr` over `steps` AdamW steps (cycling
+    through the shuffled features as often as needed); the loss is smoothed with an
+    exponential moving average (bias-corrected) and the test stops once it exceeds
+    `stop_factor` times its minimum, as Lightning's and fastai's finders do.
+
+    Returns:
+        (valley rate, rates tried, smoothed losses).
+    """
+    snapshot = {k: v.detach().clone() for k, v in head.state_dict().items()}
+    head.train()
+    opt = torch.optim.AdamW(head.parameters(), lr=min_lr, weight_decay=0.01)
+    loader = DataLoader(TensorDataset(feats, targets), batch_size=batch_size, shuffle=True,
+                        generator=torch.Generator().manual_seed(seed))
+    lrs, losses = [], []
+    avg, lowest = 0.0, math.inf
+    step = 0
+    while step < steps:
+        for x, y in loader:
+            lr = min_lr * (max_lr / min_lr) ** (step / max(1, steps - 1))
+            for g in opt.param_groups:
+                g["lr"] = lr
+            loss = task.loss(head(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            value = loss.item()
+            if not math.isfinite(value):
+                step = steps
+                break
+            avg = beta * avg + (1 - beta) * value
+            smoothed = avg / (1 - beta ** (step + 1))
+            lrs.append(lr)
+            losses.append(smoothed)
+            lowest = min(lowest, smoothed)
+            step += 1
+            if step >= steps or (step > 2 and smoothed > stop_factor * lowest):
+                step = steps
+                break
+    head.load_state_dict(snapshot)
+    lrs_a, losses_a = np.asarray(lrs, dtype=float), np.asarray(losses, dtype=float)
+    return valley_lr(lrs_a, losses_a), lrs_a, losses_a
+
+
+class ViewSampler(torch.utils.data.Sampler):
+    """Epoch e makes `passes` seeded random passes over the N cached features of view e mod K."""
+
+    def __init__(self, n: int, views: int, seed: int, passes: int = 1):
+        self.n, self.views, self.seed, self.passes, self.epoch = n, views, seed, passes, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n * self.passes
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
+        offset = (self.epoch % self.views) * self.n
+        order = torch.cat([torch.randperm(self.n, generator=g) for _ in range(self.passes)])
+        return iter((offset + order).tolist())
+
+
+def head_passes(n: int, batch_size: int, min_steps: int = 60) -> int:
+    """Passes over cached features per frozen epoch so the head gets at least `min_steps` steps.
+
+    On features a pass costs microseconds, so the head can be trained to convergence where an
+    uncached frozen epoch on a small data set would give it two or three steps.
+    """
+    steps = max(1, n // batch_size)
+    return max(1, math.ceil(min_steps / steps))
+
+
+def train_head(
+    head: nn.Module,
+    task: Task,
+    train: TensorDataset,
+    valid: tuple[torch.Tensor, torch.Tensor],
+    epochs: int,
+    lr: float,
+    sampler: ViewSampler,
+    batch_size: int,
+    rows: list[EpochRow],
+    best: Best,
+    full_model: nn.Module,
+    on_row: Callable[[EpochRow, bool], None],
+    class_weight: torch.Tensor | None = None,
+    stage: str = "frozen",
+) -> bool:
+    """Train the classifier on cached features: one-cycle (warm-up over 99% of the steps from
+    lr/25, as fastai's frozen epoch), one row per epoch and every epoch offered to `best`.
+
+    Args:
+        head: The model's classifier (its parameters are those of `full_model`).
+        task: Loss, activation and metrics.
+        train: Cached training features of every view, view after view, and their targets.
+        valid: Cached validation features and targets.
+        epochs: Frozen epochs; epoch e trains on view e mod K (see ViewSampler).
+        lr: Peak learning rate.
+        sampler: Order of the cached training features, epoch by epoch.
+        batch_size: Features per step.
+        rows: The run's rows (appended to in place).
+        best: Best-epoch tracker shared with the later stages.
+        full_model: The whole model, whose weights `best` keeps.
+        on_row: Called after each row is added.
+        class_weight: Optional per-class loss weights.
+        stage: Name written to metrics.csv's stage column.
+
+    Returns:
+        Whether Ctrl-C ended the stage early (the rows so far are kept).
+    """
+    loader = DataLoader(train, batch_size=batch_size, sampler=sampler,
+                        drop_last=sampler.n > batch_size)
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.01)
+    total = max(1, epochs * len(loader))
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=lr, total_steps=total, pct_start=0.99, div_factor=25.0,
+        final_div_factor=1e5 / 25.0, cycle_momentum=True, base_momentum=0.85, max_momentum=0.95)
+    f_valid, y_valid = valid
+    try:
+        for epoch in range(epochs):
+            t0 = time.perf_counter()
+            sampler.set_epoch(epoch)
+            head.train()
+            loss_sum, seen, last_lr = 0.0, 0, float("nan")
+            for x, y in loader:
+                loss = task.loss(head(x), y, class_weight)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                last_lr = opt.param_groups[-1]["lr"]  # the rate this step used
+                sched.step()
+                loss_sum += loss.item() * len(x)
+                seen += len(x)
+            head.eval()
+            with torch.no_grad():
+                logits = torch.cat([head(f_valid[i:i + 1024]) for i in range(0, len(f_valid), 1024)])
+            probs, _, metrics = score_validation(task, logits, y_valid)
+            row = EpochRow(
+                epoch=epoch, stage=stage, lr=float(last_lr),
+                train_loss=loss_sum / max(1, seen),
+                valid_loss=metrics.get("valid_loss", float("nan")),
+                metrics={k: v for k, v in metrics.items() if k != "valid_loss"},
+                seconds=round(time.perf_counter() - t0, 3))
+            rows.append(row)
+            improved = best.offer(metrics.get(task.monitor, -math.inf), row.valid_loss,
+                                  row.epoch, stage, full_model, probs)
+            on_row(row, improved)
+    except KeyboardInterrupt:
+        return True
+    return False

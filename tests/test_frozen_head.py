@@ -1,0 +1,111 @@
+"""The frozen stage's plain loop on cached features: LR rule, range test, view sampler, training."""
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from imgclf.epochs import Best
+from imgclf.frozen_head import (ViewSampler, head_passes, lr_range_test, train_head,
+                                valley_lr)
+from imgclf.tasks import Task
+
+
+def separable_features(n: int = 96, dim: int = 16, classes: int = 3, seed: int = 0):
+    """Features whose class is written in a few dimensions, plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % classes
+    x = torch.randn(n, dim, generator=g) * 0.5
+    x[torch.arange(n), y] += 3.0
+    return x, y
+
+
+def test_valley_picks_the_steep_descent_not_the_minimum():
+    lrs = np.logspace(-6, 0, 100)
+    # Flat, then a long descent from 1e-4 to 1e-1, then an explosion.
+    losses = np.where(lrs < 1e-4, 2.0, 2.0 - 1.5 * np.log10(lrs / 1e-4) / 3)
+    losses = np.where(lrs > 1e-1, 0.5 + 20 * (lrs - 1e-1), losses)
+    lr = valley_lr(lrs, losses)
+    assert 1e-4 < lr < 1e-2
+
+
+def test_view_sampler_cycles_views_and_repeats_passes():
+    s = ViewSampler(n=5, views=2, seed=0, passes=3)
+    s.set_epoch(0)
+    first = list(s)
+    assert len(first) == 15 and sorted(set(first)) == [0, 1, 2, 3, 4]
+    s.set_epoch(1)
+    assert sorted(set(s)) == [5, 6, 7, 8, 9]
+    s.set_epoch(0)
+    assert list(s) == first
+
+
+def test_head_passes_gives_enough_steps():
+    assert head_passes(86, 32, 60) == 30
+    assert head_passes(10_000, 32, 60) == 1
+
+
+def test_lr_range_test_restores_the_head_and_finds_a_usable_rate():
+    x, y = separable_features()
+    torch.manual_seed(0)
+    head = nn.Linear(16, 3)
+    before = {k: v.clone() for k, v in head.state_dict().items()}
+    lr, lrs, losses = lr_range_test(head, Task(("a", "b", "c")), x, y, batch_size=16, seed=0)
+    for k, v in head.state_dict().items():
+        assert torch.equal(v, before[k])
+    assert len(lrs) == len(losses) > 10 and np.all(np.diff(lrs) > 0)
+    assert lrs[0] == 1e-6 and np.isfinite(losses).all()
+    # The rate is on the descent: well above the flat start, below the end of the sweep.
+    assert 1e-4 < lr < lrs[-1]
+    assert losses[np.searchsorted(lrs, lr)] < losses[0]
+    # Same seed, same curve: the range test is deterministic.
+    lr2, _, losses2 = lr_range_test(head, Task(("a", "b", "c")), x, y, batch_size=16, seed=0)
+    assert lr2 == lr and np.array_equal(losses2, losses)
+
+
+def test_lr_range_test_stops_when_the_loss_explodes():
+    x, y = separable_features()
+    head = nn.Linear(16, 3)
+    _, lrs, losses = lr_range_test(head, Task(("a", "b", "c")), x, y, batch_size=16, seed=0,
+                                   max_lr=1e4, steps=200)
+    assert len(lrs) < 200 and losses[-1] > 4 * losses.min()
+
+
+def test_train_head_writes_a_row_per_epoch_and_keeps_the_best():
+    x, y = separable_features()
+    xv, yv = separable_features(seed=1)
+    task = Task(("a", "b", "c"))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Identity(), nn.Linear(16, 3))
+    rows, best, seen = [], Best(), []
+    interrupted = train_head(
+        model[1], task, TensorDataset(torch.cat([x, x + 0.01]), torch.cat([y, y])), (xv, yv),
+        epochs=2, lr=1e-2, sampler=ViewSampler(len(x), 2, seed=0, passes=8), batch_size=16,
+        rows=rows, best=best, full_model=model,
+        on_row=lambda row, improved: seen.append((row.epoch, improved)))
+    assert not interrupted
+    assert [r.epoch for r in rows] == [0, 1] and {r.stage for r in rows} == {"frozen"}
+    assert seen[0] == (0, True)
+    assert rows[-1].metrics["valid_accuracy"] >= 0.95
+    assert all(math.isfinite(r.train_loss) and r.seconds >= 0 for r in rows)
+    # Fastai's frozen schedule: the rate ends far below the peak.
+    assert rows[-1].lr < 1e-2 / 100
+    assert best.probs.shape == (len(xv), 3) and best.state is not None
+    assert set(best.state) == set(model.state_dict())
+
+
+def test_train_head_class_weights_shift_the_decision():
+    # An ambiguous feature (all zeros) for every image: the weighted class wins it.
+    x = torch.zeros(64, 4)
+    y = torch.tensor([0, 1] * 32)
+    task = Task(("a", "b"))
+    for weight, expected in ((torch.tensor([1.0, 4.0]), 1), (torch.tensor([4.0, 1.0]), 0)):
+        torch.manual_seed(0)
+        head = nn.Linear(4, 2)
+        rows, best = [], Best()
+        train_head(head, task, TensorDataset(x, y), (x[:2], y[:2]), epochs=1, lr=5e-2,
+                   sampler=ViewSampler(64, 1, seed=0, passes=4), batch_size=16, rows=rows,
+                   best=best, full_model=head, on_row=lambda *_: None, class_weight=weight)
+        assert int(head(torch.zeros(1, 4)).argmax()) == expected

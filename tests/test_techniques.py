@@ -8,7 +8,9 @@ from imgclf.augment import MixBatch
 from imgclf.config import TrainConfig
 from imgclf.data.transforms import image_stats, resized_eval_transform
 from imgclf.errors import ImgclfError
+from imgclf.data.presize import zoom_center
 from imgclf.predict import tta_views
+from imgclf.tasks import Task
 from conftest import TINY
 from imgclf.recipe import (IMAGENET_MEAN, IMAGENET_STD, SizeStage, check_techniques,
                            parse_ints, parse_norm_stats, resolve_norm_stats, size_schedule)
@@ -75,9 +77,59 @@ def test_tta_views_shapes_and_first_is_plain():
     x = torch.randint(0, 256, (2, 3, 40, 40), dtype=torch.uint8)
     views = tta_views(x, 32, 4)
     assert len(views) == 5 and all(v.shape == (2, 3, 32, 32) for v in views)
+    assert all(v.dtype == torch.uint8 for v in views)
     assert torch.equal(views[0], x[..., 4:36, 4:36])
     assert torch.equal(views[1], views[0].flip(-1))
-    assert len(tta_views(x, 32, 0)) == 1
+    assert torch.equal(views[2], torch.from_numpy(zoom_center(x.numpy(), 32)))
+    assert torch.equal(views[3], views[2].flip(-1))
+    assert torch.equal(views[4], x[..., :32, :32])
+    assert len(tta_views(x, 32, 0)) == 1 and len(tta_views(x, 32, 20)) == 12
+
+
+def test_zoom_view_magnifies_the_center():
+    # A horizontal ramp: zooming by 1/0.875 makes it steeper by as much, about the same centre.
+    ramp = np.tile(np.arange(40, dtype=np.float32) * 6, (1, 3, 40, 1)).astype(np.uint8)
+    plain = ramp[..., 4:36, 4:36].astype(float)
+    zoom = zoom_center(ramp, 32).astype(float)
+    assert zoom.shape == (1, 3, 32, 32) and zoom.dtype == float
+    inner = slice(2, 30)  # away from the clamped border pixels
+    slope = np.diff(zoom[0, 0, 0, inner]).mean()
+    assert slope == pytest.approx(np.diff(plain[0, 0, 0]).mean() * 28 / 32, rel=0.03)
+    assert zoom[0, 0, 0, 15:17].mean() == pytest.approx(plain[0, 0, 0, 15:17].mean(), abs=4)
+    # A zoom of the whole view is the view itself.
+    x = np.random.default_rng(0).integers(0, 256, (2, 3, 37, 37), dtype=np.uint8)
+    assert np.array_equal(zoom_center(x, 32, fraction=1.0), x[..., 2:34, 2:34])
+
+
+def test_continued_stage_schedule_is_one_one_cycle_across_stages():
+    """Stage fits with cycle=(first epoch, total epochs) walk one one-cycle between them."""
+    from types import SimpleNamespace
+
+    from imgclf.training import ClassifierModule
+
+    net = torch.nn.Linear(2, 2)
+    per_epoch, stage_epochs = 5, [2, 1, 3]
+
+    def rates(cycle, epochs):
+        m = ClassifierModule(net, Task(("a", "b")), [list(net.parameters())], [1e-2],
+                             pct_start=0.25, cycle=cycle)
+        fake = SimpleNamespace(world_size=1, estimated_stepping_batches=per_epoch * epochs,
+                               max_epochs=epochs)
+        object.__setattr__(m, "_trainer", fake)
+        sched = m.configure_optimizers()["lr_scheduler"]["scheduler"]
+        out = []
+        for _ in range(per_epoch * epochs):
+            out.append(sched.get_last_lr()[0])
+            sched.optimizer.step()
+            sched.step()
+        return out
+
+    staged = []
+    for k, e in enumerate(stage_epochs):
+        staged += rates((sum(stage_epochs[:k]), sum(stage_epochs)), e)
+    whole = rates(None, sum(stage_epochs))
+    np.testing.assert_allclose(staged, whole, rtol=1e-6)
+    assert max(whole) == pytest.approx(1e-2, rel=0.01) and whole[-1] < 1e-5
 
 
 def test_tta_reductions(tiny_run):
@@ -145,7 +197,8 @@ def test_norm_stats_settings():
     (dict(mixup=-1.0), "--mixup"), (dict(label_smoothing=1.0), "--label-smoothing"),
     (dict(tta=-1), "--tta"), (dict(tta_reduce="median"), "--tta-reduce"),
     (dict(sizes=[128, 224], size=192), "disagree"), (dict(norm_stats="x"), "--norm-stats"),
-    (dict(mixup_off_epoch=-2), "--mixup-off-epoch")])
+    (dict(mixup_off_epoch=-2), "--mixup-off-epoch"),
+    (dict(stage_schedule="cosine"), "--stage-schedule")])
 def test_bad_technique_settings_are_refused(change, message):
     with pytest.raises(ImgclfError, match=message):
         check_techniques(TrainConfig(data="x", **change))
@@ -223,14 +276,16 @@ def test_evaluate_uses_and_overrides_the_bundles_tta(tech_run):
     assert rmax["tta"] == {**rmax["tta"], "views": 5, "reduce": "max"}
 
 
-def test_progressive_mixup_run_resumes_exactly_across_a_stage_boundary(tmp_path, color_data):
+@pytest.mark.parametrize("schedule", ["continue", "restart"])
+def test_progressive_mixup_run_resumes_exactly_across_a_stage_boundary(tmp_path, color_data,
+                                                                        schedule):
     """Killed after the small stage, before the final stage's checkpoint: the resumed run
     restarts the final stage from the small stage's weights and ends where the reference did."""
     import json
 
     from imgclf import api, training
 
-    opts = {**TECH, "deterministic": True, "precision": "32", "tta": 0,
+    opts = {**TECH, "deterministic": True, "precision": "32", "tta": 0, "stage_schedule": schedule,
             "cache_dir": str(tmp_path / "cache"), "out": str(tmp_path / "runs")}
     ref = api.train(color_data, name="ref", **opts)
 

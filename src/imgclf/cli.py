@@ -63,6 +63,7 @@ def train(
     norm_stats: str = typer.Option("auto", help="Input normalisation: auto (the model's when pretrained, else computed from the training images) | imagenet | MEAN,STD | M1,M2,M3,S1,S2,S3."),
     sizes: Optional[str] = typer.Option(None, help="Progressive resizing: sizes of the training stages, small to large, e.g. 128,192,224."),
     stage_epochs: Optional[str] = typer.Option(None, help="Epochs per --sizes stage, e.g. 4,3,3 (default: --epochs split evenly)."),
+    stage_schedule: str = typer.Option("continue", help="Learning rate over --sizes stages: continue (one one-cycle across them) | restart (a one-cycle per stage)."),
     mixup: float = typer.Option(0.0, help="Mixup Beta parameter (0: off; 0.2-0.4 is common)."),
     cutmix: float = typer.Option(0.0, help="CutMix Beta parameter (0: off; 1.0 is common)."),
     mixup_off_epoch: Optional[int] = typer.Option(None, help="Epoch (as numbered in metrics.csv) from which batches are no longer mixed."),
@@ -92,7 +93,8 @@ def train(
         name=name, accelerator=accelerator,
         devices=int(devices) if devices.isdigit() else devices, num_nodes=num_nodes,
         strategy=strategy, norm_stats=norm_stats, sizes=parse_ints(sizes, "--sizes"),
-        stage_epochs=parse_ints(stage_epochs, "--stage-epochs"), mixup=mixup, cutmix=cutmix,
+        stage_epochs=parse_ints(stage_epochs, "--stage-epochs"), stage_schedule=stage_schedule,
+        mixup=mixup, cutmix=cutmix,
         mixup_off_epoch=mixup_off_epoch, label_smoothing=label_smoothing, tta=tta,
         tta_reduce=tta_reduce, augment_on=augment_on)
     api.train(config=cfg, resume=resume, console=console)

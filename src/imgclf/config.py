@@ -60,6 +60,9 @@ class TrainConfig:
             smallest first; the last is the size the bundle predicts at.
         stage_epochs: Epochs of each `sizes` stage (None: `epochs` split evenly, any remainder
             going to the earlier, cheaper stages).
+        stage_schedule: Learning rate over `sizes` stages: "continue" (one one-cycle spanning
+            all stages, so a new size starts at the rate the last one ended with) or "restart"
+            (each stage a one-cycle of its own, peak falling as 1/(stage+1)).
         mixup: Beta parameter of mixup (0: off).
         cutmix: Beta parameter of CutMix (0: off).
         mixup_off_epoch: Epoch (metrics.csv numbering) from which batches are no longer mixed.
@@ -110,6 +113,7 @@ class TrainConfig:
     norm_stats: str = "auto"
     sizes: list[int] | None = None
     stage_epochs: list[int] | None = None
+    stage_schedule: str = "continue"
     mixup: float = 0.0
     cutmix: float = 0.0
     mixup_off_epoch: int | None = None

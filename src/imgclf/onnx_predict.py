@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from imgclf.data.images import IMAGE_EXTENSIONS, open_rgb
-from imgclf.data.presize import presize_image  # torch-free, shared with training
+from imgclf.data.presize import presize_image, zoom_center  # torch-free, shared with training
 from imgclf.errors import ImageError, ImgclfError
 
 ONNX_FILE = "model.onnx"
@@ -42,9 +42,14 @@ def center_crop(x: np.ndarray, size: int) -> np.ndarray:
 def tta_views(x: np.ndarray, size: int, n: int) -> list[np.ndarray]:
     """The center view plus `n` augmented views, as `imgclf.predict.tta_views` makes them."""
     h, w = x.shape[-2:]
-    views = [center_crop(x, size)]
-    extra = [center_crop(x, size)[..., ::-1]]
-    for top, left in [(0, 0), (0, w - size), (h - size, 0), (h - size, w - size)]:
+    plain = center_crop(x, size)
+    views = [plain]
+    extra = [plain[..., ::-1]]
+    if n > 1:
+        zoom = zoom_center(x, size)
+        extra += [zoom, zoom[..., ::-1]]
+    corners = [(0, 0), (0, w - size), (h - size, 0), (h - size, w - size)]
+    for top, left in corners:
         crop = x[..., top : top + size, left : left + size]
         extra += [crop, crop[..., ::-1]]
     return views + [np.ascontiguousarray(v) for v in extra[:n]]

@@ -138,8 +138,14 @@ def check_tta(n: int, reduce: str) -> None:
         raise ImgclfError(f"--tta-reduce {reduce!r} is not one of {' | '.join(TTA_REDUCTIONS)}")
 
 
+STAGE_SCHEDULES = ("continue", "restart")
+
+
 def check_techniques(cfg, multi_label: bool | None = None) -> None:
     """Refuse settings that make no sense, before the run folder exists."""
+    if cfg.stage_schedule not in STAGE_SCHEDULES:
+        raise ImgclfError(f"--stage-schedule {cfg.stage_schedule!r} is not one of "
+                          f"{' | '.join(STAGE_SCHEDULES)}")
     for flag, value in (("--mixup", cfg.mixup), ("--cutmix", cfg.cutmix)):
         if value < 0:
             raise ImgclfError(f"{flag} {value:g}: the Beta parameter must be >= 0 (0 turns it "

@@ -1,9 +1,9 @@
-"""The fine-tune recipe on Lightning: frozen head on cached features, then the whole network.
+"""The fine-tune recipe: frozen head on cached features, then the whole network on Lightning.
 
 Stage "frozen": the body is frozen and in eval mode, so its output for an image never changes.
 Its pooled features are computed once (one forward pass per augmented view) and the classifier is
-trained on them; the learning-rate finder runs on the same features, so neither repeats the body.
-Stage "unfrozen": everything trains with one-cycle and discriminative learning rates (earlier layer
+trained on them in a plain loop (imgclf.frozen_head); the learning-rate finder runs on the same
+features, so neither repeats the body. Stage "unfrozen": everything trains with one-cycle and discriminative learning rates (earlier layer
 groups get smaller rates), as in fastai's `fine_tune`. The best epoch by the validation metric is
 kept, together with its validation probabilities, which become predictions.csv unchanged.
 """
@@ -58,6 +58,10 @@ class ClassifierModule(L.LightningModule):
         stage_index: Distinguishes fits of one run in the keys given to `batch_transform`.
         device_augment: Optional (x, key) -> x run on the device before `batch_transform`
             (random crops of presized squares; see imgclf.augment.BatchCrop).
+        cycle: (first epoch, total epochs) when this fit is one stage of a one-cycle spanning
+            several fits (progressive resizing); None: the one-cycle covers this fit alone.
+        exact_validation: Validate in float32 as `predict` runs (else at training precision:
+            for stages whose epochs cannot become the saved model).
     """
 
     def __init__(
@@ -77,9 +81,11 @@ class ClassifierModule(L.LightningModule):
         stage_index: int = 0,
         device_augment: Callable | None = None,
         cycle: tuple[int, int] | None = None,
+        exact_validation: bool = True,
     ):
         super().__init__()
         self.cycle = cycle
+        self.exact_validation = exact_validation
         self.net = net
         self.task = task
         self.groups = groups
@@ -123,9 +129,11 @@ class ClassifierModule(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         # Batches may carry each image's dataset position (distributed.IndexedDataset).
         x, y = batch[0], batch[1]
-        # Validation always runs in float32, as `predict` does, so the numbers it reports are
-        # exactly what the saved bundle reproduces.
-        with torch.autocast(device_type=self.device.type, enabled=False):
+        # Validation runs in float32, as `predict` does, so the numbers it reports are exactly
+        # what the saved bundle reproduces; epochs that cannot be saved need no such exactness.
+        exact = torch.autocast(device_type=self.device.type, enabled=False) \
+            if self.exact_validation else contextlib.nullcontext()
+        with exact:
             logits = self(x.float() if self.preprocess is None else x).float()
         self._val_logits.append(logits.detach())
         self._val_targets.append(y.detach())
@@ -165,7 +173,9 @@ class ClassifierModule(L.LightningModule):
         total = max(1, int(self.trainer.estimated_stepping_batches))
         start = 0
         if self.cycle is not None:
-            start, total = self.cycle
+            # This fit is the part of a longer one-cycle from epoch cycle[0] of cycle[1].
+            per_epoch = total // max(1, int(self.trainer.max_epochs))
+            start, total = per_epoch * self.cycle[0], per_epoch * self.cycle[1]
         pct_start = self.pct_start
         if abs(pct_start * total - 1.0) < 1e-9:
             # OneCycleLR divides by zero when its warm-up ends exactly after one step
@@ -638,26 +648,27 @@ def fine_tune(
                 # The loader hands over whole presized squares; crops happen on the device.
                 train_ds = with_transform(data.train, keep_presized)
                 crop = BatchCrop(st.size, seed=cfg.seed)
-            # Each stage is a one-cycle of its own. Later stages refine what the first learned
-            # (as fastai's fine_tune at the larger size after fit_one_cycle at the small one):
-            # their peak falls as 1/(k+1), and they warm up briefly from a fifth of it.
-            later = frozen or k > 0
-            stage_lrs = [r / (k + 1) for r in lrs]
-            import os
-            cyc = None
-            pct = (0.3 if frozen else 0.25) if k == 0 else 0.2
-            if os.environ.get("IMGCLF_XP_CONTINUOUS"):
-                spe = len(train_ds) // cfg.batch_size
-                cyc = (spe * sum(x.epochs for x in stages[:k]), spe * sum(x.epochs for x in stages))
-                stage_lrs = list(lrs)
-                later = False
-                pct = 0.25
+            cycle = None
+            if getattr(cfg, "stage_schedule", "continue") == "continue" and len(stages) > 1:
+                # One one-cycle across the stages: each size takes over at the rate the last
+                # ended with. From scratch, restarted warm-ups coincided with drops of 5-9
+                # points at each boundary that the stage then spent its epochs recovering.
+                cycle = (sum(x.epochs for x in stages[:k]), sum(x.epochs for x in stages))
+                stage_lrs, pct, div = list(lrs), (0.3 if frozen else 0.25), (5.0 if frozen else 25.0)
+            else:
+                # Each stage is a one-cycle of its own. Later stages refine what the first
+                # learned (as fastai's fine_tune at the larger size after fit_one_cycle at the
+                # small one): their peak falls as 1/(k+1), and they warm up briefly from a
+                # fifth of it.
+                stage_lrs = [r / (k + 1) for r in lrs]
+                pct = (0.3 if frozen else 0.25) if k == 0 else 0.2
+                div = 5.0 if frozen or k > 0 else 25.0
             module = ClassifierModule(model, task, groups, stage_lrs,
-                                      pct_start=pct,
-                                      div=5.0 if later else 25.0, preprocess=pre,
+                                      pct_start=pct, div=div, preprocess=pre,
                                       class_weight=weight if data.balance == "weights" else None,
                                       batch_transform=mixer, epoch_offset=epoch_offset,
-                                      stage_index=k, device_augment=crop, cycle=cyc)
+                                      stage_index=k, device_augment=crop, cycle=cycle,
+                                      exact_validation=k == len(stages) - 1)
             # Order and augmentation are functions of (seed, epoch, position), so a resumed run
             # sees exactly the batches the uninterrupted one would have (see imgclf.resume).
             order = ResumableSampler(len(train_ds), cfg.seed + 7919 * k, inner=sampler)

@@ -3,9 +3,10 @@
 Stage "frozen": the body is frozen and in eval mode, so its output for an image never changes.
 Its pooled features are computed once (one forward pass per augmented view) and the classifier is
 trained on them in a plain loop (imgclf.frozen_head); the learning-rate finder runs on the same
-features, so neither repeats the body. Stage "unfrozen": everything trains with one-cycle and discriminative learning rates (earlier layer
-groups get smaller rates), as in fastai's `fine_tune`. The best epoch by the validation metric is
-kept, together with its validation probabilities, which become predictions.csv unchanged.
+features, so neither repeats the body. Stage "unfrozen": everything trains with one-cycle and
+discriminative learning rates (earlier layer groups get smaller rates), as in fastai's
+`fine_tune`. The best epoch by the validation metric is kept, together with its validation
+probabilities, which become predictions.csv unchanged.
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from imgclf import distributed, models
 from imgclf.augment import BatchCrop
+from imgclf.data.transforms import Preprocess, normalize
 from imgclf.epochs import Best, EpochRow, score_validation
 from imgclf.frozen_head import ViewSampler, head_passes, lr_range_test, train_head
-from imgclf.data.transforms import Preprocess, normalize
 from imgclf.io import atomic_write_json
 from imgclf.resume import ResumableSampler, ResumeState, SeededDataset, StepCheckpoint
 from imgclf.tasks import Task

@@ -355,8 +355,11 @@ def finish_run(run_dir: Path, cfg: TrainConfig, model, task: Task, pre: Preproce
 
         plain_scores = evaluation.metrics(preds)
         images = prep.decoded.subset([prep.index[s.path] for s in valid])
+        # The plain view is the kept epoch's validation pass, already done in float32 as
+        # predict runs it (the bundle reproduces it to 1e-5): only the other views are run.
         tta_probs = predict_images(model, pre, images, task.multi_label,
-                                   batch_size=cfg.batch_size, tta=tta, reduce=cfg.tta_reduce)
+                                   batch_size=cfg.batch_size, tta=tta, reduce=cfg.tta_reduce,
+                                   plain_probs=result.best.probs)
         preds = dataclasses.replace(preds, probs=tta_probs)
     thresholds = None
     search = None

@@ -76,24 +76,35 @@ def predict_images(
     tta: int = 0,
     reduce: str = "mean",
     device: str | torch.device = "cpu",
+    plain_probs: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Probabilities [N, C] in float32, batch by batch (memory bounded by the batch)."""
+    """Probabilities [N, C] in float32, batch by batch (memory bounded by the batch).
+
+    Args:
+        plain_probs: The plain view's probabilities [N, C] when they are already known (the
+            validation pass of the kept epoch): only the augmented views are then computed.
+    """
     model.eval()
     out = []
     for start in range(0, len(images), batch_size):
-        batch = torch.from_numpy(np.stack([images.get(i) for i in
-                                           range(start, min(start + batch_size, len(images)))]))
+        stop = min(start + batch_size, len(images))
+        batch = torch.from_numpy(np.stack([images.get(i) for i in range(start, stop)]))
+        views = tta_views(batch, pre.size, tta)
         probs = []
-        for view in tta_views(batch, pre.size, tta):
+        if plain_probs is not None:
+            probs.append(torch.from_numpy(np.asarray(plain_probs[start:stop], np.float32)))
+            views = views[1:]
+        for view in views:
             x = normalize(view.to(device), pre.mean, pre.std).contiguous(
                 memory_format=torch.channels_last)
             logits = model(x).float()
-            probs.append(torch.sigmoid(logits) if multi_label else torch.softmax(logits, -1))
+            p = torch.sigmoid(logits) if multi_label else torch.softmax(logits, -1)
+            probs.append(p.cpu())
         stacked = torch.stack(probs)
         p = stacked.max(0).values if reduce == "max" else stacked.mean(0)
         if reduce == "max" and not multi_label:
             p = p / p.sum(-1, keepdim=True)
-        out.append(p.cpu().numpy())
+        out.append(p.numpy())
     c = getattr(model, "num_classes", 0)
     return np.concatenate(out) if out else np.zeros((0, c), np.float32)
 

@@ -31,6 +31,16 @@ def test_valley_picks_the_steep_descent_not_the_minimum():
     assert 1e-4 < lr < 1e-2
 
 
+def test_valley_ignores_the_creep_over_a_flat_start():
+    # A 101-class head: the loss creeps from 4.62 to 4.58 over the flat start, then falls
+    # steeply from 1e-3 to 0.3 and explodes. The rate belongs on the steep part.
+    lrs = np.logspace(-6, 0, 100)
+    creep = 4.62 - 0.04 * (np.log10(lrs) + 6) / 2.6
+    steep = 4.58 - 2.0 * (np.log10(lrs) + 3) / 2.5
+    losses = np.where(lrs < 1e-3, creep, np.where(lrs < 0.3, steep, 2.6 + 3 * (lrs - 0.3)))
+    assert 3e-3 < valley_lr(lrs, losses) < 1e-1
+
+
 def test_view_sampler_cycles_views_and_repeats_passes():
     s = ViewSampler(n=5, views=2, seed=0, passes=3)
     s.set_epoch(0)

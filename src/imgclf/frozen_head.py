@@ -29,17 +29,27 @@ def valley_lr(lrs: np.ndarray, losses: np.ndarray) -> float:
     loss keeps falling, tolerant of noise) and return the rate half a section past its first
     third: on the steep descent, well before the minimum where the loss is about to explode.
     A rule on the whole curve is far more stable than the steepest-gradient point.
+
+    The flat start is skipped first: a many-class head's loss creeps down over it (4.62 to 4.58
+    on caltech101's 101 classes, from 1e-6 to 4e-4), and counting that creep would start the
+    stretch at the first point and put the rate ten times too low.
     """
     losses = np.asarray(losses, dtype=float)
     n = len(losses)
     if n < 3:
         return float(lrs[0]) if n else 1e-3
+    low = int(np.argmin(losses))
+    fall = float(losses[: low + 1].max() - losses[low])
+    # Skip the flat start: the stretch may begin no earlier than the last point before the loss
+    # first drops 2% of its fall below where it started (the median of the first five points).
+    dropped = np.flatnonzero(losses[: low + 1] < np.median(losses[:5]) - 0.02 * fall)
+    begin = max(0, int(dropped[0]) - 1) if len(dropped) else 0
     length = np.ones(n, dtype=int)
-    best_end = 0
-    for i in range(1, n):
-        smaller = losses[:i] > losses[i]
+    best_end = begin
+    for i in range(begin + 1, n):
+        smaller = losses[begin:i] > losses[i]
         if smaller.any():
-            length[i] = 1 + length[:i][smaller].max()
+            length[i] = 1 + length[begin:i][smaller].max()
         if length[i] > length[best_end]:
             best_end = i
     start = best_end - length[best_end] + 1

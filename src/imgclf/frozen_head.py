@@ -77,31 +77,31 @@ def lr_range_test(head: nn.Module, task: Task, feats: torch.Tensor, targets: tor
     opt = torch.optim.AdamW(head.parameters(), lr=min_lr, weight_decay=0.01)
     loader = DataLoader(TensorDataset(feats, targets), batch_size=batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(seed))
+
+    def batches():
+        while True:  # as many passes over the features as the test needs
+            yield from loader
+
     lrs, losses = [], []
     avg, lowest = 0.0, math.inf
-    step = 0
-    while step < steps:
-        for x, y in loader:
-            lr = min_lr * (max_lr / min_lr) ** (step / max(1, steps - 1))
-            for g in opt.param_groups:
-                g["lr"] = lr
-            loss = task.loss(head(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            value = loss.item()
-            if not math.isfinite(value):
-                step = steps
-                break
-            avg = beta * avg + (1 - beta) * value
-            smoothed = avg / (1 - beta ** (step + 1))
-            lrs.append(lr)
-            losses.append(smoothed)
-            lowest = min(lowest, smoothed)
-            step += 1
-            if step >= steps or (step > 2 and smoothed > stop_factor * lowest):
-                step = steps
-                break
+    for step, (x, y) in zip(range(steps), batches()):
+        lr = min_lr * (max_lr / min_lr) ** (step / max(1, steps - 1))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        loss = task.loss(head(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        value = loss.item()
+        if not math.isfinite(value):
+            break
+        avg = beta * avg + (1 - beta) * value
+        smoothed = avg / (1 - beta ** (step + 1))
+        lrs.append(lr)
+        losses.append(smoothed)
+        lowest = min(lowest, smoothed)
+        if step >= 2 and smoothed > stop_factor * lowest:
+            break
     head.load_state_dict(snapshot)
     lrs_a, losses_a = np.asarray(lrs, dtype=float), np.asarray(losses, dtype=float)
     return valley_lr(lrs_a, losses_a), lrs_a, losses_a

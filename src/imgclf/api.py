@@ -20,6 +20,8 @@ from imgclf.data.cache import decode_all, default_cache_dir
 from imgclf.data.datasets import ImageDataset
 from imgclf.data.samples import TRAIN, VALID, SampleTable
 from imgclf.data.transforms import Preprocess, eval_transform, train_transform
+from imgclf.epochs import fine_tuning_check
+from rich.markup import escape
 from imgclf.errors import DataError, ImageError, ImgclfError
 from imgclf.io import atomic_write_json
 from imgclf.run import Run, new_run_dir, read_rows_csv, write_rows_csv
@@ -206,7 +208,7 @@ def train(data: str | Path | None = None, *, config: TrainConfig | None = None,
     preflight.require(preflight.check(cfg, table, run_dir or Path(cfg.out)))
     model = models.create_model(cfg.model, len(table.classes), pretrained=cfg.pretrained,
                                 weights=cfg.weights)
-    pre = Preprocess.from_model_cfg(model.pretrained_cfg, size=cfg.size)
+    pre = Preprocess.from_model_cfg(model.pretrained_cfg, size=cfg.size, resize=cfg.resize)
     if run_dir is None and rank_zero:
         run_dir = new_run_dir(cfg.out, cfg.name, cfg.data)
         cfg.name = run_dir.name
@@ -408,6 +410,11 @@ def finish_run(run_dir: Path, cfg: TrainConfig, model, task: Task, pre: Preproce
         summary["valid_at_threshold_0.5"] = {
             k: at_half[k] for k in ("hamming_accuracy", "zero_one_accuracy", "f1_micro",
                                     "f1_macro")}
+    check = fine_tuning_check(result.rows, task.monitor, result.best.stage)
+    if check is not None:
+        summary["fine_tuning"] = check
+        for w in check["warnings"]:
+            console.print(f"[bold yellow]Warning:[/] {escape(w)}", highlight=False)
     summary.update(extra or {})
     if plain_scores is not None:
         summary["tta"] = {"views": tta + 1, "reduce": cfg.tta_reduce}

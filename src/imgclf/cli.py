@@ -71,6 +71,8 @@ def train(
     tta: int = typer.Option(0, help="Test-time augmentation views the saved model adds (0: off); validation is reported with and without."),
     tta_reduce: str = typer.Option("mean", help="How TTA views combine: mean | max."),
     augment_on: str = typer.Option("auto", help="Where training crops run: loader (per image) | device (batched on the GPU/CPU doing the training) | auto (device on CUDA)."),
+    batchnorm: str = typer.Option("adapt", help="BatchNorm while a pretrained body fine-tunes: adapt (statistics re-estimated on the training images, then fixed) | frozen (pretrained statistics fixed) | train (each batch's)."),
+    resize: str = typer.Option("auto", help="Images to squares: auto (centre crop up to aspect 1.5, squish longer ones whole) | crop | squish."),
 ):
     """Train a classifier on labelled images and write a run directory."""
     from imgclf import api
@@ -96,7 +98,7 @@ def train(
         stage_epochs=parse_ints(stage_epochs, "--stage-epochs"), stage_schedule=stage_schedule,
         mixup=mixup, cutmix=cutmix,
         mixup_off_epoch=mixup_off_epoch, label_smoothing=label_smoothing, tta=tta,
-        tta_reduce=tta_reduce, augment_on=augment_on)
+        tta_reduce=tta_reduce, augment_on=augment_on, batchnorm=batchnorm, resize=resize)
     api.train(config=cfg, resume=resume, console=console)
 
 

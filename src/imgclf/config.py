@@ -72,6 +72,12 @@ class TrainConfig:
         tta_reduce: How TTA views are combined: "mean" or "max".
         augment_on: Where training crops and flips run: "loader" (per image, in the data
             loader), "device" (batched on the training device) or "auto" (the device on CUDA).
+        batchnorm: BatchNorm during fine-tuning of a pretrained body: "adapt" (statistics
+            re-estimated on the training images, then held fixed), "frozen" (the pretrained
+            statistics held fixed) or "train" (statistics of each batch). From scratch
+            always "train".
+        resize: How images become squares: "auto" (centre crop up to an aspect ratio of 1.5,
+            squish longer ones whole), "crop" or "squish".
     """
 
     data: str = ""
@@ -121,6 +127,8 @@ class TrainConfig:
     tta: int = 0
     tta_reduce: str = "mean"
     augment_on: str = "auto"
+    batchnorm: str = "adapt"
+    resize: str = "auto"
     extra: dict = field(default_factory=dict)
 
     def to_yaml(self, path: Path) -> None:

@@ -67,3 +67,57 @@ def score_validation(task: Task, logits: torch.Tensor,
     flat = {f"valid_{k}": float(v) for k, v in scores.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "n_samples"}
     return probs, y, flat
+
+
+# An unfrozen epoch this far below the frozen stage is called out: past run-to-run noise on a
+# few hundred validation images, and what issue 21's collapses looked like from their start.
+FINE_TUNE_DROP_WARNING = 0.03
+
+
+def fine_tuning_check(rows: list[EpochRow], monitor: str, best_stage: str,
+                      tolerance: float = FINE_TUNE_DROP_WARNING) -> dict | None:
+    """Whether unfreezing the body helped, measured against the frozen stage.
+
+    Only the final stage's epochs count: with progressive resizing the earlier, smaller sizes
+    are expected to score lower and can never be kept.
+
+    Args:
+        rows: The run's epochs, frozen stage first.
+        monitor: The metric that ranks epochs (a metrics.csv column).
+        best_stage: Stage of the kept epoch.
+        tolerance: Largest drop below the frozen stage that passes without a warning.
+
+    Returns:
+        None without both a frozen and an unfrozen epoch; else the frozen stage's score, the
+        best and last unfrozen scores, the largest drop and its epoch, whether fine-tuning
+        helped (an unfrozen epoch was kept), and plain-language warnings.
+    """
+    frozen = [r for r in rows if r.stage == "frozen" and monitor in r.metrics]
+    final = rows[-1].stage if rows else None
+    unfrozen = [r for r in rows if r.stage == final and r.stage != "frozen"
+                and monitor in r.metrics]
+    if not frozen or not unfrozen:
+        return None
+    base = max(r.metrics[monitor] for r in frozen)
+    worst = min(unfrozen, key=lambda r: r.metrics[monitor])
+    top = max(unfrozen, key=lambda r: r.metrics[monitor])
+    drop = base - worst.metrics[monitor]
+    name = monitor.removeprefix("valid_").replace("_", " ")
+    warnings = []
+    if drop > tolerance:
+        warnings.append(
+            f"unfreezing the body made the model worse: {name} fell to "
+            f"{worst.metrics[monitor]:.3f} at epoch {worst.epoch}, {100 * drop:.1f} points below "
+            f"the frozen stage's {base:.3f}")
+    helped = best_stage != "frozen"
+    if not helped:
+        warnings.append(
+            f"fine-tuning did not help: the kept model is the frozen stage's (a new head on the "
+            f"pretrained body, {name} {base:.3f}); the best unfrozen epoch reached "
+            f"{top.metrics[monitor]:.3f}. Try --batchnorm frozen, a smaller --lr, or fewer "
+            f"--epochs")
+    return {"monitor": monitor, "frozen": round(base, 6),
+            "best_unfrozen": round(top.metrics[monitor], 6),
+            "last_unfrozen": round(unfrozen[-1].metrics[monitor], 6),
+            "largest_drop": round(drop, 6), "largest_drop_epoch": worst.epoch,
+            "helped": helped, "warnings": warnings}

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imgclf.data.transforms import Preprocess, center_crop, normalize, presize_image
+from imgclf.data.transforms import Preprocess, center_crop, normalize
 
 
 @dataclass
@@ -58,7 +58,7 @@ def eval_view(image: str | Path | np.ndarray, pre: Preprocess) -> np.ndarray:
     else:
         from imgclf.data.images import open_rgb
 
-        arr = presize_image(open_rgb(image), pre.presize, pre.interpolation)
+        arr = pre.presize_image(open_rgb(image))
     return center_crop(torch.from_numpy(np.ascontiguousarray(arr)), pre.size).numpy()
 
 

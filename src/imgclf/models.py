@@ -112,6 +112,18 @@ def pre_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model.forward_head(model.forward_features(x), pre_logits=True)
 
 
+def batchnorm_layers(model: nn.Module) -> list[nn.Module]:
+    """Every BatchNorm layer (timm's BatchNormAct2d included: it subclasses BatchNorm2d)."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def freeze_batchnorm_statistics(model: nn.Module) -> None:
+    """Put BatchNorm layers in eval mode: they normalise with their running statistics and no
+    longer update them, while their scale and shift still train. Call after `model.train()`."""
+    for m in batchnorm_layers(model):
+        m.eval()
+
+
 def set_body_trainable(model: nn.Module, trainable: bool) -> None:
     """Freeze or unfreeze everything but the classifier."""
     head_params = {id(p) for p in classifier(model).parameters()}

@@ -150,7 +150,8 @@ class OnnxClassifier:
             img = image.convert("RGB")
         else:
             img = open_rgb(image, max_pixels=max_pixels)
-        return presize_image(img, int(pre["presize"]), pre.get("interpolation", "bicubic"))
+        return presize_image(img, int(pre["presize"]), pre.get("interpolation", "bicubic"),
+                             pre.get("resize", "crop"))
 
     def predict_presized(self, squares: np.ndarray, batch_size: int = 32, tta: int | None = None,
                          reduce: str | None = None) -> np.ndarray:

@@ -141,6 +141,9 @@ def check_tta(n: int, reduce: str) -> None:
 STAGE_SCHEDULES = ("continue", "restart")
 
 
+BATCHNORM_MODES = ("adapt", "frozen", "train")
+
+
 def check_techniques(cfg, multi_label: bool | None = None) -> None:
     """Refuse settings that make no sense, before the run folder exists."""
     if cfg.stage_schedule not in STAGE_SCHEDULES:
@@ -162,6 +165,13 @@ def check_techniques(cfg, multi_label: bool | None = None) -> None:
     parse_norm_stats(cfg.norm_stats)
     if cfg.augment_on not in ("auto", "loader", "device"):
         raise ImgclfError(f"--augment-on {cfg.augment_on!r} is not one of auto | loader | device")
+    from imgclf.data.presize import RESIZE_METHODS
+
+    if cfg.batchnorm not in BATCHNORM_MODES:
+        raise ImgclfError(f"--batchnorm {cfg.batchnorm!r} is not one of "
+                          f"{' | '.join(BATCHNORM_MODES)}")
+    if cfg.resize not in RESIZE_METHODS:
+        raise ImgclfError(f"--resize {cfg.resize!r} is not one of {' | '.join(RESIZE_METHODS)}")
     if cfg.sizes and cfg.size and cfg.size != cfg.sizes[-1]:
         raise ImgclfError(f"--size {cfg.size} and --sizes {','.join(map(str, cfg.sizes))} "
                           "disagree: the last of --sizes is the final size; drop --size")

@@ -190,7 +190,6 @@ def create_app(cfg: ServeConfig, bundle=None):
 
     from imgclf.bundle import load as load_bundle
     from imgclf.data.images import open_rgb
-    from imgclf.data.transforms import presize_image
 
     _set_threads(cfg.threads)
     bundle = bundle if bundle is not None else load_bundle(cfg.bundle)
@@ -237,7 +236,7 @@ def create_app(cfg: ServeConfig, bundle=None):
 
     def decode(data: bytes, name: str) -> np.ndarray:
         img = open_rgb(data, max_pixels=cfg.max_pixels, name=name)
-        return presize_image(img, pre.presize, pre.interpolation)
+        return pre.presize_image(img)
 
     @app.post("/predict")
     async def predict(request: Request, top_k: int = 5):

@@ -63,6 +63,8 @@ class ClassifierModule(L.LightningModule):
             several fits (progressive resizing); None: the one-cycle covers this fit alone.
         exact_validation: Validate in float32 as `predict` runs (else at training precision:
             for stages whose epochs cannot become the saved model).
+        freeze_bn: Keep BatchNorm layers on their running statistics while the rest trains
+            (see `batchnorm_mode`).
     """
 
     def __init__(
@@ -83,8 +85,10 @@ class ClassifierModule(L.LightningModule):
         device_augment: Callable | None = None,
         cycle: tuple[int, int] | None = None,
         exact_validation: bool = True,
+        freeze_bn: bool = False,
     ):
         super().__init__()
+        self.freeze_bn = freeze_bn
         self.cycle = cycle
         self.exact_validation = exact_validation
         self.net = net
@@ -111,6 +115,9 @@ class ClassifierModule(L.LightningModule):
         return self.net(x)
 
     def on_train_epoch_start(self) -> None:
+        if self.freeze_bn:
+            # Lightning puts the module in train mode before each epoch (and after validation).
+            models.freeze_batchnorm_statistics(self.net)
         if hasattr(self.batch_transform, "epoch"):
             self.batch_transform.epoch = self.epoch_offset + self.current_epoch
 
@@ -325,6 +332,67 @@ def extract_features(model: nn.Module, loader: DataLoader, pre: Preprocess, prec
     return torch.cat(feats), torch.cat(targets)
 
 
+ADAPT_IMAGES = 1024
+
+
+def batchnorm_mode(cfg) -> str:
+    """How BatchNorm layers behave when the body trains ("train" whenever not pretrained).
+
+    "adapt": running statistics re-estimated on training images before the frozen stage caches
+    its features, then held fixed while the body fine-tunes; "frozen": the pretrained
+    (ImageNet) statistics held fixed; "train": statistics of each training batch, as in
+    from-scratch training. Holding them fixed is what makes the unfrozen stage start from the
+    model the frozen stage trained: with batch statistics, the pooled features under the new
+    head jump the moment the body unfreezes (by 40% on magnetic_tiles, where the head's
+    accuracy on them falls from 0.69 to 0.41; benchmarks/finetune_stability.py --diagnose).
+    """
+    mode = getattr(cfg, "batchnorm", "adapt") or "adapt"
+    return mode if cfg.pretrained else "train"
+
+
+@torch.no_grad()
+def adapt_batchnorm(model: nn.Module, loader: DataLoader, pre: Preprocess, device: torch.device,
+                    max_images: int = ADAPT_IMAGES) -> int:
+    """Re-estimate every BatchNorm layer's running statistics on (augmented) training images.
+
+    A cumulative average over up to `max_images` images (momentum None), as
+    `torch.optim.swa_utils.update_bn` computes it; written here because that helper runs the
+    whole loader and cannot normalise uint8 batches. Returns the number of images used.
+    """
+    from rich.progress import Progress
+
+    layers = models.batchnorm_layers(model)
+    if not layers:
+        return 0
+    was_training = model.training
+    momenta = [m.momentum for m in layers]
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None
+    model.eval()
+    for m in layers:
+        m.train()
+    seen = 0
+    try:
+        with Progress(transient=True) as bar:
+            task = bar.add_task("Adapting BatchNorm statistics",
+                                total=min(max_images, len(loader.dataset)))
+            for x, _ in loader:
+                x = x[: max_images - seen]
+                x = normalize(x.to(device), pre.mean, pre.std).contiguous(
+                    memory_format=torch.channels_last)
+                models.pre_logits(model, x)
+                seen += len(x)
+                bar.advance(task, len(x))
+                if seen >= max_images:
+                    break
+    finally:
+        for m, momentum in zip(layers, momenta):
+            m.momentum = momentum
+        model.train(was_training)
+    return seen
+
+
 def _scratch_dir() -> str:
     import tempfile
 
@@ -361,6 +429,25 @@ class AtomicCheckpointIO(L.plugins.TorchCheckpointIO):
 
 
 HEAD_FILE = "head.safetensors"
+
+
+def start_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What the unfrozen stage starts from besides the pretrained body: the trained head and
+    the BatchNorm statistics (re-estimated on the training data with --batchnorm adapt)."""
+    head = {f"head.{k}": v for k, v in models.classifier(model).state_dict().items()}
+    bn_ids = {id(m) for m in models.batchnorm_layers(model)}
+    stats = {f"body.{name}.{b}": buf for name, m in model.named_modules() if id(m) in bn_ids
+             for b, buf in m.named_buffers(recurse=False)}
+    return {**head, **stats}
+
+
+def load_start_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Inverse of `start_state` (a file of head weights alone, as older runs wrote, works too)."""
+    head = {k[5:]: v for k, v in state.items() if k.startswith("head.")}
+    models.classifier(model).load_state_dict(head or state)
+    body = {k[5:]: v for k, v in state.items() if k.startswith("body.")}
+    if body:
+        model.load_state_dict(body, strict=False)
 
 
 def save_tensors(path: Path, state: dict[str, torch.Tensor]) -> None:
@@ -552,6 +639,7 @@ def fine_tune(
     lr = resume.get("lr") if resume.get("lr") is not None else (
         None if cfg.lr == "auto" else float(cfg.lr))
     frozen = cfg.pretrained and cfg.freeze_epochs > 0
+    bn_mode = batchnorm_mode(cfg)
     valid_loader = make_loader(data.valid, cfg.batch_size, train=False, workers=cfg.workers)
     weight = (balance.class_weights(data.y_train, len(task.classes))
               if data.balance in ("weights", "sampler") else None)
@@ -573,6 +661,10 @@ def fine_tune(
         models.set_body_trainable(model, False)
         head = models.classifier(model)
         views = max(1, cfg.freeze_epochs)
+        if bn_mode == "adapt":
+            adapt_batchnorm(model, make_loader(data.train, cfg.batch_size, train=True,
+                                               workers=cfg.workers, seed=cfg.seed + 1),
+                            pre, device)
         train_plain = make_loader(data.train, cfg.batch_size, train=False, workers=cfg.workers)
         feats, ys = [], []
         for v in range(views):
@@ -598,12 +690,17 @@ def fine_tune(
             cfg.freeze_epochs, lr, ViewSampler(n, views, cfg.seed, head_passes(n, cfg.batch_size)),
             cfg.batch_size, rows, best, model, on_row, class_weight=weight)
         if ckpt_dir and not interrupted and rank_zero:
-            # The unfrozen stage starts from this head; keep it until its first checkpoint.
-            save_tensors(ckpt_dir / HEAD_FILE, head.state_dict())
+            # The unfrozen stage starts from this head and these BatchNorm statistics; keep
+            # them until its first checkpoint.
+            save_tensors(ckpt_dir / HEAD_FILE, start_state(model))
             save_state("unfrozen")
         model.to(device)
     elif frozen and ckpt_dir and (ckpt_dir / HEAD_FILE).is_file():
-        models.classifier(model).load_state_dict(load_tensors(ckpt_dir / HEAD_FILE))
+        load_start_state(model, load_tensors(ckpt_dir / HEAD_FILE))
+    if (not frozen and bn_mode == "adapt" and rank_zero
+            and not (ckpt_dir and (ckpt_dir / "last.ckpt").is_file())):
+        adapt_batchnorm(model, make_loader(data.train, cfg.batch_size, train=True,
+                                           workers=cfg.workers, seed=cfg.seed + 1), pre, device)
 
     if lr is None:
         lr = 3e-3 if not cfg.pretrained else 1e-3
@@ -669,7 +766,8 @@ def fine_tune(
                                       class_weight=weight if data.balance == "weights" else None,
                                       batch_transform=mixer, epoch_offset=epoch_offset,
                                       stage_index=k, device_augment=crop, cycle=cycle,
-                                      exact_validation=k == len(stages) - 1)
+                                      exact_validation=k == len(stages) - 1,
+                                      freeze_bn=bn_mode != "train")
             # Order and augmentation are functions of (seed, epoch, position), so a resumed run
             # sees exactly the batches the uninterrupted one would have (see imgclf.resume).
             order = ResumableSampler(len(train_ds), cfg.seed + 7919 * k, inner=sampler)

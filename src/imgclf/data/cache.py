@@ -16,7 +16,7 @@ import numpy as np
 
 from imgclf.io import atomic_write
 from imgclf.data.images import ImageInfo, file_digest, open_rgb_with_info
-from imgclf.data.transforms import Preprocess, presize_image
+from imgclf.data.transforms import Preprocess
 from imgclf.data.validate import scan_images
 
 MEMORY_BUDGET_BYTES = 4 * 1024**3
@@ -31,7 +31,8 @@ def default_cache_dir() -> Path:
 
 
 def entry_folder(cache_dir: Path, pre: Preprocess) -> Path:
-    return Path(cache_dir) / "decoded" / f"{pre.presize}-{pre.interpolation}"
+    suffix = "" if pre.resize == "crop" else f"-{pre.resize}"
+    return Path(cache_dir) / "decoded" / f"{pre.presize}-{pre.interpolation}{suffix}"
 
 
 @dataclass
@@ -88,7 +89,7 @@ def decode_one(
         except (OSError, ValueError):
             pass  # A damaged entry is rebuilt below.
     img, info = open_rgb_with_info(path)
-    arr = presize_image(img, pre.presize, pre.interpolation)
+    arr = pre.presize_image(img)
     if entry is not None:
         try:
             atomic_write(entry, lambda f: np.save(f, arr))

@@ -15,9 +15,35 @@ PIL_INTERPOLATION = {
 }
 
 
-def presize_image(img: Image.Image, presize: int, interpolation: str = "bicubic") -> np.ndarray:
-    """Resize the short side to `presize` and center-crop a square: uint8 array [3, P, P]."""
+RESIZE_METHODS = ("auto", "crop", "squish")
+
+# "auto" crops an image no further from square than this and squishes a longer one. Photos
+# (4:3, 3:2) keep today's centre crop; a strip of 105 x 285 px (a surface defect, a panorama,
+# a document line) would lose almost two thirds of itself to the crop, so it is squished into
+# the square instead. Measured on magnetic_tiles (benchmarks/finetune_stability.py).
+MAX_CROP_ASPECT = 1.5
+
+
+def presize_image(img: Image.Image, presize: int, interpolation: str = "bicubic",
+                  resize: str = "crop") -> np.ndarray:
+    """The presized uint8 square [3, P, P] of an image.
+
+    Args:
+        img: Decoded image (any mode; converted to RGB).
+        presize: Side of the square.
+        interpolation: Pillow filter name.
+        resize: "crop": resize the short side to `presize` and take the centre square;
+            "squish": resize the whole image to the square, ignoring its aspect ratio;
+            "auto": "crop" up to an aspect ratio of MAX_CROP_ASPECT, "squish" beyond it.
+    """
     w, h = img.size
+    if resize == "auto":
+        resize = "crop" if max(w, h) <= MAX_CROP_ASPECT * min(w, h) else "squish"
+    if resize == "squish":
+        if (w, h) != (presize, presize):
+            img = img.resize((presize, presize), PIL_INTERPOLATION[interpolation],
+                             reducing_gap=None)
+        return np.asarray(img.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1).copy()
     scale = presize / min(w, h)
     # Rounding up keeps both sides >= presize so the crop never needs padding.
     nw, nh = max(presize, math.ceil(w * scale - 1e-6)), max(presize, math.ceil(h * scale - 1e-6))

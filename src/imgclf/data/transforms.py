@@ -29,6 +29,8 @@ class Preprocess:
         interpolation: Pillow filter used for the presize resize.
         mean: Per-channel mean on the 0-1 scale.
         std: Per-channel standard deviation on the 0-1 scale.
+        resize: How an image becomes the presize square: "crop", "squish" or "auto" (see
+            `imgclf.data.presize.presize_image`). Bundles from before this field crop.
     """
 
     size: int
@@ -36,10 +38,12 @@ class Preprocess:
     interpolation: str = "bicubic"
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    resize: str = "crop"
 
     @classmethod
     def from_model_cfg(
-        cls, cfg: dict, size: int | None = None, crop_pct: float | None = None
+        cls, cfg: dict, size: int | None = None, crop_pct: float | None = None,
+        resize: str = "crop",
     ) -> "Preprocess":
         """Preprocessing from a timm pretrained config, optionally at another crop size."""
         size = int(size or cfg.get("input_size", (3, 224, 224))[-1])
@@ -53,6 +57,7 @@ class Preprocess:
             interpolation=interp,
             mean=tuple(float(v) for v in cfg.get("mean", cls.mean)),
             std=tuple(float(v) for v in cfg.get("std", cls.std)),
+            resize=resize,
         )
 
     def to_dict(self) -> dict:
@@ -68,7 +73,12 @@ class Preprocess:
             interpolation=str(d.get("interpolation", "bicubic")),
             mean=tuple(float(v) for v in d["mean"]),
             std=tuple(float(v) for v in d["std"]),
+            resize=str(d.get("resize", "crop")),
         )
+
+    def presize_image(self, img) -> np.ndarray:
+        """A decoded PIL image as this preprocessing's presized uint8 square [3, P, P]."""
+        return presize_image(img, self.presize, self.interpolation, self.resize)
 
 
 def presize_for(size: int, crop_pct: float = 0.875) -> int:

@@ -243,7 +243,9 @@ class _Builder:
             if isinstance(evaluation.get("tta"), dict):
                 t = evaluation["tta"]
                 eval_rows.append((f"with TTA ({t.get('views')} views)", {k: t.get(k) for k in keys}))
+        fine_tuning = m.get("fine_tuning") if isinstance(m.get("fine_tuning"), dict) else {}
         s.data = {"cards": cards, "facts": facts,
+                  "warnings": [str(w) for w in fine_tuning.get("warnings", [])],
                   "eval_keys": [labels[k] for k in keys],
                   "eval_rows": [(name, [_fmt(v.get(k)) for k in keys]) for name, v in eval_rows]}
 

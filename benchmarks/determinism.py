@@ -70,7 +70,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=2)
     args = ap.parse_args()
 
-    from imgclf.models import cpu_supports_bf16
+    from imgclf.training.models import cpu_supports_bf16
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"bf16 matrix units: {cpu_supports_bf16()}")

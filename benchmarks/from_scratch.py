@@ -100,7 +100,7 @@ def main() -> None:
     from imgclf import api
     from imgclf.data.cache import decode_all, default_cache_dir
     from imgclf.data.transforms import Preprocess, presize_for
-    from imgclf.predict import expand_paths
+    from imgclf.deploy.predict import expand_paths
 
     def console():
         return Console(stderr=True) if args.verbose else Console(file=io.StringIO())

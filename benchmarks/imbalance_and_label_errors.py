@@ -112,8 +112,8 @@ def imbalance(args, work: Path) -> None:
 
 
 def label_errors(args, work: Path) -> None:
-    from imgclf.crossval import cross_validate
-    from imgclf.label_issues import find_label_issues
+    from imgclf.commands.cv import cross_validate
+    from imgclf.commands.label_issues import find_label_issues
 
     imbalanced = work / "imagenette_imbalanced"
     if not imbalanced.is_dir():

@@ -56,7 +56,7 @@ def main() -> None:
             print(f"skip: {p} missing")
             return
     from imgclf import api
-    from imgclf.mining import mine
+    from imgclf.commands.mine import mine
 
     out = Path(args.out or tempfile.mkdtemp(prefix="imgclf-bench-mining-"))
     out.mkdir(parents=True, exist_ok=True)
@@ -127,7 +127,7 @@ def score_generated_pool(n: int, root: Path) -> None:
     from PIL import Image
 
     from imgclf.data.transforms import Preprocess
-    from imgclf.mining import score_pool
+    from imgclf.commands.mine import score_pool
 
     pool = root / "pool"
     pool.mkdir(parents=True, exist_ok=True)

@@ -128,7 +128,7 @@ def memory_child(n: int, batch_size: int, cache: str) -> None:
     os.environ["IMGCLF_CACHE_DIR"] = cache
     from imgclf.data.cache import default_cache_dir
 
-    from imgclf.mining import score_pool
+    from imgclf.commands.mine import score_pool
 
     b = make_bundle(Path(tempfile.mkdtemp()) / "model")
     # Distinct files (symbolic links to the photos would share content digests, and the pool

@@ -27,7 +27,7 @@ def make_run(root: Path, n: int, n_classes: int, seed: int = 0) -> Path:
     from PIL import Image
 
     from imgclf import evaluation
-    from imgclf.bundle import save_bundle
+    from imgclf.deploy.bundle import save_bundle
     from imgclf.config import TrainConfig
     from imgclf.data.transforms import Preprocess
     from imgclf.data.validate import CheckReport, DataSummary

@@ -30,7 +30,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 def build_bundle(folder: Path) -> Path:
     from imgclf import models
-    from imgclf.bundle import save_bundle
+    from imgclf.deploy.bundle import save_bundle
     from imgclf.data.transforms import Preprocess
 
     weights = SHARED / "weights" / "tf_efficientnet_lite0.in1k.safetensors"

@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from imgclf import balance
 from imgclf.errors import ImgclfError
-from imgclf.tasks import Task
+from imgclf.training.task import Task
 
 
 def test_class_weights_make_every_class_weigh_the_same():

@@ -19,7 +19,7 @@ import pytest
 
 from conftest import make_color_dataset
 from imgclf import distributed
-from imgclf.bundle import load as load_bundle
+from imgclf.deploy.bundle import load as load_bundle
 
 # GroupNorm instead of BatchNorm: with BatchNorm, two ranks of 4 images normalise differently
 # from one process of 8 (SyncBatchNorm needs CUDA), which is a real but separate difference.

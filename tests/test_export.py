@@ -17,9 +17,9 @@ import torch
 from PIL import Image
 
 from imgclf import onnx_predict
-from imgclf.bundle import load as load_bundle
+from imgclf.deploy.bundle import load as load_bundle
 from imgclf.errors import ImgclfError
-from imgclf.export import export
+from imgclf.deploy.export import export
 
 TINY = dict(model="test_efficientnet", pretrained=False, size=32, epochs=2, freeze_epochs=0,
             lr=1e-2, batch_size=8, seed=0)
@@ -131,7 +131,7 @@ def test_onnx_predictor_runs_with_torch_blocked(tiny_run, onnx_single, tmp_path)
 @pytest.mark.parametrize("interp", ["bicubic", "bilinear"])
 def test_predictor_preprocessing_is_the_training_preprocessing(interp):
     from imgclf.data.transforms import presize_image
-    from imgclf.predict import tta_views
+    from imgclf.deploy.predict import tta_views
 
     rng = np.random.default_rng(0)
     for w, h in [(40, 30), (30, 41), (33, 33), (9, 12), (250, 97)]:

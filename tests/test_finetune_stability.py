@@ -14,7 +14,7 @@ from imgclf.data.cache import decode_all
 from imgclf.data.datasets import ImageDataset
 from imgclf.data.presize import presize_image
 from imgclf.data.transforms import Preprocess, eval_transform, normalize
-from imgclf.epochs import EpochRow, fine_tuning_check
+from imgclf.training.epochs import EpochRow, fine_tuning_check
 
 
 def _shifted_images(color_data, pre):

@@ -7,10 +7,10 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from imgclf.epochs import Best
-from imgclf.frozen_head import (ViewSampler, head_passes, lr_range_test, train_head,
+from imgclf.training.epochs import Best
+from imgclf.training.frozen_head import (ViewSampler, head_passes, lr_range_test, train_head,
                                 valley_lr)
-from imgclf.tasks import Task
+from imgclf.training.task import Task
 
 
 def separable_features(n: int = 96, dim: int = 16, classes: int = 3, seed: int = 0):

@@ -15,8 +15,8 @@ from torch import nn
 from imgclf.data.transforms import Preprocess
 from imgclf.errors import ImgclfError
 from imgclf.evaluation import Predictions
-from imgclf.gradcam import eval_view, grad_cam, heatmaps_for, overlay
-from imgclf.interpret import Interpretation
+from imgclf.report.gradcam import eval_view, grad_cam, heatmaps_for, overlay
+from imgclf.report.interpret import Interpretation
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from imgclf import api, evaluation
 from imgclf.errors import ImgclfError
-from imgclf.label_issues import FILENAME, find_label_issues, predictions_file, read_label_issues
+from imgclf.commands.label_issues import FILENAME, find_label_issues, predictions_file, read_label_issues
 
 CLASSES = ["ant", "bee", "cat", "dog", "eel"]
 

@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from imgclf import evaluation
-from imgclf.augment import MixBatch
+from imgclf.training.augment import MixBatch
 from imgclf.data.sources import from_csv
-from imgclf.tasks import Task
+from imgclf.training.task import Task
 
 CLASSES = ("blue", "green", "red")
 COLORS = {"red": (210, 30, 30), "green": (30, 190, 50), "blue": (30, 50, 210)}

@@ -18,7 +18,7 @@ import pytest
 from typer.testing import CliRunner
 
 from imgclf import cli, evaluation
-from imgclf.bundle import save_bundle
+from imgclf.deploy.bundle import save_bundle
 from imgclf.config import TrainConfig
 from imgclf.data.transforms import Preprocess
 from imgclf.data.validate import CheckReport, DataSummary, DuplicateSet, FileIssue

@@ -23,7 +23,7 @@ import torch
 
 from imgclf import api, training
 from imgclf.errors import ImgclfError
-from imgclf.resume import ResumableSampler, ResumeState, SeededDataset, mix_seed
+from imgclf.training.resume import ResumableSampler, ResumeState, SeededDataset, mix_seed
 
 # 36 images, 28 for training at batch 4: 7 steps an epoch; a step checkpoint every 3 steps.
 RUN = dict(model="test_efficientnet", size=32, epochs=2, freeze_epochs=1, batch_size=4,

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgclf.bundle import load as load_bundle
+from imgclf.deploy.bundle import load as load_bundle
 
 MAX_UPLOAD_MB = 1.0
 MAX_PIXELS = 1_000_000

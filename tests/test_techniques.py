@@ -4,15 +4,15 @@ import numpy as np
 import pytest
 import torch
 
-from imgclf.augment import MixBatch
+from imgclf.training.augment import MixBatch
 from imgclf.config import TrainConfig
 from imgclf.data.transforms import image_stats, resized_eval_transform
 from imgclf.errors import ImgclfError
 from imgclf.data.presize import zoom_center
-from imgclf.predict import tta_views
-from imgclf.tasks import Task
+from imgclf.deploy.predict import tta_views
+from imgclf.training.task import Task
 from conftest import TINY
-from imgclf.recipe import (IMAGENET_MEAN, IMAGENET_STD, SizeStage, check_techniques,
+from imgclf.training.recipe import (IMAGENET_MEAN, IMAGENET_STD, SizeStage, check_techniques,
                            parse_ints, parse_norm_stats, resolve_norm_stats, size_schedule)
 
 
@@ -318,7 +318,7 @@ def test_progressive_mixup_run_resumes_exactly_across_a_stage_boundary(tmp_path,
 
 
 def test_batch_crop_draws_by_key_and_keeps_whole_images_at_full_scale():
-    from imgclf.augment import BatchCrop
+    from imgclf.training.augment import BatchCrop
 
     x = torch.randint(0, 256, (6, 3, 20, 20), dtype=torch.uint8)
     crop = BatchCrop(12, seed=3)

@@ -10,10 +10,10 @@ __version__ = "0.1.0"
 
 __all__ = ["train", "evaluate", "predict", "load", "mine", "Run", "__version__"]
 
-# Imported lazily so that torch-free modules (imgclf.onnx_predict, imgclf.data.images) can be
+# Imported lazily so that torch-free modules (imgclf.deploy.onnx_predict, imgclf.data.images) can be
 # used where torch is not installed.
 _LAZY = {"train": "imgclf.api", "evaluate": "imgclf.api", "predict": "imgclf.api",
-         "load": "imgclf.api", "mine": "imgclf.mining", "Run": "imgclf.run"}
+         "load": "imgclf.api", "mine": "imgclf.commands.mine", "Run": "imgclf.run"}
 
 
 def __getattr__(name: str):

@@ -1,4 +1,8 @@
-"""Every setting of a run, resolved, so that config.yaml alone reproduces it."""
+"""Every setting of a run, resolved, so that config.yaml alone reproduces it.
+
+Pure option checks that more than one stage needs live here too (`check_tta`: training checks
+the flags, the deploy bundle checks what it is asked to predict with).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from imgclf.errors import ImgclfError
+from imgclf.io import atomic_write_text
+
+TTA_REDUCTIONS = ("mean", "max")
 
 
 @dataclass
@@ -40,7 +49,7 @@ class TrainConfig:
         batch_size: Images per step.
         balance: Class imbalance: "none", "weights" (loss class weights), "sampler"
             (class-balanced batches) or "auto" (weights when the largest training class is
-            over 3x the smallest; see imgclf.balance).
+            over 3x the smallest; see imgclf.training.balance).
         precision: "auto", "32", "bf16-mixed" or "16-mixed".
         workers: DataLoader processes (None: chosen from the core count).
         cache_dir: Decode cache folder (None: the user cache folder); "" disables the disk cache.
@@ -132,8 +141,6 @@ class TrainConfig:
     extra: dict = field(default_factory=dict)
 
     def to_yaml(self, path: Path) -> None:
-        from imgclf.io import atomic_write_text
-
         atomic_write_text(path, yaml.safe_dump(dataclasses.asdict(self), sort_keys=False))
 
     @classmethod
@@ -142,7 +149,13 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(raw) - known)
         if unknown:
-            from imgclf.errors import ImgclfError
-
             raise ImgclfError(f"{path}: unknown settings {', '.join(unknown)}; remove them")
         return cls(**raw)
+
+
+def check_tta(n: int, reduce: str) -> None:
+    """Refuse a negative number of TTA views or an unknown reduction."""
+    if n < 0:
+        raise ImgclfError(f"--tta {n}: the number of augmented views must be >= 0")
+    if reduce not in TTA_REDUCTIONS:
+        raise ImgclfError(f"--tta-reduce {reduce!r} is not one of {' | '.join(TTA_REDUCTIONS)}")

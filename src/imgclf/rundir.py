@@ -2,6 +2,9 @@
 
     runs/<name>/config.yaml, metrics.csv, metrics.json, predictions.csv, data_summary.json,
     model/ (the bundle), report.html, plots/*.png, checkpoints/
+
+Only paths and plain readers/writers live here (bottom layer: nothing from evaluation or
+deploy). `imgclf.commands.run.Run` adds the readers that need those (predictions, the bundle).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from imgclf.config import TrainConfig
 from imgclf.errors import ImgclfError
 from imgclf.io import atomic_write_text
 
@@ -76,8 +80,11 @@ def _num(v: str):
 
 
 @dataclass
-class Run:
-    """A finished (or interrupted) run directory."""
+class RunDir:
+    """A finished (or interrupted) run directory: its paths and plain files.
+
+    `imgclf.commands.run.Run` extends it with the predictions and the bundle.
+    """
 
     path: Path
 
@@ -95,8 +102,6 @@ class Run:
         return self.path / "report.html"
 
     def config(self):
-        from imgclf.config import TrainConfig
-
         return TrainConfig.from_yaml(self.path / "config.yaml")
 
     def metrics(self) -> dict:
@@ -106,19 +111,8 @@ class Run:
     def history(self) -> list[dict]:
         return read_rows_csv(self.path / "metrics.csv")
 
-    def predictions(self):
-        from imgclf import evaluation
-
-        return evaluation.Predictions.from_csv(self.path / "predictions.csv")
-
-    def load(self):
-        """The run's bundle (see `imgclf.bundle.load`)."""
-        from imgclf.bundle import load
-
-        return load(self.bundle_path)
-
     def __repr__(self) -> str:
         m = self.metrics()
         keys = [k for k in ("valid_accuracy", "valid_zero_one_accuracy", "valid_loss") if k in m]
         shown = ", ".join(f"{k}={m[k]:.4f}" for k in keys)
-        return f"Run({str(self.path)!r}{', ' + shown if shown else ''})"
+        return f"{type(self).__name__}({str(self.path)!r}{', ' + shown if shown else ''})"

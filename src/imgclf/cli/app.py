@@ -77,7 +77,7 @@ def train(
     """Train a classifier on labelled images and write a run directory."""
     from imgclf import api
     from imgclf.config import TrainConfig
-    from imgclf.recipe import parse_ints
+    from imgclf.training.recipe import parse_ints
 
     if resume is None and data is None:
         raise ImgclfError("pass DATA (a folder of images) or --resume RUN")
@@ -150,7 +150,7 @@ def predict(
     result = bundle.predict(paths, batch_size=batch_size, tta=tta, tta_reduce=tta_reduce,
                             threshold=threshold)
     if bundle.multi_label:
-        from imgclf.predict import describe_thresholds
+        from imgclf.deploy.predict import describe_thresholds
 
         console.print(describe_thresholds(bundle, threshold), highlight=False)
     for p, reason in result.errors.items():
@@ -177,7 +177,7 @@ def demo(
     epochs: int = typer.Option(8, help="Epochs."),
 ):
     """Train on a small built-in data set (scikit-learn's digits) and print where the report is."""
-    from imgclf.demo import run_demo
+    from imgclf.commands.demo import run_demo
 
     run_demo(out_dir, epochs=epochs, console=console)
 
@@ -215,7 +215,7 @@ def cv(
 ):
     """Cross-validate: one normal run per fold, a mean ± std summary and out-of-fold predictions."""
     from imgclf.config import TrainConfig
-    from imgclf.crossval import cross_validate
+    from imgclf.commands.cv import cross_validate
 
     if resume is None and data is None:
         raise ImgclfError("pass DATA (a folder of images) or --resume CV_DIR")
@@ -237,7 +237,7 @@ def label_issues(
     target: Path = typer.Argument(..., help="Cross-validation folder (imgclf cv) or run directory."),
 ):
     """Rank suspected label errors (out-of-fold or validation predictions) into label_issues.csv."""
-    from imgclf.label_issues import find_label_issues
+    from imgclf.commands.label_issues import find_label_issues
 
     find_label_issues(target, console=console)
 
@@ -255,7 +255,7 @@ def export(
     check: bool = typer.Option(True, "--check/--no-check", help="Refuse to write an export that does not reproduce the bundle."),
 ):
     """Export a model to ONNX or TorchScript, checked to predict what the bundle predicts."""
-    from imgclf.export import export as export_bundle
+    from imgclf.deploy.export import export as export_bundle
 
     export_bundle(model, format=format, out=out_file, opset=opset, dynamic_batch=dynamic_batch,
                   exporter=exporter, check=check, images=images, max_images=max_images,
@@ -277,7 +277,7 @@ def serve(
     threads: Optional[int] = typer.Option(None, help="Torch threads per process (default: cores / workers)."),
 ):
     """Serve a model over HTTP: POST /predict, GET /health, GET /model."""
-    from imgclf.serve import ServeConfig, run_server
+    from imgclf.deploy.serve import ServeConfig, run_server
 
     run_server(ServeConfig(bundle=str(model), max_upload_bytes=int(max_upload_mb * 1e6),
                            max_pixels=max_pixels, max_files=max_files, max_batch=max_batch,
@@ -306,7 +306,7 @@ def mine(
     restart: bool = typer.Option(False, help="Undo earlier mining of RUN and start over."),
 ):
     """Hard negative mining: add a negative class and train on the pool's most confident mistakes."""
-    from imgclf.mining import mine as mine_run
+    from imgclf.commands.mine import mine as mine_run
 
     mine_run(run, pool, per_round=per_round, rounds=rounds, epochs=epochs, initial=initial,
              negative_label=negative_label, valid_negatives=valid_negatives,

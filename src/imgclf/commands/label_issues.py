@@ -61,7 +61,7 @@ def predictions_file(target: str | Path) -> Path:
     Raises:
         ImgclfError: `target` holds neither oof_predictions.csv nor predictions.csv.
     """
-    from imgclf.crossval import OOF
+    from imgclf.commands.cv import OOF
 
     target = Path(target)
     if target.is_file() and target.suffix.lower() == ".csv":
@@ -110,31 +110,6 @@ def find_label_issues(target: str | Path, console=None) -> LabelIssues:
         _print(result, console)
         _refresh_report(source.parent, console)
     return result
-
-
-def rank_label_issues(preds: evaluation.Predictions) -> list[dict]:
-    """Every image whose given label is not its most probable class, most suspect first.
-
-    Args:
-        preds: Single-label, out-of-sample predictions.
-
-    Returns:
-        Rows {index, given, suggested, score, given_prob, suggested_prob, confident}: suggested
-        is the most probable class, score the margin probs[suggested] - probs[given] (highest
-        first, ties by index), confident whether `evaluation.label_issues` flags the image too.
-    """
-    flagged = {r["index"] for r in evaluation.label_issues(preds.probs, preds.targets, preds.classes)}
-    n = len(preds.paths)
-    given = preds.probs[np.arange(n), preds.targets]
-    top = preds.probs.argmax(axis=1)
-    rows = [
-        {"index": int(i), "given": preds.classes[preds.targets[i]],
-         "suggested": preds.classes[top[i]], "score": float(preds.probs[i, top[i]] - given[i]),
-         "given_prob": float(given[i]), "suggested_prob": float(preds.probs[i, top[i]]),
-         "confident": int(i) in flagged}
-        for i in np.flatnonzero(preds.probs[np.arange(n), top] > given)
-    ]
-    return sorted(rows, key=lambda r: (-r["score"], r["index"]))
 
 
 def _fold_column(path: Path) -> list[int] | None:

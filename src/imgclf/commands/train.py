@@ -12,20 +12,20 @@ import numpy as np
 import torch
 
 from imgclf import distributed, evaluation, models, preflight, recipe
-from imgclf.bundle import Bundle, find_bundle, save_bundle
-from imgclf.bundle import load as load_bundle
+from imgclf.deploy.bundle import Bundle, find_bundle, save_bundle
+from imgclf.deploy.bundle import load as load_bundle
 from imgclf.config import TrainConfig
 from imgclf.data import sources, validate
 from imgclf.data.cache import decode_all, default_cache_dir
 from imgclf.data.datasets import ImageDataset
 from imgclf.data.samples import TRAIN, VALID, SampleTable
 from imgclf.data.transforms import Preprocess, eval_transform, train_transform
-from imgclf.epochs import fine_tuning_check
+from imgclf.training.epochs import fine_tuning_check
 from rich.markup import escape
 from imgclf.errors import DataError, ImageError, ImgclfError
 from imgclf.io import atomic_write_json
 from imgclf.run import Run, new_run_dir, read_rows_csv, write_rows_csv
-from imgclf.tasks import Task
+from imgclf.training.task import Task
 from imgclf import training
 
 
@@ -46,24 +46,6 @@ def _cache_dir(cfg: TrainConfig) -> Path | None:
 def _set_threads() -> None:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     torch.set_num_threads(max(1, cores or 1))
-
-
-def load_table(cfg: TrainConfig) -> SampleTable:
-    """The data source named by a config, as a table of samples."""
-    label_cols = cfg.label_cols
-    if label_cols and label_cols != "auto":
-        label_cols = [c.strip() for c in label_cols.split(",") if c.strip()]
-    table = sources.load_source(
-        cfg.data, csv=cfg.csv, label_pattern=cfg.label_pattern, image_col=cfg.image_col,
-        label_col=cfg.label_col, split_col=cfg.split_col,
-        label_delim=cfg.label_delim if cfg.csv else None,
-        label_cols=label_cols, multi_label=cfg.multi_label, group_col=cfg.group_col,
-        group_pattern=cfg.group_pattern, valid_pct=cfg.valid_pct, seed=cfg.seed)
-    if cfg.folds:
-        from imgclf import crossval
-
-        table = crossval.fold_table(table, cfg.folds, cfg.fold, cfg.seed)
-    return table
 
 
 @dataclasses.dataclass
@@ -353,7 +335,7 @@ def finish_run(run_dir: Path, cfg: TrainConfig, model, task: Task, pre: Preproce
     tta = int(getattr(cfg, "tta", 0) or 0)
     plain_scores = None
     if tta:
-        from imgclf.predict import predict_images
+        from imgclf.deploy.predict import predict_images
 
         plain_scores = evaluation.metrics(preds)
         images = prep.decoded.subset([prep.index[s.path] for s in valid])
@@ -521,7 +503,7 @@ def evaluate(target: str | Path, data: str | Path | None = None, *, out: str | P
     Returns:
         The metrics dict (also written as metrics.json in the output folder).
     """
-    from imgclf.predict import predict_images
+    from imgclf.deploy.predict import predict_images
     from imgclf.report import plots
 
     console = _console(console)

@@ -438,7 +438,7 @@ class DataSummary:
         skipped: Files found but not used.
         notes: Remarks from the source and the checks.
         balance: What training does about imbalance ("none", "weights", "sampler"), once
-            decided from the settings (see imgclf.balance); None before that.
+            decided from the settings (see imgclf.training.balance); None before that.
         balance_note: That decision in words, printed under the imbalance ratio.
     """
 

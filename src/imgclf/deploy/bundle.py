@@ -51,15 +51,15 @@ class Bundle:
 
     def predict(self, paths, batch_size: int = 32, tta: int | None = None, top_k: int = 5,
                 threshold: float | None = None, tta_reduce: str | None = None):
-        """Predict files; see `imgclf.predict.predict_files`."""
-        from imgclf.predict import predict_files
+        """Predict files; see `imgclf.deploy.predict.predict_files`."""
+        from imgclf.deploy.predict import predict_files
 
         return predict_files(self, paths, batch_size=batch_size, tta=tta, top_k=top_k,
                              threshold=threshold, tta_reduce=tta_reduce)
 
     def tta_setting(self, n: int | None = None, reduce: str | None = None) -> tuple[int, str]:
         """(views added, reduction): the arguments where given, else what training chose."""
-        from imgclf.recipe import check_tta
+        from imgclf.training.recipe import check_tta
 
         saved = self.tta or {}
         n = int(n if n is not None else saved.get("n", 0))

@@ -2,7 +2,7 @@
 
 The exported graph takes uint8 crops [N, 3, S, S] and returns (probabilities, logits): the
 normalisation with the bundle's mean/std and the softmax (single-label) or sigmoid (multi-label)
-are inside it, so a deployment only has to decode, presize and crop (see `imgclf.onnx_predict`).
+are inside it, so a deployment only has to decode, presize and crop (see `imgclf.deploy.onnx_predict`).
 The ONNX file embeds model.json, so it is the whole artifact.
 
 Before anything is written, the export is run on the run's validation images (the paths in
@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from imgclf.bundle import Bundle
-from imgclf.bundle import load as load_bundle
+from imgclf.deploy.bundle import Bundle
+from imgclf.deploy.bundle import load as load_bundle
 from imgclf.errors import ImgclfError
 from imgclf.io import atomic_write_bytes
 
@@ -232,7 +232,7 @@ def _torchscript_runner(module):
 def _check_images(bundle: Bundle, images, max_images: int):
     """Images for the parity check and the probabilities recorded for them at validation."""
     if images:
-        from imgclf.predict import expand_paths
+        from imgclf.deploy.predict import expand_paths
 
         paths = expand_paths([str(p) for p in images])
         return _spread(paths, max_images), "given images", {}

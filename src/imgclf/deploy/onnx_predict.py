@@ -8,7 +8,7 @@ take the center `size` crop. The settings come from the copy of model.json embed
 
 Deploy without torch:
     pip install --no-deps imgclf && pip install numpy pillow onnxruntime
-    python -m imgclf.onnx_predict runs/<name>/model/model.onnx photo.jpg
+    python -m imgclf.deploy.onnx_predict runs/<name>/model/model.onnx photo.jpg
 
 This module imports nothing that imports torch (a test runs it with torch blocked).
 """
@@ -40,7 +40,7 @@ def center_crop(x: np.ndarray, size: int) -> np.ndarray:
 
 
 def tta_views(x: np.ndarray, size: int, n: int) -> list[np.ndarray]:
-    """The center view plus `n` augmented views, as `imgclf.predict.tta_views` makes them."""
+    """The center view plus `n` augmented views, as `imgclf.deploy.predict.tta_views` makes them."""
     h, w = x.shape[-2:]
     plain = center_crop(x, size)
     views = [plain]
@@ -268,8 +268,8 @@ def _sidecar_meta(source) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m imgclf.onnx_predict MODEL IMAGE...`: one line per image, or JSON with --json."""
-    ap = argparse.ArgumentParser(prog="python -m imgclf.onnx_predict",
+    """`python -m imgclf.deploy.onnx_predict MODEL IMAGE...`: one line per image, or JSON with --json."""
+    ap = argparse.ArgumentParser(prog="python -m imgclf.deploy.onnx_predict",
                                  description="Predict images with an exported model.onnx (no torch).")
     ap.add_argument("model", help="model.onnx, or the bundle folder / run directory holding it")
     ap.add_argument("images", nargs="+", help="image files or folders")

@@ -161,7 +161,7 @@ def predict_files(bundle, paths, batch_size: int = 32, tta: int | None = None, t
     """Decode, presize and predict files with a bundle.
 
     Args:
-        bundle: A loaded `imgclf.bundle.Bundle`.
+        bundle: A loaded `imgclf.deploy.bundle.Bundle`.
         paths: Files, folders or globs.
         batch_size: Images per forward pass.
         tta: Augmented views to add (None: the bundle's setting, else 0).

@@ -2,7 +2,7 @@
 
 Uploads are decoded with `imgclf.data.images.open_rgb`, which reads the content (not the file
 name) and refuses non-images and decompression bombs from their header; the pixels then go through
-`imgclf.predict.predict_images`, the function `imgclf predict` uses, so the server predicts what
+`imgclf.deploy.predict.predict_images`, the function `imgclf predict` uses, so the server predicts what
 validation measured. Every way a request can be wrong gets a 4xx status with a JSON
 {"error": "..."} that says what to fix:
 
@@ -145,7 +145,7 @@ class Batcher:
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         from imgclf.data.cache import DecodedImages
-        from imgclf.predict import predict_images
+        from imgclf.deploy.predict import predict_images
 
         b = self.bundle
         tta = b.tta or {}
@@ -188,7 +188,7 @@ def create_app(cfg: ServeConfig, bundle=None):
     from starlette.exceptions import HTTPException as StarletteHTTPException
     from starlette.datastructures import UploadFile
 
-    from imgclf.bundle import load as load_bundle
+    from imgclf.deploy.bundle import load as load_bundle
     from imgclf.data.images import open_rgb
 
     _set_threads(cfg.threads)
@@ -275,7 +275,7 @@ def create_app(cfg: ServeConfig, bundle=None):
 
 
 def _results(bundle, names: list[str], probs: np.ndarray, top_k: int) -> list[dict]:
-    from imgclf.predict import PredictionResult
+    from imgclf.deploy.predict import PredictionResult
 
     res = PredictionResult(paths=[Path(n) for n in names], probs=probs, classes=bundle.classes,
                            multi_label=bundle.multi_label,
@@ -386,7 +386,7 @@ def run_server(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, work
     """
     import uvicorn
 
-    from imgclf.bundle import load as load_bundle
+    from imgclf.deploy.bundle import load as load_bundle
 
     if workers < 1:
         raise ImgclfError("--workers must be at least 1")
@@ -403,4 +403,4 @@ def run_server(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, work
         uvicorn.run(create_app(cfg, bundle), **options)
     else:
         os.environ[CONFIG_ENV] = json.dumps(asdict(cfg))
-        uvicorn.run("imgclf.serve:app_from_env", factory=True, workers=workers, **options)
+        uvicorn.run("imgclf.deploy.serve:app_from_env", factory=True, workers=workers, **options)

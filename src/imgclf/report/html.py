@@ -6,7 +6,7 @@ script and no external resource, so the page opens without a server or network. 
 capped (see the constants below) so that a validation set of any size gives a page of a few
 megabytes at most.
 
-The analysis comes from `imgclf.interpret.Interpretation`, itself built on `imgclf.evaluation`.
+The analysis comes from `imgclf.report.interpret.Interpretation`, itself built on `imgclf.evaluation`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from imgclf.errors import ImgclfError
-from imgclf.interpret import Example, Interpretation, thumbnail
+from imgclf.report.interpret import Example, Interpretation, thumbnail
 from imgclf.io import atomic_write_text
 from imgclf.run import Run
 

@@ -1,6 +1,6 @@
 """Error analysis from Python: what a trained classifier gets wrong, and where it looks.
 
-    from imgclf.interpret import Interpretation
+    from imgclf.report.interpret import Interpretation
 
     interp = Interpretation.from_run("runs/fridge")
     interp.most_confused(min_count=2)            # [("water_bottle", "milk_bottle", 3), ...]
@@ -150,12 +150,12 @@ class Interpretation:
             ImgclfError: Bad bundle or data, or no image with a label the model knows.
         """
         from imgclf.api import load_table
-        from imgclf.bundle import load
+        from imgclf.deploy.bundle import load
         from imgclf.config import TrainConfig
         from imgclf.data.cache import decode_all, default_cache_dir
         from imgclf.errors import DataError
-        from imgclf.predict import predict_images
-        from imgclf.tasks import Task
+        from imgclf.deploy.predict import predict_images
+        from imgclf.training.task import Task
 
         b = load(bundle)
         cfg = dataclasses.replace(TrainConfig(), data=str(data), **source_options)
@@ -208,7 +208,7 @@ class Interpretation:
             if self.bundle_path is None:
                 raise ImgclfError("this interpretation has no model bundle: build it with "
                                   "Interpretation.from_run or from_bundle to draw heatmaps")
-            from imgclf.bundle import load
+            from imgclf.deploy.bundle import load
 
             self._bundle = load(self.bundle_path)
         return self._bundle
@@ -411,9 +411,9 @@ class Interpretation:
             plot: Also return a figure: the view the model saw and one overlay per class.
 
         Returns:
-            A list of `imgclf.gradcam.Heatmap`, one per class.
+            A list of `imgclf.report.gradcam.Heatmap`, one per class.
         """
-        from imgclf.gradcam import heatmaps_for
+        from imgclf.report.gradcam import heatmaps_for
 
         b = self.bundle
         if isinstance(image, (int, np.integer)):

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from imgclf.training.resume import mix_seed
+
 
 @dataclass
 class MixBatch:
@@ -64,8 +66,6 @@ class MixBatch:
         if not self.active:
             return x, y
         if key is not None:
-            from imgclf.resume import mix_seed
-
             self.rng = np.random.default_rng(mix_seed(self.seed, *key))
         methods = [m for m, a in (("mixup", self.mixup), ("cutmix", self.cutmix)) if a > 0]
         method = methods[self.rng.integers(len(methods))]
@@ -120,8 +120,6 @@ class BatchCrop:
 
     def __call__(self, x: torch.Tensor, key: tuple[int, ...] = ()) -> torch.Tensor:
         """uint8 or float [B, 3, P, P] on the 0-255 scale -> float [B, 3, size, size]."""
-        from imgclf.resume import mix_seed
-
         g = torch.Generator().manual_seed(mix_seed(self.seed, 17, *key))
         n = len(x)
         area = torch.empty(n).uniform_(self.min_scale, 1.0, generator=g)

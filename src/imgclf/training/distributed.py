@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from imgclf.errors import ImgclfError
+
 RUN_DIR_ENV = "IMGCLF_RUN_DIR"
 
 
@@ -116,8 +118,6 @@ def check_strategy(cfg) -> None:
     Raises:
         ImgclfError: A spawn or fork strategy was asked for.
     """
-    from imgclf.errors import ImgclfError
-
     name = str(cfg.strategy)
     if "spawn" in name or "fork" in name or name == "ddp_notebook":
         raise ImgclfError(f"--strategy {name} trains in child processes and is not supported: "

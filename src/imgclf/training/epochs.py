@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from imgclf import evaluation
-from imgclf.tasks import Task
+from imgclf.training.task import Task
 
 
 @dataclass

@@ -2,287 +2,46 @@
 
 Stage "frozen": the body is frozen and in eval mode, so its output for an image never changes.
 Its pooled features are computed once (one forward pass per augmented view) and the classifier is
-trained on them in a plain loop (imgclf.frozen_head); the learning-rate finder runs on the same
-features, so neither repeats the body. Stage "unfrozen": everything trains with one-cycle and
-discriminative learning rates (earlier layer groups get smaller rates), as in fastai's
+trained on them in a plain loop (imgclf.training.frozen_head); the learning-rate finder runs on
+the same features, so neither repeats the body. Stage "unfrozen": everything trains with one-cycle
+and discriminative learning rates (earlier layer groups get smaller rates), as in fastai's
 `fine_tune`. The best epoch by the validation metric is kept, together with its validation
 probabilities, which become predictions.csv unchanged.
+
+The Lightning side (module, callbacks, Trainer, checkpoints) is `imgclf.training.engine`; this
+module does not import Lightning.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
-import re
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import lightning.pytorch as L
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from imgclf import distributed, models
-from imgclf.augment import BatchCrop
-from imgclf.data.transforms import Preprocess, normalize
-from imgclf.epochs import Best, EpochRow, score_validation
-from imgclf.frozen_head import ViewSampler, head_passes, lr_range_test, train_head
-from imgclf.io import atomic_write_json
-from imgclf.resume import ResumableSampler, ResumeState, SeededDataset, StepCheckpoint
-from imgclf.tasks import Task
+from imgclf.data.datasets import make_loader, with_transform
+from imgclf.data.transforms import (Preprocess, normalize, resized_eval_transform,
+                                    train_transform)
+from imgclf.errors import ImgclfError
+from imgclf.io import atomic_write_bytes, atomic_write_json
+from imgclf.training import balance, distributed, models, recipe
+from imgclf.training.augment import BatchCrop, MixBatch
+from imgclf.training.engine import (ClassifierModule, History, ModelCheckpoint, ResumeState,
+                                    StepCheckpoint, fit_interruptible, load_module_weights,
+                                    make_trainer, quiet_lightning)
+from imgclf.training.epochs import Best, EpochRow
+from imgclf.training.frozen_head import ViewSampler, head_passes, lr_range_test, train_head
+from imgclf.training.resume import ResumableSampler, SeededDataset
+from imgclf.training.task import Task
 
 log = logging.getLogger("imgclf")
-
-
-class ClassifierModule(L.LightningModule):
-    """A network, its loss and a one-cycle schedule over parameter groups.
-
-    Args:
-        net: Maps a batch to logits (the whole model, or only its classifier on features).
-        task: Loss, activation and metrics.
-        groups: Parameter groups, earliest layers first; each gets its own peak rate.
-        lrs: Peak learning rate per group.
-        pct_start: Fraction of steps spent warming up.
-        div: Initial rate is peak / div.
-        final_div: Final rate is peak / final_div.
-        weight_decay: AdamW weight decay.
-        preprocess: When given, inputs are uint8 images normalised with its mean/std.
-        class_weight: Optional per-class loss weights.
-        batch_transform: Optional (x, y, key) -> (x, y) on training batches (e.g. mixup);
-            its `epoch` attribute, if any, is kept at the run's epoch number.
-        epoch_offset: Run epoch number of this fit's first epoch (earlier stages' epochs).
-        stage_index: Distinguishes fits of one run in the keys given to `batch_transform`.
-        device_augment: Optional (x, key) -> x run on the device before `batch_transform`
-            (random crops of presized squares; see imgclf.augment.BatchCrop).
-        cycle: (first epoch, total epochs) when this fit is one stage of a one-cycle spanning
-            several fits (progressive resizing); None: the one-cycle covers this fit alone.
-        exact_validation: Validate in float32 as `predict` runs (else at training precision:
-            for stages whose epochs cannot become the saved model).
-        freeze_bn: Keep BatchNorm layers on their running statistics while the rest trains
-            (see `batchnorm_mode`).
-    """
-
-    def __init__(
-        self,
-        net: nn.Module,
-        task: Task,
-        groups: list[list[nn.Parameter]],
-        lrs: list[float],
-        pct_start: float = 0.3,
-        div: float = 25.0,
-        final_div: float = 1e5,
-        weight_decay: float = 0.01,
-        preprocess: Preprocess | None = None,
-        class_weight: torch.Tensor | None = None,
-        batch_transform: Callable | None = None,
-        epoch_offset: int = 0,
-        stage_index: int = 0,
-        device_augment: Callable | None = None,
-        cycle: tuple[int, int] | None = None,
-        exact_validation: bool = True,
-        freeze_bn: bool = False,
-    ):
-        super().__init__()
-        self.freeze_bn = freeze_bn
-        self.cycle = cycle
-        self.exact_validation = exact_validation
-        self.net = net
-        self.task = task
-        self.groups = groups
-        self.lrs = lrs
-        self.pct_start, self.div, self.final_div = pct_start, div, final_div
-        self.weight_decay = weight_decay
-        self.preprocess = preprocess
-        self.class_weight = class_weight
-        self.batch_transform = batch_transform
-        self.epoch_offset, self.stage_index = epoch_offset, stage_index
-        self.device_augment = device_augment
-        self._val_logits: list[torch.Tensor] = []
-        self._val_targets: list[torch.Tensor] = []
-        self._val_index: list[torch.Tensor] = []
-        self.last_val: tuple[np.ndarray, np.ndarray] | None = None
-        self.last_metrics: dict[str, float] = {}
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.preprocess is not None:
-            x = normalize(x, self.preprocess.mean, self.preprocess.std)
-            x = x.contiguous(memory_format=torch.channels_last)
-        return self.net(x)
-
-    def on_train_epoch_start(self) -> None:
-        if self.freeze_bn:
-            # Lightning puts the module in train mode before each epoch (and after validation).
-            models.freeze_batchnorm_statistics(self.net)
-        if hasattr(self.batch_transform, "epoch"):
-            self.batch_transform.epoch = self.epoch_offset + self.current_epoch
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        if self.device_augment is not None:
-            x = self.device_augment(x, (self.stage_index, self.global_step))
-        if self.batch_transform is not None:
-            # Keyed by the step Lightning restores from a checkpoint, so resuming mixes alike.
-            x, y = self.batch_transform(x, y, (self.stage_index, self.global_step))
-        weight = self.class_weight.to(self.device) if self.class_weight is not None else None
-        loss = self.task.loss(self(x), y, weight)
-        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True,
-                 batch_size=len(x))
-        return loss
-
-    def validation_step(self, batch, batch_idx):
-        # Batches may carry each image's dataset position (distributed.IndexedDataset).
-        x, y = batch[0], batch[1]
-        # Validation runs in float32, as `predict` does, so the numbers it reports are exactly
-        # what the saved bundle reproduces; epochs that cannot be saved need no such exactness.
-        exact = torch.autocast(device_type=self.device.type, enabled=False) \
-            if self.exact_validation else contextlib.nullcontext()
-        with exact:
-            logits = self(x.float() if self.preprocess is None else x).float()
-        self._val_logits.append(logits.detach())
-        self._val_targets.append(y.detach())
-        if len(batch) > 2:
-            self._val_index.append(batch[2].detach())
-
-    def on_validation_epoch_start(self) -> None:
-        self._val_logits, self._val_targets, self._val_index = [], [], []
-
-    def on_validation_epoch_end(self) -> None:
-        logits = torch.cat(self._val_logits) if self._val_logits else torch.zeros(0)
-        targets = torch.cat(self._val_targets) if self._val_targets else torch.zeros(0)
-        if self.trainer.world_size > 1:
-            logits = _gather_uneven(self, logits)
-            targets = _gather_uneven(self, targets)
-            if self._val_index:
-                # Shards interleave the images and pad with repeats: restore the dataset's
-                # order, once per image, so metrics and predictions.csv cover the whole set.
-                from imgclf.distributed import restore_order
-
-                index = _gather_uneven(self, torch.cat(self._val_index))
-                logits, targets = restore_order(index, logits, targets)
-        probs, y, flat = score_validation(self.task, logits, targets)
-        self.last_val = (probs, y)
-        self.last_metrics = flat
-        for k, v in flat.items():
-            self.log(k, v, prog_bar=k in ("valid_loss", self.task.monitor), sync_dist=False)
-
-    def configure_optimizers(self):
-        if self.trainer.world_size > 1:
-            # Only rank 0 ran the learning-rate finder; every rank must step with its rates.
-            self.lrs = self.trainer.strategy.broadcast(list(self.lrs), src=0)
-        param_groups = [{"params": [p for p in g if p.requires_grad], "lr": lr}
-                        for g, lr in zip(self.groups, self.lrs)]
-        param_groups = [g for g in param_groups if g["params"]]
-        opt = torch.optim.AdamW(param_groups, weight_decay=self.weight_decay)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        start = 0
-        if self.cycle is not None:
-            # This fit is the part of a longer one-cycle from epoch cycle[0] of cycle[1].
-            per_epoch = total // max(1, int(self.trainer.max_epochs))
-            start, total = per_epoch * self.cycle[0], per_epoch * self.cycle[1]
-        pct_start = self.pct_start
-        if abs(pct_start * total - 1.0) < 1e-9:
-            # OneCycleLR divides by zero when its warm-up ends exactly after one step
-            # (e.g. 4 steps at pct_start 0.25); a hair longer changes nothing else.
-            pct_start *= 1.01
-        sched = torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=[g["lr"] for g in param_groups], total_steps=total,
-            pct_start=pct_start, div_factor=self.div,
-            final_div_factor=self.final_div / self.div, cycle_momentum=True,
-            base_momentum=0.85, max_momentum=0.95,
-        )
-        if start:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                sched.last_epoch = start - 1
-                sched.step()
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-
-def _gather_uneven(module: L.LightningModule, t: torch.Tensor) -> torch.Tensor:
-    """all_gather for shards of different lengths: pad to the longest, gather, trim."""
-    n = torch.tensor([len(t)], device=module.device)
-    sizes = module.all_gather(n).reshape(-1).tolist()
-    longest = max(sizes)
-    pad = torch.zeros((longest - len(t), *t.shape[1:]), dtype=t.dtype, device=t.device)
-    gathered = module.all_gather(torch.cat([t, pad]))
-    return torch.cat([gathered[i, : int(s)] for i, s in enumerate(sizes)])
-
-
-class History(L.Callback):
-    """Writes a metrics.csv row per epoch and offers each epoch to `best`.
-
-    Args:
-        rows: The run's rows so far (appended to in place).
-        best: Best-epoch tracker shared by all stages.
-        stage: Name of the stage written to the `stage` column.
-        full_model: The whole model, whose weights `best` keeps.
-        monitor: Metric that ranks epochs.
-        on_row: Called after each row is added (writes metrics.csv and best weights).
-        progress: The stage's `ResumeState`, whose loss and time cover an epoch interrupted
-            and resumed; without it they come from Lightning and this process's clock.
-        eligible: Whether this stage's epochs may become the best epoch (with progressive
-            resizing only the final size's may: the bundle predicts at that size).
-    """
-
-    def __init__(self, rows: list[EpochRow], best: Best, stage: str, full_model: nn.Module,
-                 monitor: str, on_row: Callable[[EpochRow, bool], None], progress=None,
-                 eligible: bool = True):
-        self.rows, self.best, self.stage = rows, best, stage
-        self.full_model, self.monitor, self.on_row = full_model, monitor, on_row
-        self.progress, self.eligible = progress, eligible
-        self._t0 = time.perf_counter()
-        # Rows of earlier stages come first; rows of this stage from before a resume follow.
-        self._offset = sum(r.stage != stage for r in rows)
-
-    def on_train_start(self, trainer, pl_module):
-        # After a resume, rows written after the checkpoint was taken are trained again.
-        del self.rows[self._offset + trainer.current_epoch:]
-
-    def on_train_epoch_start(self, trainer, pl_module):
-        self._t0 = time.perf_counter()
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        if trainer.sanity_checking or pl_module.last_val is None:
-            return
-        m = pl_module.last_metrics
-        train_loss = trainer.callback_metrics.get("train_loss_epoch")
-        seconds = time.perf_counter() - self._t0
-        if self.progress is not None:
-            train_loss, seconds = self.progress.mean_loss(), self.progress.seconds()
-        if trainer.world_size > 1 and train_loss is not None:
-            # Each rank saw its own shard: the epoch's loss is their mean.
-            train_loss = trainer.strategy.reduce(
-                torch.as_tensor(float(train_loss), device=pl_module.device), reduce_op="mean")
-        lr = trainer.optimizers[0].param_groups[-1]["lr"] if trainer.optimizers else float("nan")
-        row = EpochRow(
-            epoch=self._offset + trainer.current_epoch, stage=self.stage, lr=float(lr),
-            train_loss=float(train_loss) if train_loss is not None else float("nan"),
-            valid_loss=float(m.get("valid_loss", float("nan"))),
-            metrics={k: v for k, v in m.items() if k != "valid_loss"},
-            seconds=round(seconds, 3),
-        )
-        self.rows.append(row)
-        improved = self.eligible and self.best.offer(
-            m.get(self.monitor, -math.inf), row.valid_loss, row.epoch, self.stage,
-            self.full_model, pl_module.last_val[0])
-        self.on_row(row, improved)
-
-
-def quiet_lightning() -> None:
-    """Silence Lightning's start-up banners; imgclf prints its own summary."""
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    # The frozen body is in eval mode on purpose (its batch-norm statistics must not move).
-    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
-    warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-    warnings.filterwarnings("ignore", message=".*_pytree.*")
 
 
 def resolve_precision(precision: str, model: nn.Module) -> str:
@@ -393,41 +152,6 @@ def adapt_batchnorm(model: nn.Module, loader: DataLoader, pre: Preprocess, devic
     return seen
 
 
-def _scratch_dir() -> str:
-    import tempfile
-
-    return tempfile.mkdtemp(prefix="imgclf-trainer-")
-
-
-class AtomicCheckpointIO(L.plugins.TorchCheckpointIO):
-    """Checkpoints written to a temporary file and renamed, so a kill never leaves half a file."""
-
-    def save_checkpoint(self, checkpoint, path, storage_options=None):
-        from imgclf.io import atomic_write
-
-        atomic_write(path, lambda f: torch.save(checkpoint, f))
-
-    def load_checkpoint(self, path, map_location=None, weights_only=True):
-        """Tensors and plain data only (`weights_only=True`, whatever the caller asks): a
-        checkpoint that needs anything else to unpickle is refused, never executed."""
-        import pickle
-
-        from imgclf.errors import ImgclfError
-
-        fix = ("delete it and resume again (the stage restarts from its beginning), or train "
-               "anew")
-        try:
-            return torch.load(path, map_location=map_location or "cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            found = re.search(r"GLOBAL (\S+)", str(e))
-            what = f" ({found.group(1)})" if found else ""
-            raise ImgclfError(f"{path}: refused to load: it holds pickled code{what}, not just "
-                              f"tensors, so imgclf did not write it; {fix}") from None
-        except (RuntimeError, EOFError, OSError, ValueError) as e:
-            raise ImgclfError(f"{path}: damaged checkpoint ({type(e).__name__}: "
-                              f"{' '.join(str(e).split())[:160]}); {fix}") from None
-
-
 HEAD_FILE = "head.safetensors"
 
 
@@ -454,8 +178,6 @@ def save_tensors(path: Path, state: dict[str, torch.Tensor]) -> None:
     """A state dict as safetensors, atomically."""
     from safetensors.torch import save
 
-    from imgclf.io import atomic_write_bytes
-
     atomic_write_bytes(path, save({k: v.detach().cpu().contiguous() for k, v in state.items()}))
 
 
@@ -463,8 +185,6 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     """A safetensors state dict, or an ImgclfError naming the damaged file and the fix."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-
-    from imgclf.errors import ImgclfError
 
     try:
         return load_file(str(path))
@@ -487,25 +207,6 @@ class FitResult:
     train_seconds: float
 
 
-def fit_interruptible(trainer: L.Trainer, *args, **kwargs) -> None:
-    """`trainer.fit`, except that Ctrl-C ends the fit instead of the process.
-
-    Lightning handles KeyboardInterrupt by marking the trainer interrupted and calling
-    sys.exit(1); imgclf still has the best epoch in memory and writes its bundle and report, so
-    the exit is caught here and the normal Ctrl-C behaviour restored.
-    """
-    import signal
-
-    try:
-        trainer.fit(*args, **kwargs)
-    except SystemExit:
-        if not trainer.interrupted:
-            raise
-    finally:
-        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-
-
 def discriminative_lrs(lr: float, n_groups: int, lr_mult: float = 100.0) -> list[float]:
     """Peak rates spaced geometrically from lr / lr_mult (first group) to lr (the head)."""
     if n_groups == 1:
@@ -513,34 +214,12 @@ def discriminative_lrs(lr: float, n_groups: int, lr_mult: float = 100.0) -> list
     return [lr / lr_mult ** (1 - i / (n_groups - 1)) for i in range(n_groups)]
 
 
-def make_trainer(epochs: int, precision: str, callbacks: list, cfg, root: Path | None,
-                 devices="auto", **kwargs) -> L.Trainer:
-    """A quiet Lightning Trainer with imgclf's defaults."""
-    extra = dict(cfg.extra or {})
-    return L.Trainer(
-        max_epochs=epochs,
-        accelerator=extra.get("accelerator", getattr(cfg, "accelerator", "auto")),
-        devices=extra.get("devices", getattr(cfg, "devices", devices)),
-        num_nodes=int(extra.get("num_nodes", getattr(cfg, "num_nodes", 1))),
-        strategy=extra.get("strategy", getattr(cfg, "strategy", "auto")),
-        precision=precision,
-        callbacks=callbacks,
-        logger=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        deterministic=bool(cfg.deterministic),
-        default_root_dir=str(root) if root else _scratch_dir(),
-        plugins=[AtomicCheckpointIO()],
-        **kwargs,
-    )
-
-
 @dataclass
 class FitData:
     """Training and validation images for the recipe.
 
     `balance` is the resolved imbalance mode ("none", "weights" or "sampler"; see
-    imgclf.balance): "weights" weights the loss in both stages; "sampler" draws class-balanced
+    imgclf.training.balance): "weights" weights the loss in both stages; "sampler" draws class-balanced
     batches in the unfrozen stage and weights the loss of the frozen-head stage.
     """
 
@@ -560,8 +239,6 @@ def batch_mixer(cfg, task: Task):
     Label smoothing is left to the loss (cross-entropy smooths soft targets the same way), so
     it applies alike to mixed batches and to the unmixed ones after `mixup_off_epoch`.
     """
-    from imgclf.augment import MixBatch
-
     mixup, cutmix = float(getattr(cfg, "mixup", 0) or 0), float(getattr(cfg, "cutmix", 0) or 0)
     if mixup <= 0 and cutmix <= 0:
         return None
@@ -583,12 +260,6 @@ def augment_on_device(cfg) -> bool:
 def keep_presized(x: torch.Tensor) -> torch.Tensor:
     """The loader's transform when crops happen on the device: none."""
     return x
-
-
-def load_module_weights(model: nn.Module, ckpt_path: Path) -> None:
-    """The network's weights from a Lightning checkpoint of a `ClassifierModule` around it."""
-    state = AtomicCheckpointIO().load_checkpoint(ckpt_path)["state_dict"]
-    model.load_state_dict({k[len("net."):]: v for k, v in state.items() if k.startswith("net.")})
 
 
 def fine_tune(
@@ -619,10 +290,6 @@ def fine_tune(
         resume: State of an interrupted run: {"stage", "lr", "lr_find"}.
         console: rich Console for messages.
     """
-    from imgclf import balance, recipe
-    from imgclf.data.datasets import make_loader, with_transform
-    from imgclf.data.transforms import resized_eval_transform, train_transform
-
     quiet_lightning()
     say = console.print if console is not None else print
     rows = rows if rows is not None else []
@@ -645,7 +312,7 @@ def fine_tune(
               if data.balance in ("weights", "sampler") else None)
 
     # Under DDP every process runs this function; only global rank 0 caches features, runs the
-    # LR finder, trains the frozen head and writes state (see imgclf.distributed).
+    # LR finder, trains the frozen head and writes state (see imgclf.training.distributed).
     rank_zero = distributed.is_rank_zero(int(getattr(cfg, "num_nodes", 1)))
 
     def save_state(stage: str, size_stage: int = 0) -> None:
@@ -769,7 +436,7 @@ def fine_tune(
                                       exact_validation=k == len(stages) - 1,
                                       freeze_bn=bn_mode != "train")
             # Order and augmentation are functions of (seed, epoch, position), so a resumed run
-            # sees exactly the batches the uninterrupted one would have (see imgclf.resume).
+            # sees exactly the batches the uninterrupted one would have (see imgclf.training.resume).
             order = ResumableSampler(len(train_ds), cfg.seed + 7919 * k, inner=sampler)
             train_loader = make_loader(SeededDataset(train_ds), cfg.batch_size, train=True,
                                        workers=cfg.workers, seed=cfg.seed, sampler=order)
@@ -779,8 +446,6 @@ def fine_tune(
                                                  eligible=k == len(stages) - 1)]
             ckpt_name = "last" if k == 0 else f"last-stage{k}"
             if ckpt_dir:
-                from lightning.pytorch.callbacks import ModelCheckpoint
-
                 callbacks.append(ModelCheckpoint(
                     dirpath=str(ckpt_dir), filename=ckpt_name, save_last=False, save_top_k=-1,
                     every_n_epochs=1, save_on_train_epoch_end=True,

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from imgclf.epochs import Best, EpochRow, score_validation
-from imgclf.tasks import Task
+from imgclf.training.epochs import Best, EpochRow, score_validation
+from imgclf.training.task import Task
 
 
 def valley_lr(lrs: np.ndarray, losses: np.ndarray) -> float:

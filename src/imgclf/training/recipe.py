@@ -12,11 +12,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from imgclf.config import TTA_REDUCTIONS, check_tta  # noqa: F401 (TTA_REDUCTIONS re-exported)
+from imgclf.data.presize import RESIZE_METHODS
+from imgclf.data.transforms import image_stats
 from imgclf.errors import ImgclfError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-TTA_REDUCTIONS = ("mean", "max")
 
 
 @dataclass(frozen=True)
@@ -118,8 +120,6 @@ def resolve_norm_stats(text: str, pretrained: bool, model_stats: tuple, images) 
     Returns:
         (mean, std, source), source one of "model", "data", "imagenet", "given".
     """
-    from imgclf.data.transforms import image_stats
-
     parsed = parse_norm_stats(text)
     if parsed == "auto":
         if pretrained:
@@ -128,14 +128,6 @@ def resolve_norm_stats(text: str, pretrained: bool, model_stats: tuple, images) 
         return mean, std, "data"
     source = "imagenet" if (text or "").strip().lower() == "imagenet" else "given"
     return parsed[0], parsed[1], source
-
-
-def check_tta(n: int, reduce: str) -> None:
-    """Refuse a negative number of TTA views or an unknown reduction."""
-    if n < 0:
-        raise ImgclfError(f"--tta {n}: the number of augmented views must be >= 0")
-    if reduce not in TTA_REDUCTIONS:
-        raise ImgclfError(f"--tta-reduce {reduce!r} is not one of {' | '.join(TTA_REDUCTIONS)}")
 
 
 STAGE_SCHEDULES = ("continue", "restart")
@@ -165,8 +157,6 @@ def check_techniques(cfg, multi_label: bool | None = None) -> None:
     parse_norm_stats(cfg.norm_stats)
     if cfg.augment_on not in ("auto", "loader", "device"):
         raise ImgclfError(f"--augment-on {cfg.augment_on!r} is not one of auto | loader | device")
-    from imgclf.data.presize import RESIZE_METHODS
-
     if cfg.batchnorm not in BATCHNORM_MODES:
         raise ImgclfError(f"--batchnorm {cfg.batchnorm!r} is not one of "
                           f"{' | '.join(BATCHNORM_MODES)}")

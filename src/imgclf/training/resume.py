@@ -11,17 +11,18 @@ never carried at all: it is a pure function of (seed, epoch, position).
 - `ResumeState`, a callback saved in every checkpoint, records how far into the epoch training got
   (and the epoch's summed loss and time, for metrics.csv), tells the sampler where to continue, and
   reseeds the global generators before every step so dropout is a function of (seed, epoch, step).
+
+`ResumeState` and `StepCheckpoint` are Lightning callbacks, so they live in
+`imgclf.training.engine` (the one module that imports Lightning); the seeded sampler and dataset
+they work with stay here.
 """
 
 from __future__ import annotations
 
 import random
-import time
 
-import lightning.pytorch as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import Dataset, Sampler
 
 _MASK64 = (1 << 64) - 1
@@ -114,76 +115,3 @@ class SeededDataset(Dataset):
         return self.dataset[index]
 
 
-class ResumeState(L.Callback):
-    """Where in an epoch training is, saved in every checkpoint; reseeds before every step.
-
-    Args:
-        sampler: The training sampler to position on restore (None: nothing to position).
-        seed: The run's seed.
-        batch_size: Images per step (to turn steps done into positions consumed).
-    """
-
-    def __init__(self, sampler: ResumableSampler | None, seed: int, batch_size: int):
-        self.sampler, self.seed, self.batch_size = sampler, seed, batch_size
-        self.epoch = 0
-        self.batches = 0
-        self.images = 0
-        self._loss_sum: torch.Tensor | float = 0.0
-        self._seconds_before = 0.0
-        self._t0 = time.perf_counter()
-        self._world_size = 1
-
-    def setup(self, trainer, pl_module, stage):
-        self._world_size = trainer.world_size  # setup runs before a checkpoint is restored
-
-    def on_train_epoch_start(self, trainer, pl_module):
-        # Not called when Lightning resumes in the middle of an epoch: the restored counts stay.
-        self.epoch, self.batches, self.images, self._loss_sum = trainer.current_epoch, 0, 0, 0.0
-        self._seconds_before, self._t0 = 0.0, time.perf_counter()
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        seed_all(mix_seed(self.seed, trainer.current_epoch, batch_idx, trainer.global_rank, 1))
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        n = len(batch[0])
-        if isinstance(loss, torch.Tensor):
-            # Kept on the device: reading it every step would synchronise a GPU.
-            self._loss_sum = self._loss_sum + loss.detach().float() * n
-        self.batches += 1
-        self.images += n
-
-    def mean_loss(self) -> float:
-        """Mean training loss over the epoch so far, including steps before a resume."""
-        return float(self._loss_sum) / self.images if self.images else float("nan")
-
-    def seconds(self) -> float:
-        """Training time of the epoch so far, including time before a resume."""
-        return self._seconds_before + time.perf_counter() - self._t0
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batches": self.batches, "images": self.images,
-                "loss_sum": float(self._loss_sum), "seconds": self.seconds()}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.epoch, self.batches = int(state_dict["epoch"]), int(state_dict["batches"])
-        self.images, self._loss_sum = int(state_dict["images"]), float(state_dict["loss_sum"])
-        self._seconds_before, self._t0 = float(state_dict["seconds"]), time.perf_counter()
-        # With several processes Lightning's wrapper shards the order, so the position cannot
-        # be restored: the rest of the epoch is then drawn from the start of its order.
-        if self.sampler is not None and self._world_size == 1:
-            self.sampler.resume_at(self.epoch, self.batches * self.batch_size)
-
-
-class StepCheckpoint(ModelCheckpoint):
-    """`ModelCheckpoint` every N steps, except on an epoch's last step.
-
-    Lightning treats a checkpoint taken after an epoch's last step as the end of that epoch, so
-    resuming from it would skip the epoch's validation; the epoch-end checkpoint, written right
-    after validation, covers that point instead.
-    """
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
-            return
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)

@@ -42,7 +42,7 @@ from imgclf.data.samples import TRAIN, VALID, Sample
 from imgclf.errors import DataError, ImgclfError, display_path
 from imgclf.io import atomic_write_bytes, atomic_write_json
 from imgclf.run import Run, read_rows_csv, write_rows_csv
-from imgclf.tasks import Task
+from imgclf.training.task import Task
 
 MINING_DIR = "mining"
 MANIFEST_VERSION = 1
@@ -204,14 +204,14 @@ def better(a: dict, b: dict | None) -> bool:
 
 def _predict(model, pre, decoded: DecodedImages, multi_label: bool, batch_size: int) -> np.ndarray:
     """Probabilities in float32 on the center crop: exactly what validation and predict see."""
-    from imgclf.predict import predict_images
+    from imgclf.deploy.predict import predict_images
 
     device = next(model.parameters()).device
     return predict_images(model, pre, decoded, multi_label, batch_size=batch_size, device=device)
 
 
 def _list_images(folder: str | Path, flag: str) -> list[Path]:
-    from imgclf.predict import expand_paths
+    from imgclf.deploy.predict import expand_paths
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -772,7 +772,7 @@ def mine(run: str | Path, pool: str | Path | None = None, *, per_round: int | No
 def _setup(run_dir: Path, cfg: TrainConfig, opts: MineOptions, console) -> _Setup:
     """The original model, the checked labelled images, the pool split and V."""
     from imgclf import api
-    from imgclf.bundle import load as load_bundle
+    from imgclf.deploy.bundle import load as load_bundle
 
     mdir = _mining_dir(run_dir)
     original = load_bundle(mdir / "original" / "model")
@@ -945,7 +945,7 @@ def _result(run_dir: Path, manifest: dict) -> MiningResult:
 def _finish(run_dir: Path, s: _Setup, model, manifest: dict, console) -> None:
     """The best round's model becomes the run's bundle; metrics, predictions, plots, report."""
     from imgclf import api
-    from imgclf.bundle import save_bundle
+    from imgclf.deploy.bundle import save_bundle
     from imgclf.report import plots
 
     mdir = _mining_dir(run_dir)

@@ -8,12 +8,15 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["train", "evaluate", "predict", "load", "mine", "Run", "__version__"]
+__all__ = ["train", "evaluate", "predict", "load", "mine", "cross_validate", "Run",
+           "Interpretation", "__version__"]
 
-# Imported lazily so that torch-free modules (imgclf.deploy.onnx_predict, imgclf.data.images) can be
-# used where torch is not installed.
+# Imported lazily so that torch-free modules (imgclf.deploy.onnx_predict, imgclf.data.images)
+# can be used where torch is not installed. No submodule of this package is named like one of
+# these, so `imgclf.predict` is always the function.
 _LAZY = {"train": "imgclf.api", "evaluate": "imgclf.api", "predict": "imgclf.api",
-         "load": "imgclf.api", "mine": "imgclf.commands.mine", "Run": "imgclf.run"}
+         "load": "imgclf.api", "mine": "imgclf.api", "cross_validate": "imgclf.api",
+         "Run": "imgclf.api", "Interpretation": "imgclf.report.interpret"}
 
 
 def __getattr__(name: str):

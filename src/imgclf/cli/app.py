@@ -1,4 +1,8 @@
-"""Command line: parses arguments and calls the library (imgclf.api). Nothing else lives here."""
+"""Command line: parses arguments and calls the library (imgclf.api). Nothing else lives here.
+
+The library's modules are imported inside each command, so that `imgclf --help` and a mistyped
+flag answer at once instead of after importing torch.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from imgclf.config import TrainConfig
 from imgclf.errors import ImgclfError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -75,9 +80,8 @@ def train(
     resize: str = typer.Option("auto", help="Images to squares: auto (centre crop up to aspect 1.5, squish longer ones whole) | crop | squish."),
 ):
     """Train a classifier on labelled images and write a run directory."""
-    from imgclf import api
-    from imgclf.config import TrainConfig
-    from imgclf.training.recipe import parse_ints
+    from imgclf import api  # lazy: start-up time (`imgclf --help` imports no torch)
+    from imgclf.training.recipe import parse_ints  # lazy: start-up time (`imgclf --help` imports no torch)
 
     if resume is None and data is None:
         raise ImgclfError("pass DATA (a folder of images) or --resume RUN")
@@ -123,7 +127,7 @@ def evaluate(
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder for the results."),
 ):
     """Score a trained model: accuracy, per-class metrics, confusion matrix, most confused."""
-    from imgclf import api
+    from imgclf import api  # lazy: start-up time (`imgclf --help` imports no torch)
 
     options = {k: v for k, v in {"csv": str(csv) if csv else None,
                                  "label_pattern": label_pattern, "label_cols": label_cols,
@@ -144,13 +148,13 @@ def predict(
     batch_size: int = typer.Option(32),
 ):
     """Predict labels for images with exactly the preprocessing validation used."""
-    from imgclf import api
+    from imgclf import api  # lazy: start-up time (`imgclf --help` imports no torch)
 
     bundle = api.load(model)
     result = bundle.predict(paths, batch_size=batch_size, tta=tta, tta_reduce=tta_reduce,
                             threshold=threshold)
     if bundle.multi_label:
-        from imgclf.deploy.predict import describe_thresholds
+        from imgclf.deploy.predict import describe_thresholds  # lazy: start-up time (`imgclf --help` imports no torch)
 
         console.print(describe_thresholds(bundle, threshold), highlight=False)
     for p, reason in result.errors.items():
@@ -177,7 +181,7 @@ def demo(
     epochs: int = typer.Option(8, help="Epochs."),
 ):
     """Train on a small built-in data set (scikit-learn's digits) and print where the report is."""
-    from imgclf.commands.demo import run_demo
+    from imgclf.commands.demo import run_demo  # lazy: start-up time (`imgclf --help` imports no torch)
 
     run_demo(out_dir, epochs=epochs, console=console)
 
@@ -214,8 +218,7 @@ def cv(
     name: Optional[str] = typer.Option(None, help="Cross-validation folder name."),
 ):
     """Cross-validate: one normal run per fold, a mean ± std summary and out-of-fold predictions."""
-    from imgclf.config import TrainConfig
-    from imgclf.commands.cv import cross_validate
+    from imgclf import api  # lazy: start-up time (`imgclf --help` imports no torch)
 
     if resume is None and data is None:
         raise ImgclfError("pass DATA (a folder of images) or --resume CV_DIR")
@@ -229,7 +232,7 @@ def cv(
         lr=lr if lr == "auto" else _float(lr, "--lr"), batch_size=batch_size, balance=balance,
         precision=precision, workers=workers, cache_dir=cache_dir,
         threshold_metric=threshold_metric, out=str(out_dir), name=name)
-    cross_validate(folds=folds, config=cfg, resume=resume, console=console)
+    api.cross_validate(folds=folds, config=cfg, resume=resume, console=console)
 
 
 @app.command("label-issues")
@@ -237,7 +240,7 @@ def label_issues(
     target: Path = typer.Argument(..., help="Cross-validation folder (imgclf cv) or run directory."),
 ):
     """Rank suspected label errors (out-of-fold or validation predictions) into label_issues.csv."""
-    from imgclf.commands.label_issues import find_label_issues
+    from imgclf.commands.label_issues import find_label_issues  # lazy: start-up time (`imgclf --help` imports no torch)
 
     find_label_issues(target, console=console)
 
@@ -255,7 +258,7 @@ def export(
     check: bool = typer.Option(True, "--check/--no-check", help="Refuse to write an export that does not reproduce the bundle."),
 ):
     """Export a model to ONNX or TorchScript, checked to predict what the bundle predicts."""
-    from imgclf.deploy.export import export as export_bundle
+    from imgclf.deploy.export import export as export_bundle  # lazy: start-up time (`imgclf --help` imports no torch)
 
     export_bundle(model, format=format, out=out_file, opset=opset, dynamic_batch=dynamic_batch,
                   exporter=exporter, check=check, images=images, max_images=max_images,
@@ -277,7 +280,7 @@ def serve(
     threads: Optional[int] = typer.Option(None, help="Torch threads per process (default: cores / workers)."),
 ):
     """Serve a model over HTTP: POST /predict, GET /health, GET /model."""
-    from imgclf.deploy.serve import ServeConfig, run_server
+    from imgclf.deploy.serve import ServeConfig, run_server  # lazy: start-up time (`imgclf --help` imports no torch)
 
     run_server(ServeConfig(bundle=str(model), max_upload_bytes=int(max_upload_mb * 1e6),
                            max_pixels=max_pixels, max_files=max_files, max_batch=max_batch,
@@ -306,9 +309,9 @@ def mine(
     restart: bool = typer.Option(False, help="Undo earlier mining of RUN and start over."),
 ):
     """Hard negative mining: add a negative class and train on the pool's most confident mistakes."""
-    from imgclf.commands.mine import mine as mine_run
+    from imgclf import api  # lazy: start-up time (`imgclf --help` imports no torch)
 
-    mine_run(run, pool, per_round=per_round, rounds=rounds, epochs=epochs, initial=initial,
+    api.mine(run, pool, per_round=per_round, rounds=rounds, epochs=epochs, initial=initial,
              negative_label=negative_label, valid_negatives=valid_negatives,
              pool_valid_pct=pool_valid_pct, patience=patience, lr=lr, freeze_epochs=freeze_epochs,
              batch_size=batch_size, seed=seed, resume=resume, restart=restart, console=console)
@@ -320,7 +323,7 @@ def report(
     heatmaps: bool = typer.Option(True, "--heatmaps/--no-heatmaps", help="Draw Grad-CAM heatmaps (loads the model)."),
 ):
     """Rebuild report.html and the PNGs in plots/ of a run."""
-    from imgclf.report.html import write_report
+    from imgclf.report.html import write_report  # lazy: start-up time (`imgclf --help` imports no torch)
 
     path = write_report(run, console=console, heatmaps=heatmaps)
     console.print(f"Report: [bold]{path}[/]")

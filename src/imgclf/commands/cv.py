@@ -8,7 +8,8 @@
                                    prob_<class>..., loss (from the model that never saw it)
 
 A fold run's config.yaml carries `folds`, `fold` and `seed`, so it reproduces (or resumes) on its
-own: `api.load_table` deals the folds again and validates on fold k.
+own: `imgclf.data.sources.load_table` deals the folds again (`imgclf.data.split.fold_table`) and
+validates on fold k.
 """
 
 from __future__ import annotations
@@ -18,18 +19,22 @@ import dataclasses
 import io
 import json
 import math
-import warnings
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from imgclf import evaluation
+from imgclf.commands import train as train_cmd
 from imgclf.config import TrainConfig
-from imgclf.data.samples import TRAIN, VALID, Sample, SampleTable
-from imgclf.errors import DataError, ImgclfError
+from imgclf.data.samples import TRAIN, VALID
+from imgclf.data.sources import load_table
+from imgclf.data.split import assign_folds
+from imgclf.errors import ImgclfError
 from imgclf.io import atomic_write_json, atomic_write_text
+from imgclf.rundir import new_run_dir
+from imgclf.training import balance
 
 CV_CONFIG = "cv_config.yaml"
 SUMMARY = "cv_summary.json"
@@ -63,7 +68,7 @@ def cross_validate(data: str | Path | None = None, *, folds: int = 5,
     """Train one run per fold and pool their validation predictions.
 
     Args:
-        data: Image folder (or CSV root), as for `api.train`.
+        data: Image folder (or CSV root), as for `imgclf.api.train`.
         folds: Number of folds.
         config: Training settings; `options` override its fields. `out` is the folder that
             receives the cross-validation folder, `name` names it.
@@ -75,10 +80,7 @@ def cross_validate(data: str | Path | None = None, *, folds: int = 5,
     Returns:
         The result; the same numbers are in `<cv_dir>/cv_summary.json`.
     """
-    from imgclf import api, balance
-    from imgclf.run import new_run_dir
-
-    console = api._console(console)
+    console = train_cmd._console(console)
     if resume is not None:
         cv_dir = Path(resume)
         if not (cv_dir / CV_CONFIG).is_file():
@@ -94,7 +96,7 @@ def cross_validate(data: str | Path | None = None, *, folds: int = 5,
         cfg.folds, cfg.fold = folds, None
         # Fail on bad settings and impossible folds before creating anything.
         balance.resolve(cfg.balance, None)
-        table = api.load_table(dataclasses.replace(cfg, folds=0))
+        table = load_table(dataclasses.replace(cfg, folds=0))
         pool = [s for s in table.samples if s.split in (TRAIN, VALID)]
         assign_folds(pool, cfg.folds, cfg.seed, table.multi_label)
         cv_dir = new_run_dir(cfg.out, cfg.name, cfg.data)
@@ -107,9 +109,9 @@ def cross_validate(data: str | Path | None = None, *, folds: int = 5,
         if (fold_dir / "model" / "model.json").is_file() and (fold_dir / "metrics.json").is_file():
             console.print(f"{fold_dir} already finished")
         elif (fold_dir / "config.yaml").is_file():
-            api.train(resume=fold_dir, console=console)
+            train_cmd.train(resume=fold_dir, console=console)
         else:
-            api.train(config=dataclasses.replace(cfg, fold=k, out=str(cv_dir), name=f"fold-{k}"),
+            train_cmd.train(config=dataclasses.replace(cfg, fold=k, out=str(cv_dir), name=f"fold-{k}"),
                       console=console)
     result = summarize(cv_dir, cfg.folds)
     print_summary(result, console)

@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from imgclf.commands import train as train_cmd
+
 
 def make_digits_folder(root: str | Path, per_class: int = 40, side: int = 48, seed: int = 0) -> Path:
     """Render scikit-learn's 8x8 handwritten digits as `root/<digit>/<n>.png` class folders.
@@ -35,13 +37,11 @@ def make_digits_folder(root: str | Path, per_class: int = 40, side: int = 48, se
 
 def run_demo(out: str | Path = "runs", epochs: int = 8, console=None):
     """Build the digits folder, train a small model from scratch, print where the results are."""
-    from imgclf import api
-
     out = Path(out)
     data = make_digits_folder(out / "demo-data", per_class=60)
     if console is not None:
         console.print(f"Demo data: {data} (scikit-learn digits as class folders)")
-    run = api.train(data, out=str(out), name=None, model="resnet10t", pretrained=False,
+    run = train_cmd.train(data, out=str(out), name=None, model="resnet10t", pretrained=False,
                     size=64, epochs=epochs, freeze_epochs=0, lr=3e-3, batch_size=32,
                     console=console)
     if console is not None:

@@ -9,7 +9,8 @@ of `evaluation.label_issues` also flags (the other class reaches that class's av
 self-confidence). That rule alone, or ranking its finds first, missed flipped labels whose
 true class the model recognised with ordinary rather than typical confidence: on the benchmark
 (benchmarks/imbalance_and_label_errors.py) the margin ranking found 25 of 28 flips in its
-top 28, the confident-learning-first order 24.
+top 28, the confident-learning-first order 24. The ranking itself (pure numpy) is
+`imgclf.evaluation.rank_label_issues`; this command reads the predictions and writes the file.
 
 The result is `label_issues.csv` in the same folder (rank, path, given, suggested, score,
 given_prob, suggested_prob, confident and, for cross-validation, fold), which the run report
@@ -23,10 +24,11 @@ import io
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from imgclf import evaluation
+from imgclf.commands import train as train_cmd
+from imgclf.commands.cv import OOF
 from imgclf.errors import ImgclfError
+from imgclf.evaluation import rank_label_issues
 from imgclf.io import atomic_write_text
 
 FILENAME = "label_issues.csv"
@@ -61,8 +63,6 @@ def predictions_file(target: str | Path) -> Path:
     Raises:
         ImgclfError: `target` holds neither oof_predictions.csv nor predictions.csv.
     """
-    from imgclf.commands.cv import OOF
-
     target = Path(target)
     if target.is_file() and target.suffix.lower() == ".csv":
         return target
@@ -174,6 +174,4 @@ def _refresh_report(folder: Path, console) -> None:
     """Rebuild a run's report.html so that it shows the new label_issues.csv."""
     if not (folder / "config.yaml").is_file() or not (folder / "metrics.json").is_file():
         return
-    from imgclf import api
-
-    api.write_report(folder, console)
+    train_cmd.write_report(folder, console)

@@ -1,32 +1,40 @@
-"""The Python API: `train`, `evaluate`, `predict`, `load`. The CLI is a thin layer over these."""
+"""`imgclf train`: data in, a finished run directory out (the body of `imgclf.api.train`).
+
+Also the steps other commands share: `prepare_data` (load, decode, check and summarise the
+data), `finish_run` (predictions, metrics, thresholds, bundle, plots, report) and the small
+helpers `_console`, `_cache_dir`, `_set_threads` and `write_report`.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from rich.markup import escape
 
-from imgclf import distributed, evaluation, models, preflight, recipe
-from imgclf.deploy.bundle import Bundle, find_bundle, save_bundle
-from imgclf.deploy.bundle import load as load_bundle
+from imgclf import evaluation
+from imgclf.commands.run import Run
 from imgclf.config import TrainConfig
-from imgclf.data import sources, validate
+from imgclf.data import validate
 from imgclf.data.cache import decode_all, default_cache_dir
 from imgclf.data.datasets import ImageDataset
 from imgclf.data.samples import TRAIN, VALID, SampleTable
+from imgclf.data.sources import load_table
 from imgclf.data.transforms import Preprocess, eval_transform, train_transform
-from imgclf.training.epochs import fine_tuning_check
-from rich.markup import escape
+from imgclf.deploy.bundle import save_bundle
+from imgclf.deploy.predict import predict_images
 from imgclf.errors import DataError, ImageError, ImgclfError
-from imgclf.io import atomic_write_json
-from imgclf.run import Run, new_run_dir, read_rows_csv, write_rows_csv
+from imgclf.io import atomic_write, atomic_write_json
+from imgclf.rundir import new_run_dir, read_rows_csv, write_rows_csv
+from imgclf.training import balance, distributed, models, preflight, recipe
+from imgclf.training.engine import quiet_lightning, seed_everything
+from imgclf.training.epochs import Best, EpochRow, fine_tuning_check
+from imgclf.training.fine_tune import FitData, FitResult, fine_tune, load_tensors, save_tensors
 from imgclf.training.task import Task
-from imgclf import training
 
 
 def _console(console=None):
@@ -63,8 +71,6 @@ class PreparedData:
 def prepare_data(cfg: TrainConfig, pre: Preprocess, console, table: SampleTable | None = None,
                  task: Task | None = None) -> PreparedData:
     """Load, decode once (this is also the corrupt-file check), check and summarise the data."""
-    from imgclf import balance
-
     table = table if table is not None else load_table(cfg)
     decoded, errors, infos = decode_all([s.path for s in table.samples], pre, _cache_dir(cfg))
 
@@ -86,13 +92,13 @@ def prepare_data(cfg: TrainConfig, pre: Preprocess, console, table: SampleTable 
     return PreparedData(table, task, decoded, index, report, summary)
 
 
-def _datasets(prep: PreparedData, pre: Preprocess) -> training.FitData:
+def _datasets(prep: PreparedData, pre: Preprocess) -> FitData:
     tr, va = prep.table.split(TRAIN), prep.table.split(VALID)
     if not tr or not va:
         raise DataError("need both training and validation images; check the split "
                         "(--valid-pct, the split column or the train/ valid/ folders)")
     y_tr, y_va = prep.task.encode(tr), prep.task.encode(va)
-    return training.FitData(
+    return FitData(
         train=ImageDataset(prep.decoded, [prep.index[s.path] for s in tr], y_tr,
                            train_transform(pre.size)),
         valid=ImageDataset(prep.decoded, [prep.index[s.path] for s in va], y_va,
@@ -100,9 +106,9 @@ def _datasets(prep: PreparedData, pre: Preprocess) -> training.FitData:
         y_train=y_tr, y_valid=y_va, balance=prep.summary.balance or "none")
 
 
-def _load_best(run_dir: Path) -> training.Best:
+def _load_best(run_dir: Path) -> Best:
     """The best epoch of an interrupted run, from checkpoints/best.json and the files it names."""
-    best = training.Best()
+    best = Best()
     ck = run_dir / "checkpoints"
     meta_p = ck / "best.json"
     if meta_p.is_file():
@@ -115,7 +121,7 @@ def _load_best(run_dir: Path) -> training.Best:
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ImgclfError(f"{ck}: the best epoch's files are damaged ({type(e).__name__}: "
                               f"{e}): delete {ck} and train again") from None
-        best.state = training.load_tensors(ck / Path(meta.get("weights", "best.safetensors")).name)
+        best.state = load_tensors(ck / Path(meta.get("weights", "best.safetensors")).name)
     return best
 
 
@@ -163,8 +169,6 @@ def train(data: str | Path | None = None, *, config: TrainConfig | None = None,
         # checked now, not when the search runs after the whole training
         raise ImgclfError(f"--threshold-metric {cfg.threshold_metric!r} is not one of "
                           f"{' | '.join(evaluation.THRESHOLD_METRICS)}")
-    from imgclf import balance
-
     balance.resolve(cfg.balance, None)  # a bad --balance fails before the run folder exists
     rank_zero = distributed.is_rank_zero(cfg.num_nodes)
     distributed.check_strategy(cfg)
@@ -175,10 +179,8 @@ def train(data: str | Path | None = None, *, config: TrainConfig | None = None,
 
         console = Console(stderr=True, quiet=True)  # rank 0 speaks for the run
 
-    import lightning.pytorch as L
-
-    training.quiet_lightning()
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    quiet_lightning()
+    seed_everything(cfg.seed, workers=True, verbose=False)
     table = load_table(cfg)
     recipe.check_techniques(cfg, table.multi_label)
     if cfg.sizes:
@@ -215,11 +217,11 @@ def train(data: str | Path | None = None, *, config: TrainConfig | None = None,
     # Rows and the best epoch survive only from stages that finished or checkpointed; a frozen
     # stage that was cut short runs again from its start.
     resumable = resume is not None and state.get("stage") in ("unfrozen", "done")
-    rows = [training.EpochRow(**_row_fields(r)) for r in read_rows_csv(run_dir / "metrics.csv")] \
+    rows = [EpochRow(**_row_fields(r)) for r in read_rows_csv(run_dir / "metrics.csv")] \
         if resumable else []
-    best = _load_best(run_dir) if resumable else training.Best()
+    best = _load_best(run_dir) if resumable else Best()
 
-    def on_row(row: training.EpochRow, improved: bool) -> None:
+    def on_row(row: EpochRow, improved: bool) -> None:
         if not rank_zero:
             return
         write_rows_csv(run_dir / "metrics.csv", [r.to_dict() for r in rows])
@@ -229,7 +231,7 @@ def train(data: str | Path | None = None, *, config: TrainConfig | None = None,
     console.print(f"Training {cfg.model} on {len(fit_data.train)} images, validating on "
                   f"{len(fit_data.valid)} ({task.name.replace('_', '-')}, "
                   f"{len(task.classes)} classes)")
-    result = training.fine_tune(model, task, pre, fit_data, cfg, run_dir, on_row, rows=rows,
+    result = fine_tune(model, task, pre, fit_data, cfg, run_dir, on_row, rows=rows,
                                 best=best, resume=state, console=console)
     if not rank_zero:
         if scratch_run_dir:
@@ -300,14 +302,12 @@ def _row_fields(r: dict) -> dict:
             "metrics": {k: v for k, v in r.items() if k not in base}}
 
 
-def _save_best(run_dir: Path, best: training.Best) -> None:
+def _save_best(run_dir: Path, best: Best) -> None:
     """The best epoch's weights and probabilities under names of their own, then best.json
     naming them: a kill at any moment leaves a best.json whose files are complete and match."""
-    from imgclf.io import atomic_write
-
     ck = run_dir / "checkpoints"
     weights, probs = f"best-{best.epoch}.safetensors", f"best-{best.epoch}-probs.npy"
-    training.save_tensors(ck / weights, best.state)
+    save_tensors(ck / weights, best.state)
     atomic_write(ck / probs, lambda f: np.save(f, best.probs))
     atomic_write_json(ck / "best.json", {"score": best.score, "loss": best.loss,
                                          "epoch": best.epoch, "stage": best.stage,
@@ -318,7 +318,7 @@ def _save_best(run_dir: Path, best: training.Best) -> None:
 
 
 def finish_run(run_dir: Path, cfg: TrainConfig, model, task: Task, pre: Preprocess,
-               prep: PreparedData, result: training.FitResult, console,
+               prep: PreparedData, result: FitResult, console,
                extra: dict | None = None) -> None:
     """Write predictions, metrics, thresholds, the bundle, plots and the report.
 
@@ -326,7 +326,7 @@ def finish_run(run_dir: Path, cfg: TrainConfig, model, task: Task, pre: Preproce
     predictions.csv and the report are the TTA ones; metrics.json keeps the plain ones next to
     them under "valid_without_tta".
     """
-    from imgclf.report import plots
+    from imgclf.report import plots  # lazy: matplotlib (and its Agg backend) only once plots are drawn
 
     valid = prep.table.split(VALID)
     preds = evaluation.Predictions(
@@ -335,8 +335,6 @@ def finish_run(run_dir: Path, cfg: TrainConfig, model, task: Task, pre: Preproce
     tta = int(getattr(cfg, "tta", 0) or 0)
     plain_scores = None
     if tta:
-        from imgclf.deploy.predict import predict_images
-
         plain_scores = evaluation.metrics(preds)
         images = prep.decoded.subset([prep.index[s.path] for s in valid])
         # The plain view is the kept epoch's validation pass, already done in float32 as
@@ -445,7 +443,7 @@ def _print_threshold_search(search: evaluation.ThresholdSearch, classes: list[st
 def write_report(run_dir: Path, console) -> Path | None:
     """report.html for a run (skipped with a note when the report module is unavailable)."""
     try:
-        from imgclf.report.html import write_report as _write
+        from imgclf.report.html import write_report as _write  # lazy: the report is optional
     except ImportError:
         return None
     return _write(Run(run_dir), console=console)
@@ -473,150 +471,3 @@ def _print_verdict(summary: dict, task: Task, run_dir: Path, console) -> None:
         console.print(f"Report: {run_dir / 'report.html'}")
 
 
-def load(path: str | Path) -> Bundle:
-    """Load a trained model from a run directory or bundle folder."""
-    return load_bundle(path)
-
-
-def predict(bundle_or_path, paths, **kwargs):
-    """Predict image files with a bundle (or a path to one); see `Bundle.predict`."""
-    bundle = bundle_or_path if isinstance(bundle_or_path, Bundle) else load_bundle(bundle_or_path)
-    return bundle.predict(paths, **kwargs)
-
-
-def evaluate(target: str | Path, data: str | Path | None = None, *, out: str | Path | None = None,
-             tta: int | None = None, tta_reduce: str | None = None, batch_size: int = 32,
-             console=None, **source_options) -> dict:
-    """Score a bundle on its run's validation set, or on another labelled folder or CSV.
-
-    Args:
-        target: Run directory or bundle folder.
-        data: Labelled images (folder or CSV root); None uses the run's validation split.
-        out: Folder for the results (default: `<run>/eval/<data name>` or the run itself).
-        tta: Augmented views to combine with the plain one (None: the bundle's setting);
-            when > 0 the plain score is reported next to the TTA score.
-        tta_reduce: "mean" or "max" over the views (None: the bundle's setting, else mean).
-        batch_size: Images per forward pass.
-        console: rich Console.
-        **source_options: Data-source options (csv, label_col, ...) as for `train`.
-
-    Returns:
-        The metrics dict (also written as metrics.json in the output folder).
-    """
-    from imgclf.deploy.predict import predict_images
-    from imgclf.report import plots
-
-    console = _console(console)
-    _set_threads()
-    bundle = load_bundle(target)
-    tta, tta_reduce = bundle.tta_setting(tta, tta_reduce)
-    run_dir = bundle.path.parent if (bundle.path.parent / "config.yaml").is_file() else None
-    if data is None:
-        if run_dir is None:
-            raise ImgclfError(f"{target} is a bare bundle: pass labelled DATA to evaluate on")
-        cfg = Run(run_dir).config()
-        table = load_table(cfg)
-        samples = table.split(VALID)
-        out_dir = Path(out) if out else run_dir
-        cache = _cache_dir(cfg)
-    else:
-        if bundle.multi_label and source_options.get("csv") and \
-                source_options.get("multi_label") is None:
-            # a labels file where no image has two labels would otherwise read as single-label
-            source_options["multi_label"] = True
-        cfg = dataclasses.replace(TrainConfig(), data=str(data), **source_options)
-        table = load_table(cfg)
-        samples = table.samples
-        base = run_dir or bundle.path
-        out_dir = Path(out) if out else base / "eval" / (Path(data).resolve().name or "data")
-        cache = default_cache_dir()
-    known = set(bundle.classes)
-    unknown = sorted({lab for s in samples for lab in s.labels} - known)
-    if unknown:
-        console.print(f"[yellow]Skipping images with labels the model does not know: "
-                      f"{', '.join(unknown[:10])}{' ...' if len(unknown) > 10 else ''}[/]")
-        samples = [s for s in samples if set(s.labels) <= known]
-    if not samples:
-        raise DataError("no images with known labels to evaluate on")
-    table = table.with_samples(samples)
-    decoded, errors, _ = decode_all([s.path for s in samples], bundle.preprocess, cache)
-    for p, reason in errors.items():
-        console.print(f"[yellow]skipped[/] {p}: {reason}")
-    by_path = {s.path: s for s in samples}
-    used = [by_path[p] for p in decoded.paths]
-    task = Task(tuple(bundle.classes), bundle.multi_label)
-    targets = task.targets_numpy(task.encode(used))
-    thresholds = bundle.decision_thresholds() if bundle.multi_label else None
-
-    def score(n_tta: int) -> tuple[evaluation.Predictions, dict]:
-        probs = predict_images(bundle.model, bundle.preprocess, decoded, bundle.multi_label,
-                               batch_size=batch_size, tta=n_tta, reduce=tta_reduce)
-        p = evaluation.Predictions(paths=[str(s.path) for s in used], classes=bundle.classes,
-                                   probs=probs, targets=targets, multi_label=bundle.multi_label,
-                                   thresholds=thresholds)
-        return p, evaluation.metrics(p)
-
-    preds, scores = score(0)
-    result = {k: v for k, v in scores.items()}
-    if tta:
-        preds_tta, scores_tta = score(tta)
-        result["tta"] = {"views": tta + 1, "reduce": tta_reduce,
-                         **{k: v for k, v in scores_tta.items() if not isinstance(v, dict)}}
-        preds, scores = preds_tta, scores_tta
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if out_dir != run_dir:
-        preds.to_csv(out_dir / "predictions.csv")
-    atomic_write_json(out_dir / ("metrics.json" if out_dir != run_dir else "evaluation.json"),
-                      result)
-    if not bundle.multi_label:
-        cm = evaluation.confusion(preds)
-        _write_confusion_csv(out_dir / "confusion.csv", cm, bundle.classes)
-        plots.save(plots.confusion(cm, bundle.classes), out_dir / "plots" / "confusion.png")
-        result["most_confused"] = evaluation.most_confused(preds, min_count=1)[:20]
-    _print_evaluation(result, bundle, console)
-    if run_dir is not None and out_dir == run_dir:
-        write_report(run_dir, console)
-    console.print(f"Results: {out_dir}")
-    return result
-
-
-def _write_confusion_csv(path: Path, cm: np.ndarray, classes: list[str]) -> None:
-    from imgclf.io import atomic_write_text
-
-    lines = ["actual\\predicted," + ",".join(classes)]
-    lines += [f"{c}," + ",".join(str(int(v)) for v in row) for c, row in zip(classes, cm)]
-    atomic_write_text(path, "\n".join(lines) + "\n")
-
-
-def _print_evaluation(result: dict, bundle: Bundle, console) -> None:
-    from rich.table import Table
-
-    head = (["zero_one_accuracy", "hamming_accuracy", "f1_macro", "map"] if bundle.multi_label
-            else ["accuracy", "balanced_accuracy", "f1_macro", "loss"])
-    line = "  ".join(f"{k}={result[k]:.4f}" for k in head if result.get(k) is not None)
-    console.print(f"[bold]{result.get('n_samples', '')} images[/]  {line}")
-    if "tta" in result:
-        t = result["tta"]
-        line = "  ".join(f"{k}={t[k]:.4f}" for k in head if t.get(k) is not None)
-        console.print(f"[bold]with TTA ({t['views']} views)[/]  {line}")
-    per = result.get("per_class") or {}
-    title = "Per class"
-    if bundle.multi_label:
-        title += (" at the bundle's thresholds (tuned on validation)" if bundle.thresholds
-                  else " at threshold 0.5 (the bundle has no tuned thresholds)")
-    table = Table(title=title)
-    for col in ["class", "precision", "recall", "f1", "support"] + (
-            ["ap", "threshold"] if bundle.multi_label else []):
-        table.add_column(col, justify="left" if col == "class" else "right")
-    thresholds = result.get("thresholds") or []
-    for j, (c, m) in enumerate(per.items()):
-        cells = [f"{m[k]:.3f}" if isinstance(m.get(k), float) else str(m.get(k))
-                 for k in ["precision", "recall", "f1", "support"] +
-                 (["ap"] if bundle.multi_label else [])]
-        if bundle.multi_label:
-            cells.append(f"{thresholds[j]:.2f}" if j < len(thresholds) else "")
-        table.add_row(c, *cells)
-    if len(per) <= 60:
-        console.print(table)
-    for a, p, n in result.get("most_confused", [])[:10]:
-        console.print(f"  {a} -> {p}: {n}")

@@ -15,7 +15,9 @@ import torch
 from torch import nn
 
 from imgclf import __version__
+from imgclf.config import check_tta
 from imgclf.data.transforms import Preprocess
+from imgclf.deploy.predict import predict_files
 from imgclf.errors import ImgclfError
 from imgclf.io import atomic_write_bytes, atomic_write_json
 
@@ -52,15 +54,11 @@ class Bundle:
     def predict(self, paths, batch_size: int = 32, tta: int | None = None, top_k: int = 5,
                 threshold: float | None = None, tta_reduce: str | None = None):
         """Predict files; see `imgclf.deploy.predict.predict_files`."""
-        from imgclf.deploy.predict import predict_files
-
         return predict_files(self, paths, batch_size=batch_size, tta=tta, top_k=top_k,
                              threshold=threshold, tta_reduce=tta_reduce)
 
     def tta_setting(self, n: int | None = None, reduce: str | None = None) -> tuple[int, str]:
         """(views added, reduction): the arguments where given, else what training chose."""
-        from imgclf.training.recipe import check_tta
-
         saved = self.tta or {}
         n = int(n if n is not None else saved.get("n", 0))
         reduce = reduce or saved.get("reduce") or "mean"

@@ -23,8 +23,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from imgclf.data.cache import decode_all
+from imgclf.data.transforms import center_crop
+from imgclf.deploy import onnx_predict
 from imgclf.deploy.bundle import Bundle
 from imgclf.deploy.bundle import load as load_bundle
+from imgclf.deploy.predict import expand_paths
 from imgclf.errors import ImgclfError
 from imgclf.io import atomic_write_bytes
 
@@ -152,8 +156,6 @@ def export(bundle_path: str | Path, format: str = "onnx", out: str | Path | None
     if format == "onnx":
         opset = opset or (18 if exporter == "dynamo" else 17)
         data = _onnx_bytes(wrapper, example, opset, dynamic_batch, exporter, bundle.meta)
-        from imgclf import onnx_predict
-
         run_probs = onnx_predict.load(data)
     else:
         opset, exporter = None, None
@@ -232,8 +234,6 @@ def _torchscript_runner(module):
 def _check_images(bundle: Bundle, images, max_images: int):
     """Images for the parity check and the probabilities recorded for them at validation."""
     if images:
-        from imgclf.deploy.predict import expand_paths
-
         paths = expand_paths([str(p) for p in images])
         return _spread(paths, max_images), "given images", {}
     pred_csv = bundle.path.parent / "predictions.csv"
@@ -289,9 +289,6 @@ def compare(bundle: Bundle, export_model, paths: list[Path], source: str,
             raise ImgclfError(f"the ONNX predictor could not read images the bundle read: "
                               f"{next(iter(got.errors.items()))}")
     else:
-        from imgclf.data.cache import decode_all
-        from imgclf.data.transforms import center_crop
-
         decoded, _, _ = decode_all(list(ref.paths), bundle.preprocess, None, progress=False)
         crops = center_crop(torch.from_numpy(decoded.array), bundle.preprocess.size).numpy()
         probs = np.concatenate([export_model(crops[i : i + 32]) for i in range(0, len(crops), 32)]) \

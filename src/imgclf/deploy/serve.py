@@ -28,6 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
+from imgclf.data.cache import DecodedImages
+from imgclf.data.images import open_rgb
+from imgclf.deploy.bundle import load as load_bundle
+from imgclf.deploy.predict import PredictionResult, predict_images
 from imgclf.errors import ImageError, ImgclfError
 
 try:
@@ -144,9 +148,6 @@ class Batcher:
                 start += len(x)
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
-        from imgclf.data.cache import DecodedImages
-        from imgclf.deploy.predict import predict_images
-
         b = self.bundle
         tta = b.tta or {}
         images = DecodedImages([Path("")] * len(batch), [""] * len(batch), batch)
@@ -187,9 +188,6 @@ def create_app(cfg: ServeConfig, bundle=None):
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
     from starlette.datastructures import UploadFile
-
-    from imgclf.deploy.bundle import load as load_bundle
-    from imgclf.data.images import open_rgb
 
     _set_threads(cfg.threads)
     bundle = bundle if bundle is not None else load_bundle(cfg.bundle)
@@ -275,8 +273,6 @@ def create_app(cfg: ServeConfig, bundle=None):
 
 
 def _results(bundle, names: list[str], probs: np.ndarray, top_k: int) -> list[dict]:
-    from imgclf.deploy.predict import PredictionResult
-
     res = PredictionResult(paths=[Path(n) for n in names], probs=probs, classes=bundle.classes,
                            multi_label=bundle.multi_label,
                            thresholds=bundle.decision_thresholds() if bundle.multi_label else None)
@@ -385,8 +381,6 @@ def run_server(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, work
         console: rich Console for the start-up line.
     """
     import uvicorn
-
-    from imgclf.deploy.bundle import load as load_bundle
 
     if workers < 1:
         raise ImgclfError("--workers must be at least 1")

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from imgclf.data.images import open_rgb
 from imgclf.data.transforms import Preprocess, center_crop, normalize
 
 
@@ -56,8 +57,6 @@ def eval_view(image: str | Path | np.ndarray, pre: Preprocess) -> np.ndarray:
     if isinstance(image, np.ndarray):
         arr = image
     else:
-        from imgclf.data.images import open_rgb
-
         arr = pre.presize_image(open_rgb(image))
     return center_crop(torch.from_numpy(np.ascontiguousarray(arr)), pre.size).numpy()
 

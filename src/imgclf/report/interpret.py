@@ -25,8 +25,12 @@ from pathlib import Path
 import numpy as np
 
 from imgclf import evaluation
-from imgclf.errors import ImgclfError
+from imgclf.config import TrainConfig
+from imgclf.data.images import open_rgb
+from imgclf.data.sources import load_table
+from imgclf.errors import DataError, ImgclfError
 from imgclf.evaluation import Predictions
+from imgclf.rundir import RunDir
 
 
 @dataclass
@@ -111,9 +115,7 @@ class Interpretation:
         Raises:
             ImgclfError: Not a run directory, or the run has no predictions.csv yet.
         """
-        from imgclf.run import Run
-
-        run = Run(run_dir)
+        run = RunDir(run_dir)
         path = run.path / "predictions.csv"
         if not path.is_file():
             raise ImgclfError(f"{run.path} has no predictions.csv: the run did not finish; "
@@ -149,11 +151,9 @@ class Interpretation:
         Raises:
             ImgclfError: Bad bundle or data, or no image with a label the model knows.
         """
-        from imgclf.api import load_table
-        from imgclf.deploy.bundle import load
-        from imgclf.config import TrainConfig
+        # lazy: these import torch, which the analyses of existing predictions never need
         from imgclf.data.cache import decode_all, default_cache_dir
-        from imgclf.errors import DataError
+        from imgclf.deploy.bundle import load
         from imgclf.deploy.predict import predict_images
         from imgclf.training.task import Task
 
@@ -208,7 +208,7 @@ class Interpretation:
             if self.bundle_path is None:
                 raise ImgclfError("this interpretation has no model bundle: build it with "
                                   "Interpretation.from_run or from_bundle to draw heatmaps")
-            from imgclf.deploy.bundle import load
+            from imgclf.deploy.bundle import load  # lazy: torch, needed only for heatmaps
 
             self._bundle = load(self.bundle_path)
         return self._bundle
@@ -250,13 +250,13 @@ class Interpretation:
                 cm = np.divide(cm, rows, out=np.zeros(cm.shape), where=rows > 0)
             if not plot:
                 return cm
-            from imgclf.report import plots
+            from imgclf.report import plots  # lazy: matplotlib, only when a figure is asked for
 
             return cm, plots.multilabel_confusion(cm, self.classes)
         cm = evaluation.confusion_normalized(p) if normalize else evaluation.confusion(p)
         if not plot:
             return cm
-        from imgclf.report import plots
+        from imgclf.report import plots  # lazy: matplotlib, only when a figure is asked for
 
         return cm, plots.confusion(evaluation.confusion(p), self.classes, normalized=normalize)
 
@@ -303,7 +303,7 @@ class Interpretation:
     def _gallery(self, examples: list[Example], plot: bool):
         if not plot:
             return examples
-        from imgclf.report import plots
+        from imgclf.report import plots  # lazy: matplotlib, only when a figure is asked for
 
         images = [_as_array(thumbnail(e.path, 256)) for e in examples]
         fig = plots.image_grid(images, [_wrap(e.caption()) for e in examples],
@@ -318,7 +318,7 @@ class Interpretation:
         data = evaluation.pr_curves(self.predictions)
         if not plot:
             return data
-        from imgclf.report import plots
+        from imgclf.report import plots  # lazy: matplotlib, only when a figure is asked for
 
         return data, plots.pr_curves(data)
 
@@ -327,7 +327,7 @@ class Interpretation:
         data = evaluation.roc_curves(self.predictions)
         if not plot:
             return data
-        from imgclf.report import plots
+        from imgclf.report import plots  # lazy: matplotlib, only when a figure is asked for
 
         return data, plots.roc_curves(data)
 
@@ -336,7 +336,7 @@ class Interpretation:
         data = evaluation.calibration(self.predictions, n_bins=n_bins)
         if not plot:
             return data
-        from imgclf.report import plots
+        from imgclf.report import plots  # lazy: matplotlib, only when a figure is asked for
 
         return data, plots.calibration(data, self.multi_label)
 
@@ -358,7 +358,7 @@ class Interpretation:
                                                   classes=self.classes).to_dict()
         if not plot:
             return search
-        from imgclf.report import plots
+        from imgclf.report import plots  # lazy: matplotlib, only when a figure is asked for
 
         return search, plots.thresholds(search, self.classes, self.pr_curves())
 
@@ -368,7 +368,7 @@ class Interpretation:
             return self.history
         if not self.history:
             return self.history, None
-        from imgclf.report import plots
+        from imgclf.report import plots  # lazy: matplotlib, only when a figure is asked for
 
         monitor = "valid_zero_one_accuracy" if self.multi_label else "valid_accuracy"
         return self.history, plots.curves(self.history, monitor)
@@ -380,7 +380,7 @@ class Interpretation:
             return data
         if not data:
             return data, None
-        from imgclf.report import plots
+        from imgclf.report import plots  # lazy: matplotlib, only when a figure is asked for
 
         return data, plots.lr_find(data["lrs"], data["losses"], data["suggestion"])
 
@@ -413,7 +413,7 @@ class Interpretation:
         Returns:
             A list of `imgclf.report.gradcam.Heatmap`, one per class.
         """
-        from imgclf.report.gradcam import heatmaps_for
+        from imgclf.report.gradcam import heatmaps_for  # lazy: torch, only for heatmaps
 
         b = self.bundle
         if isinstance(image, (int, np.integer)):
@@ -429,7 +429,7 @@ class Interpretation:
         maps = heatmaps_for(b.model, path, b.preprocess, list(b.classes), idx, b.multi_label)
         if not plot:
             return maps
-        from imgclf.report import plots
+        from imgclf.report import plots  # lazy: matplotlib, only when a figure is asked for
 
         images = [maps[0].view] + [m.overlay() for m in maps]
         titles = ["what the model saw"] + [f"{m.class_name} ({m.probability:.2f})" for m in maps]
@@ -439,8 +439,6 @@ class Interpretation:
 def thumbnail(path: str | Path, side: int = 128):
     """The image shrunk to fit a `side` square (a PIL image), or None when it cannot be read."""
     from PIL import Image
-
-    from imgclf.data.images import open_rgb
 
     try:
         img = open_rgb(path)

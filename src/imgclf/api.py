@@ -1,0 +1,140 @@
+"""The Python API: `train`, `evaluate`, `predict`, `load`, `cross_validate`, `mine`.
+
+A thin facade: the public signatures and their documentation, delegating to `imgclf.commands`
+(one module per verb) and to the bundle in `imgclf.deploy`. The CLI is a thin layer over these;
+nothing in the package imports this module.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from imgclf.commands import cv as _cv
+from imgclf.commands import evaluate as _evaluate
+from imgclf.commands import train as _train
+from imgclf.commands.cv import CvResult
+from imgclf.commands.mine import MiningResult
+from imgclf.commands.mine import command as _mine
+from imgclf.commands.run import Run
+from imgclf.config import TrainConfig
+from imgclf.deploy.bundle import Bundle
+from imgclf.deploy.bundle import load as load_bundle
+
+__all__ = ["train", "evaluate", "predict", "load", "cross_validate", "mine", "Run"]
+
+
+def train(data: str | Path | None = None, *, config: TrainConfig | None = None,
+          resume: str | Path | None = None, console=None, **options) -> Run | None:
+    """Train a classifier and write a run directory.
+
+    Args:
+        data: Image folder (class folders, or the root of a CSV's file names).
+        config: Full settings; `options` override its fields.
+        resume: A run directory to continue after an interruption (its config is reused).
+        console: rich Console for progress and summaries (default: stderr).
+        **options: Any `TrainConfig` field, e.g. `epochs=3, model="resnet18"`.
+
+    Returns:
+        The run, whose `load()` gives the bundle; None in the other processes of a
+        multi-process (DDP) run, where only global rank 0 writes the run directory.
+    """
+    return _train.train(data, config=config, resume=resume, console=console, **options)
+
+
+def load(path: str | Path) -> Bundle:
+    """Load a trained model from a run directory or bundle folder."""
+    return load_bundle(path)
+
+
+def predict(bundle_or_path, paths, **kwargs):
+    """Predict image files with a bundle (or a path to one); see `Bundle.predict`."""
+    bundle = bundle_or_path if isinstance(bundle_or_path, Bundle) else load_bundle(bundle_or_path)
+    return bundle.predict(paths, **kwargs)
+
+
+def evaluate(target: str | Path, data: str | Path | None = None, *, out: str | Path | None = None,
+             tta: int | None = None, tta_reduce: str | None = None, batch_size: int = 32,
+             console=None, **source_options) -> dict:
+    """Score a bundle on its run's validation set, or on another labelled folder or CSV.
+
+    Args:
+        target: Run directory or bundle folder.
+        data: Labelled images (folder or CSV root); None uses the run's validation split.
+        out: Folder for the results (default: `<run>/eval/<data name>` or the run itself).
+        tta: Augmented views to combine with the plain one (None: the bundle's setting);
+            when > 0 the plain score is reported next to the TTA score.
+        tta_reduce: "mean" or "max" over the views (None: the bundle's setting, else mean).
+        batch_size: Images per forward pass.
+        console: rich Console.
+        **source_options: Data-source options (csv, label_col, ...) as for `train`.
+
+    Returns:
+        The metrics dict (also written as metrics.json in the output folder).
+    """
+    return _evaluate.evaluate(target, data, out=out, tta=tta, tta_reduce=tta_reduce,
+                              batch_size=batch_size, console=console, **source_options)
+
+
+def cross_validate(data: str | Path | None = None, *, folds: int = 5,
+                   config: TrainConfig | None = None, resume: str | Path | None = None,
+                   console=None, **options) -> CvResult:
+    """Train one run per fold and pool their validation predictions.
+
+    Args:
+        data: Image folder (or CSV root), as for `imgclf.api.train`.
+        folds: Number of folds.
+        config: Training settings; `options` override its fields. `out` is the folder that
+            receives the cross-validation folder, `name` names it.
+        resume: A cross-validation folder to finish: finished folds are kept, an interrupted
+            fold resumes, missing folds are trained.
+        console: rich Console (default: stderr).
+        **options: Any `TrainConfig` field.
+
+    Returns:
+        The result; the same numbers are in `<cv_dir>/cv_summary.json`.
+    """
+    return _cv.cross_validate(data, folds=folds, config=config, resume=resume, console=console,
+                              **options)
+
+
+def mine(run: str | Path, pool: str | Path | None = None, *, per_round: int | None = None,
+         rounds: int | None = None, epochs: int | None = None, initial: int | None = None,
+         negative_label: str | None = None, valid_negatives: str | Path | None = None,
+         pool_valid_pct: float | None = None, patience: int | None = None,
+         lr: float | None = None, freeze_epochs: int | None = None,
+         batch_size: int | None = None, seed: int | None = None, resume: bool = False,
+         restart: bool = False, console=None) -> MiningResult:
+    """Hard negative mining on a trained run; the best round's model becomes its bundle.
+
+    Rerunning on a run that was interrupted continues from its manifest: finished rounds are
+    not redone, and a round whose picks were recorded is trained on the same picks. Unset
+    options take the values of `MineOptions` (on a rerun: the values recorded in the manifest).
+
+    Args:
+        run: Run directory of a finished `imgclf train`.
+        pool: Folder of unlabelled images that contain none of the classes (on a rerun, may be
+            left out).
+        per_round: Hard negatives added per round.
+        rounds: Mining rounds after round 0.
+        epochs: Whole-network epochs per round.
+        initial: Pool images that seed a new negative class (default: `per_round`).
+        negative_label: Name of the negative class (single-label runs).
+        valid_negatives: Folder of held-out negatives; when given, the whole pool is mined.
+        pool_valid_pct: Fraction of the pool held out for validation otherwise.
+        patience: Stop after this many rounds without a better validation score.
+        lr: Peak learning rate of each round's fine-tuning.
+        freeze_epochs: Head-only epochs on cached features before them (pretrained runs).
+        batch_size: Images per forward pass when scoring the pool.
+        seed: Seed of the split, the round-0 picks and training (default: the run's seed).
+        resume: Require an interrupted mining to continue (error when there is none).
+        restart: Put the run's files back as they were before mining and start over.
+        console: rich Console for progress and tables (default: stderr).
+
+    Returns:
+        The per-round table, the kept round and why mining stopped.
+    """
+    return _mine.mine(run, pool, per_round=per_round, rounds=rounds, epochs=epochs,
+                      initial=initial, negative_label=negative_label,
+                      valid_negatives=valid_negatives, pool_valid_pct=pool_valid_pct,
+                      patience=patience, lr=lr, freeze_epochs=freeze_epochs, batch_size=batch_size,
+                      seed=seed, resume=resume, restart=restart, console=console)

@@ -1,0 +1,5 @@
+"""`python -m imgclf.cli ...`: the command line without the installed `imgclf` script."""
+
+from imgclf.cli.app import main
+
+main()

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from imgclf import balance
+from imgclf.training import balance
 from imgclf.errors import ImgclfError
 from imgclf.training.task import Task
 
@@ -100,8 +100,10 @@ def test_training_applies_the_resolved_mode(tmp_path, make_dataset, monkeypatch)
     import timm
     from safetensors.torch import save_file
 
-    from imgclf import api, training
-    from imgclf.data import datasets
+    from imgclf import api
+    from imgclf.commands import train as train_cmd
+    from imgclf.training import fine_tune
+    from imgclf.training.engine import ClassifierModule
 
     # The frozen stage needs "pretrained" weights: a random test_resnet saved locally.
     weights = tmp_path / "w.safetensors"
@@ -109,8 +111,8 @@ def test_training_applies_the_resolved_mode(tmp_path, make_dataset, monkeypatch)
               str(weights))
     data = make_dataset(tmp_path / "data", {"train/a": 20, "train/b": 2, "valid/a": 3, "valid/b": 3})
     stage_weights, samplers = [], []
-    init = training.ClassifierModule.__init__
-    train_head = training.train_head
+    init = ClassifierModule.__init__
+    train_head = fine_tune.train_head
 
     def spy_head(*args, **kw):  # the frozen stage
         stage_weights.append(kw.get("class_weight"))
@@ -120,17 +122,17 @@ def test_training_applies_the_resolved_mode(tmp_path, make_dataset, monkeypatch)
         stage_weights.append(kw.get("class_weight"))
         init(self, *args, **kw)
 
-    make_loader = datasets.make_loader
+    make_loader = fine_tune.make_loader
 
     def spy_loader(dataset, batch_size, train, **kw):
         if train:
             samplers.append(getattr(kw.get("sampler"), "inner", kw.get("sampler")))
         return make_loader(dataset, batch_size, train, **kw)
 
-    monkeypatch.setattr(training.ClassifierModule, "__init__", spy_module)
-    monkeypatch.setattr(training, "train_head", spy_head)
-    monkeypatch.setattr(datasets, "make_loader", spy_loader)
-    monkeypatch.setattr(api, "write_report", lambda *a, **k: None)
+    monkeypatch.setattr(ClassifierModule, "__init__", spy_module)
+    monkeypatch.setattr(fine_tune, "train_head", spy_head)
+    monkeypatch.setattr(fine_tune, "make_loader", spy_loader)
+    monkeypatch.setattr(train_cmd, "write_report", lambda *a, **k: None)
     common = dict(model="test_resnet", weights=str(weights), size=32, epochs=1, freeze_epochs=1,
                   batch_size=8, lr=1e-3, out=str(tmp_path / "runs"), workers=0)
     other = "sampler" if balance.AUTO_MODE == "weights" else "weights"

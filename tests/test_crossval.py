@@ -10,11 +10,13 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from imgclf import api, crossval
+from imgclf.commands import cv as crossval
+from imgclf.commands import train as train_cmd
+from imgclf.data.split import assign_folds, fold_table
 from imgclf.config import TrainConfig
 from imgclf.data import validate
 from imgclf.data.samples import TEST, TRAIN, VALID, Sample, SampleTable
-from imgclf.data.sources import load_source
+from imgclf.data.sources import load_source, load_table
 from imgclf.errors import DataError, ImgclfError
 
 
@@ -60,7 +62,7 @@ def test_group_pattern_split_keeps_each_site_on_one_side(tmp_path, make_image):
 
 def test_every_sample_gets_one_fold_stratified_by_class():
     samples = _samples({"a": 50, "b": 25, "c": 10})
-    folds = crossval.assign_folds(samples, 5, seed=0)
+    folds = assign_folds(samples, 5, seed=0)
     assert len(folds) == len(samples) and set(folds) == set(range(5))
     per_fold = defaultdict(Counter)
     for s, k in zip(samples, folds):
@@ -73,7 +75,7 @@ def test_every_sample_gets_one_fold_stratified_by_class():
 
 def test_folds_keep_groups_whole_and_still_stratify():
     samples = _shared_groups(_samples({"a": 60, "b": 30}), groups=12)
-    folds = crossval.assign_folds(samples, 4, seed=1)
+    folds = assign_folds(samples, 4, seed=1)
     fold_of_group = defaultdict(set)
     for s, k in zip(samples, folds):
         fold_of_group[s.group].add(k)
@@ -86,17 +88,17 @@ def test_folds_keep_groups_whole_and_still_stratify():
 
 def test_folds_are_seeded_and_independent_of_order():
     samples = _samples({"a": 20, "b": 12, "c": 7}, groups_per_class=None)
-    a = crossval.assign_folds(samples, 3, seed=7)
+    a = assign_folds(samples, 3, seed=7)
     reordered = list(reversed(samples))
-    b = crossval.assign_folds(reordered, 3, seed=7)
+    b = assign_folds(reordered, 3, seed=7)
     assert dict(zip(samples, a)) == dict(zip(reordered, b))
-    assert crossval.assign_folds(samples, 3, seed=8) != a
+    assert assign_folds(samples, 3, seed=8) != a
 
 
 def test_multilabel_folds_stratify_by_rarest_label():
     samples = [Sample(Path(f"/d/{i}.jpg"), ("common",) + (("rare",) if i % 10 == 0 else ()), TRAIN)
                for i in range(60)] + [Sample(Path("/d/none.jpg"), (), TRAIN)]
-    folds = crossval.assign_folds(samples, 3, seed=0, multi_label=True)
+    folds = assign_folds(samples, 3, seed=0, multi_label=True)
     rare = Counter(k for s, k in zip(samples, folds) if "rare" in s.labels)
     assert sorted(rare.values()) == [2, 2, 2]
 
@@ -109,7 +111,7 @@ def test_multilabel_folds_stratify_by_rarest_label():
 ])
 def test_impossible_folds_are_clear_errors(samples, folds, message):
     with pytest.raises(DataError, match=message):
-        crossval.assign_folds(samples, folds)
+        assign_folds(samples, folds)
 
 
 def test_fold_table_validates_on_one_fold_and_leaves_test_alone():
@@ -118,10 +120,10 @@ def test_fold_table_validates_on_one_fold_and_leaves_test_alone():
     samples.append(Sample(Path("/d/t.jpg"), ("a",), TEST))
     table = SampleTable(samples, ["a", "b"])
     pool = [s for s in samples if s.split != TEST]
-    folds = crossval.assign_folds(pool, 3, seed=5)
+    folds = assign_folds(pool, 3, seed=5)
     seen_valid = []
     for k in range(3):
-        out = crossval.fold_table(table, 3, k, seed=5)
+        out = fold_table(table, 3, k, seed=5)
         valid = {s.path for s in out.split(VALID)}
         assert valid == {s.path for s, f in zip(pool, folds) if f == k}
         assert [s.path for s in out.split(TEST)] == [Path("/d/t.jpg")]
@@ -129,7 +131,7 @@ def test_fold_table_validates_on_one_fold_and_leaves_test_alone():
         seen_valid += valid
     assert sorted(seen_valid) == sorted(s.path for s in pool)  # each image validated once
     with pytest.raises(ImgclfError, match="fold must be 0 .. 2"):
-        crossval.fold_table(table, 3, 3)
+        fold_table(table, 3, 3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,7 +146,7 @@ def tiny_cv(tmp_path_factory, color_data):
     tmp = tmp_path_factory.mktemp("cv")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("IMGCLF_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "imgclf-cache"))
-        mp.setattr(api, "write_report", lambda *a, **k: None)  # not under test; slow on 2 cores
+        mp.setattr(train_cmd, "write_report", lambda *a, **k: None)  # not under test; slow on 2 cores
         result = CliRunner().invoke(app, [
             "cv", str(color_data), "--folds", "2", "--model", "test_efficientnet",
             "--no-pretrained", "--size", "32", "--epochs", "1", "--freeze-epochs", "0",
@@ -176,7 +178,7 @@ def test_cv_writes_folds_summary_and_out_of_fold_predictions(tiny_cv):
     # The OOF fold of an image is the fold whose run validated it, and the fold's own
     # config.yaml reproduces that split.
     for k in range(2):
-        run_valid = {s.path for s in api.load_table(
+        run_valid = {s.path for s in load_table(
             TrainConfig.from_yaml(cv_dir / f"fold-{k}" / "config.yaml")).split(VALID)}
         assert run_valid == {Path(r["path"]) for r in rows if int(r["fold"]) == k}
     preds, folds = crossval.read_oof(cv_dir / crossval.OOF)
@@ -187,7 +189,7 @@ def test_cv_resume_keeps_finished_folds_and_trains_missing_ones(tiny_cv, monkeyp
     import shutil
 
     _, cv_dir = tiny_cv
-    monkeypatch.setattr(api, "write_report", lambda *a, **k: None)
+    monkeypatch.setattr(train_cmd, "write_report", lambda *a, **k: None)
     before = (cv_dir / "fold-0" / "metrics.json").read_text()
     preds, folds = crossval.read_oof(cv_dir / crossval.OOF)
     fold_before = dict(zip(preds.paths, folds))

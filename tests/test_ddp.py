@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from conftest import make_color_dataset
-from imgclf import distributed
+from imgclf.training import distributed
 from imgclf.deploy.bundle import load as load_bundle
 
 # GroupNorm instead of BatchNorm: with BatchNorm, two ranks of 4 images normalise differently

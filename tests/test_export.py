@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from imgclf import onnx_predict
+from imgclf.deploy import onnx_predict
 from imgclf.deploy.bundle import load as load_bundle
 from imgclf.errors import ImgclfError
 from imgclf.deploy.export import export
@@ -109,7 +109,7 @@ def test_onnx_predictor_runs_with_torch_blocked(tiny_run, onnx_single, tmp_path)
         "import sys, json\n"
         "for name in ('torch', 'torchvision', 'timm', 'lightning', 'torchmetrics'):\n"
         "    sys.modules[name] = None  # any import of them now raises ImportError\n"
-        "from imgclf import onnx_predict\n"
+        "from imgclf.deploy import onnx_predict\n"
         f"clf = onnx_predict.load({str(path)!r})\n"
         f"res = clf.predict({paths!r})\n"
         "print(json.dumps({'probs': res.probs.tolist(), 'labels': res.labels()}))\n"

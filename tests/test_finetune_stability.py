@@ -9,7 +9,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
-from imgclf import models, training
+from imgclf.training import fine_tune, models
 from imgclf.data.cache import decode_all
 from imgclf.data.datasets import ImageDataset
 from imgclf.data.presize import presize_image
@@ -32,13 +32,13 @@ def test_cached_features_equal_the_first_unfrozen_step(color_data):
     ds = _shifted_images(color_data, pre)
     loader = DataLoader(ds, batch_size=8)
     before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
-    used = training.adapt_batchnorm(model, loader, pre, torch.device("cpu"))
+    used = fine_tune.adapt_batchnorm(model, loader, pre, torch.device("cpu"))
     assert used == len(ds)
     after = {k: v for k, v in model.state_dict().items() if "running" in k}
     assert any(not torch.equal(before[k], after[k]) for k in before)  # statistics re-estimated
 
     # What the frozen stage caches ...
-    feats, _ = training.extract_features(model, loader, pre, "32-true", torch.device("cpu"))
+    feats, _ = fine_tune.extract_features(model, loader, pre, "32-true", torch.device("cpu"))
     # ... and what the unfrozen stage computes at its first step (the module in train mode,
     # BatchNorm held on its statistics).
     x = torch.stack([ds[i][0] for i in range(len(ds))])
@@ -58,7 +58,7 @@ def test_adapt_batchnorm_stops_at_its_image_budget(color_data):
     pre = Preprocess.from_model_cfg(model.pretrained_cfg, size=32)
     ds = _shifted_images(color_data, pre)
     momenta = [m.momentum for m in models.batchnorm_layers(model)]
-    used = training.adapt_batchnorm(model.eval(), DataLoader(ds, batch_size=8), pre,
+    used = fine_tune.adapt_batchnorm(model.eval(), DataLoader(ds, batch_size=8), pre,
                                     torch.device("cpu"), max_images=5)
     assert used == 5
     assert [m.momentum for m in models.batchnorm_layers(model)] == momenta

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from imgclf import api, evaluation
+from imgclf import evaluation
+from imgclf.commands import train as train_cmd
 from imgclf.errors import ImgclfError
 from imgclf.commands.label_issues import FILENAME, find_label_issues, predictions_file, read_label_issues
 
@@ -117,7 +118,7 @@ def test_cli_on_a_run_writes_the_csv_and_refreshes_the_report(tiny_run, tmp_path
     run_dir = tmp_path / "run"  # a copy: the shared run stays as other tests expect it
     shutil.copytree(tiny_run.path, run_dir)
     refreshed = []
-    monkeypatch.setattr(api, "write_report", lambda folder, console: refreshed.append(folder))
+    monkeypatch.setattr(train_cmd, "write_report", lambda folder, console: refreshed.append(folder))
     result = CliRunner().invoke(app, ["label-issues", str(run_dir)])
     assert result.exit_code == 0, result.output
     rows = read_label_issues(run_dir / FILENAME)

@@ -15,7 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
-from imgclf import mining, models
+from imgclf.commands import mine as mining
+from imgclf.commands.mine import pool as mining_pool
+from imgclf.training import fine_tune, models
 from imgclf.errors import ImgclfError
 
 GRAYS = (20, 128, 235)
@@ -47,11 +49,11 @@ def snapshot(*folders: Path) -> dict[str, tuple[str, int]]:
 def reports(request, monkeypatch) -> list:
     """Runs whose report mining asked for; only tests that use the `real_report` fixture render
     one (it computes heatmaps, which would dominate these tests' time)."""
-    from imgclf import api
+    from imgclf.commands import train as train_cmd
 
     calls: list = []
     if "real_report" not in request.fixturenames:
-        monkeypatch.setattr(api, "write_report", lambda run_dir, console: calls.append(run_dir))
+        monkeypatch.setattr(train_cmd, "write_report", lambda run_dir, console: calls.append(run_dir))
     return calls
 
 
@@ -198,7 +200,7 @@ def test_mined_set_is_the_top_confidence_false_positives(run_copy, pool, color_d
 
 
 def test_resume_after_an_interrupted_round(run_copy, pool, monkeypatch):
-    real = mining.training.fine_tune
+    real = fine_tune.fine_tune
     calls: list[int] = []
 
     def interrupted_in_round_1(*args, **kwargs):
@@ -207,7 +209,7 @@ def test_resume_after_an_interrupted_round(run_copy, pool, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(mining.training, "fine_tune", interrupted_in_round_1)
+    monkeypatch.setattr(fine_tune, "fine_tune", interrupted_in_round_1)
     options = dict(rounds=2, epochs=1, per_round=2, initial=2, patience=5)
     with pytest.raises(KeyboardInterrupt):
         mining.mine(run_copy, pool, **options)
@@ -218,7 +220,7 @@ def test_resume_after_an_interrupted_round(run_copy, pool, monkeypatch):
     assert json.loads((run_copy / "model" / "model.json").read_text())["num_classes"] == 3
 
     calls.clear()
-    monkeypatch.setattr(mining.training, "fine_tune",
+    monkeypatch.setattr(fine_tune, "fine_tune",
                         lambda *a, **k: calls.append(1) or real(*a, **k))
     with pytest.raises(ImgclfError, match="pool"):
         mining.mine(run_copy, pool.parent, **options)  # another pool cannot continue this one
@@ -245,13 +247,13 @@ def test_stops_when_the_validation_score_stops_improving(run_copy, pool):
 
 
 def test_stops_when_the_pool_has_no_false_positives(run_copy, pool, monkeypatch):
-    real = mining.false_positive_scores
+    real = mining_pool.false_positive_scores
 
     def all_negative(probs, negative_index=None, thresholds=None):
         predicted, confidence, is_fp = real(probs, negative_index, thresholds)
         return predicted, confidence, np.zeros_like(is_fp)
 
-    monkeypatch.setattr(mining, "false_positive_scores", all_negative)
+    monkeypatch.setattr(mining_pool, "false_positive_scores", all_negative)
     result = mining.mine(run_copy, pool, rounds=3, epochs=0)
     assert [r["round"] for r in result.rounds] == [0]
     assert result.stop_reason == "no false positives left in the mining pool"

@@ -4,9 +4,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from imgclf import models
+from imgclf.training import models
 from imgclf.errors import ImgclfError
-from imgclf.training import discriminative_lrs
+from imgclf.training.fine_tune import discriminative_lrs
 
 
 def test_freeze_body_leaves_only_head_trainable():

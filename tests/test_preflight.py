@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from imgclf import api, preflight
+from imgclf import api
+from imgclf.data.sources import load_table
+from imgclf.training import preflight
 from imgclf.config import TrainConfig
 from imgclf.data.samples import TRAIN, VALID, Sample, SampleTable
 from imgclf.errors import ImgclfError
@@ -141,7 +143,7 @@ def test_check_collects_everything(color_data, tmp_path):
                       weights=str(tmp_path / "missing.safetensors"))
     blocker = tmp_path / "blocker"
     blocker.write_text("")
-    t = api.load_table(cfg)
+    t = load_table(cfg)
     problems = preflight.check(cfg, t, blocker / "runs")
     assert len(problems) == 2
     assert any("missing.safetensors does not exist" in p for p in problems)

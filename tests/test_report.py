@@ -24,7 +24,8 @@ from imgclf.data.transforms import Preprocess
 from imgclf.data.validate import CheckReport, DataSummary, DuplicateSet, FileIssue
 from imgclf.io import atomic_write_json, atomic_write_text
 from imgclf.report import html as report_html
-from imgclf.run import Run, write_rows_csv
+from imgclf.commands.run import Run
+from imgclf.rundir import write_rows_csv
 
 SINGLE_SECTIONS = ["overview", "data", "training", "lr-finder", "confusion", "per-class",
                    "most-confused", "top-losses", "confident-wrong", "curves", "calibration",

@@ -21,9 +21,12 @@ import numpy as np
 import pytest
 import torch
 
-from imgclf import api, training
+from imgclf import api
+from imgclf.commands import train as train_cmd
+from imgclf.training import engine
 from imgclf.errors import ImgclfError
-from imgclf.training.resume import ResumableSampler, ResumeState, SeededDataset, mix_seed
+from imgclf.training.engine import ResumeState
+from imgclf.training.resume import ResumableSampler, SeededDataset, mix_seed
 
 # 36 images, 28 for training at batch 4: 7 steps an epoch; a step checkpoint every 3 steps.
 RUN = dict(model="test_efficientnet", size=32, epochs=2, freeze_epochs=1, batch_size=4,
@@ -64,7 +67,7 @@ def read_metrics(run: Path) -> tuple[dict, list[dict]]:
 
 def crash_at(monkeypatch, n: int, before: bool) -> None:
     """Make the n-th checkpoint write crash the run, just before or just after the file lands."""
-    save = training.AtomicCheckpointIO.save_checkpoint
+    save = engine.AtomicCheckpointIO.save_checkpoint
     count = {"n": 0}
 
     def crashing(self, checkpoint, path, storage_options=None):
@@ -75,7 +78,7 @@ def crash_at(monkeypatch, n: int, before: bool) -> None:
         if not before and count["n"] == n:
             raise Killed
 
-    monkeypatch.setattr(training.AtomicCheckpointIO, "save_checkpoint", crashing)
+    monkeypatch.setattr(engine.AtomicCheckpointIO, "save_checkpoint", crashing)
 
 
 @pytest.mark.parametrize("n, before, where", [
@@ -145,7 +148,7 @@ def test_damaged_best_files_are_a_clear_error(setup, tmp_path):
     best = json.loads((run / "checkpoints" / "best.json").read_text())
     (run / "checkpoints" / best["weights"]).write_bytes(b"\x00" * 100)
     with pytest.raises(ImgclfError, match="safetensors"):
-        api._load_best(run)
+        train_cmd._load_best(run)
 
 
 def test_best_files_are_replaced_as_a_set(setup):
@@ -154,7 +157,7 @@ def test_best_files_are_replaced_as_a_set(setup):
     ck = reference / "checkpoints"
     best = json.loads((ck / "best.json").read_text())
     assert sorted(p.name for p in ck.glob("best-*")) == sorted([best["weights"], best["probs"]])
-    loaded = api._load_best(reference)
+    loaded = train_cmd._load_best(reference)
     assert loaded.epoch == best["epoch"] and loaded.state and loaded.probs.ndim == 2
 
 

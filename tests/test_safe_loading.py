@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from imgclf import api, bundle, cli, models, preflight, training
+from imgclf import api, cli
+from imgclf.deploy import bundle
+from imgclf.training import engine, models, preflight
 from imgclf.data.transforms import Preprocess
 from imgclf.errors import ImgclfError
 
@@ -80,7 +82,7 @@ def test_pickle_planted_in_a_bundle_is_refused(tiny_bundle, tmp_path, capsys, ta
 def test_pickle_planted_in_a_checkpoint_is_refused_on_resume(tmp_path, color_data, monkeypatch,
                                                            capsys):
     """Lightning's resume path goes through AtomicCheckpointIO, which refuses the payload."""
-    save = training.AtomicCheckpointIO.save_checkpoint
+    save = engine.AtomicCheckpointIO.save_checkpoint
 
     class Stop(BaseException):
         pass
@@ -90,14 +92,14 @@ def test_pickle_planted_in_a_checkpoint_is_refused_on_resume(tmp_path, color_dat
         raise Stop  # the run dies right after its first checkpoint
 
     with monkeypatch.context() as m, pytest.raises(Stop):
-        m.setattr(training.AtomicCheckpointIO, "save_checkpoint", save_then_stop)
+        m.setattr(engine.AtomicCheckpointIO, "save_checkpoint", save_then_stop)
         api.train(color_data, out=str(tmp_path), name="run", model="test_efficientnet",
                   pretrained=False, size=32, epochs=1, freeze_epochs=0, batch_size=8,
                   checkpoint_every=1, precision="32", lr=0.01)
     run = tmp_path / "run"
     ckpt = run / "checkpoints" / "last.ckpt"
     assert ckpt.is_file()
-    assert training.AtomicCheckpointIO().load_checkpoint(ckpt)["global_step"] == 1
+    assert engine.AtomicCheckpointIO().load_checkpoint(ckpt)["global_step"] == 1
 
     marker = tmp_path / "executed"
     plant(ckpt, marker)
@@ -112,7 +114,7 @@ def test_damaged_checkpoint_is_a_clear_error(tmp_path):
     bad = tmp_path / "last.ckpt"
     bad.write_bytes(b"PK\x03\x04 not really a zip")
     with pytest.raises(ImgclfError, match="damaged checkpoint"):
-        training.AtomicCheckpointIO().load_checkpoint(bad)
+        engine.AtomicCheckpointIO().load_checkpoint(bad)
 
 
 def test_pickled_weights_file_is_refused_before_timm_sees_it(tmp_path):

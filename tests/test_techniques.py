@@ -105,7 +105,7 @@ def test_continued_stage_schedule_is_one_one_cycle_across_stages():
     """Stage fits with cycle=(first epoch, total epochs) walk one one-cycle between them."""
     from types import SimpleNamespace
 
-    from imgclf.training import ClassifierModule
+    from imgclf.training.engine import ClassifierModule
 
     net = torch.nn.Linear(2, 2)
     per_epoch, stage_epochs = 5, [2, 1, 3]
@@ -283,7 +283,8 @@ def test_progressive_mixup_run_resumes_exactly_across_a_stage_boundary(tmp_path,
     restarts the final stage from the small stage's weights and ends where the reference did."""
     import json
 
-    from imgclf import api, training
+    from imgclf import api
+    from imgclf.training import engine
 
     opts = {**TECH, "deterministic": True, "precision": "32", "tta": 0, "stage_schedule": schedule,
             "cache_dir": str(tmp_path / "cache"), "out": str(tmp_path / "runs")}
@@ -292,7 +293,7 @@ def test_progressive_mixup_run_resumes_exactly_across_a_stage_boundary(tmp_path,
     class Killed(BaseException):
         pass
 
-    save = training.AtomicCheckpointIO.save_checkpoint
+    save = engine.AtomicCheckpointIO.save_checkpoint
     count = {"n": 0}
 
     def crashing(self, checkpoint, path, storage_options=None):
@@ -301,12 +302,12 @@ def test_progressive_mixup_run_resumes_exactly_across_a_stage_boundary(tmp_path,
             raise Killed
         save(self, checkpoint, path, storage_options)
 
-    training.AtomicCheckpointIO.save_checkpoint = crashing
+    engine.AtomicCheckpointIO.save_checkpoint = crashing
     try:
         with pytest.raises(Killed):
             api.train(color_data, name="killed", **opts)
     finally:
-        training.AtomicCheckpointIO.save_checkpoint = save
+        engine.AtomicCheckpointIO.save_checkpoint = save
     run = tmp_path / "runs" / "killed"
     state = json.loads((run / "checkpoints" / "state.json").read_text())
     assert state["stage"] == "unfrozen" and state["size_stage"] == 1

@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 from conftest import TINY
 
-from imgclf import models, training
+from imgclf.training import fine_tune, models
 from imgclf.data.cache import decode_all
 from imgclf.data.datasets import ImageDataset
 from imgclf.data.transforms import Preprocess, eval_transform, normalize
@@ -23,7 +23,7 @@ def test_cached_features_equal_frozen_body_output(color_data):
     ds = ImageDataset(images, range(len(paths)), torch.zeros(len(paths), dtype=torch.long),
                       eval_transform(pre.size))
     loader = DataLoader(ds, batch_size=4)
-    feats, _ = training.extract_features(model, loader, pre, "32-true", torch.device("cpu"))
+    feats, _ = fine_tune.extract_features(model, loader, pre, "32-true", torch.device("cpu"))
     with torch.no_grad():
         x = torch.stack([ds[i][0] for i in range(len(ds))])
         direct = models.pre_logits(model.eval(), normalize(x, pre.mean, pre.std))
@@ -51,7 +51,7 @@ def test_tiny_run_learns_colours(tiny_run):
 
 
 def test_bundle_round_trip_same_probabilities(tiny_run, tmp_path):
-    from imgclf import bundle as bundle_mod
+    from imgclf.deploy import bundle as bundle_mod
 
     b = bundle_mod.load(tiny_run.path)
     paths = sorted(p for p in tiny_run.predictions().paths)[:6]

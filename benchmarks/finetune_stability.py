@@ -77,7 +77,9 @@ def diagnose(name: str) -> None:
     import torch
     from sklearn.linear_model import LogisticRegression
 
-    from imgclf import api, models
+    from imgclf.commands import train as train_cmd
+    from imgclf.data.sources import load_table
+    from imgclf.training import models
     from imgclf.config import TrainConfig
     from imgclf.data.datasets import make_loader
     from imgclf.data.transforms import Preprocess, normalize
@@ -88,11 +90,11 @@ def diagnose(name: str) -> None:
     for resize in ("crop", "squish"):
         cfg = TrainConfig(data=str(spec["data"]), csv=str(spec["csv"]) if "csv" in spec else None,
                           weights=str(WEIGHTS), resize=resize)
-        table = api.load_table(cfg)
+        table = load_table(cfg)
         model = models.create_model(cfg.model, len(table.classes), weights=cfg.weights)
         pre = Preprocess.from_model_cfg(model.pretrained_cfg, resize=resize)
-        prep = api.prepare_data(cfg, pre, None, table=table)
-        data = api._datasets(prep, pre)
+        prep = train_cmd.prepare_data(cfg, pre, None, table=table)
+        data = train_cmd._datasets(prep, pre)
         if prep.task.multi_label:
             print("diagnose: single-label data only")
             return

@@ -40,7 +40,9 @@ def main() -> None:
     import torch
     from rich.console import Console
 
-    from imgclf import api, models, training
+    from imgclf import api
+    from imgclf.commands import train as train_cmd
+    from imgclf.training import fine_tune, models
     from imgclf.config import TrainConfig
     from imgclf.data.samples import TRAIN, VALID
     from imgclf.data.transforms import Preprocess, normalize
@@ -60,14 +62,14 @@ def main() -> None:
     cfg = TrainConfig(data=str(DATA[args.data]), **opts)
     model = models.create_model(cfg.model, len(run.metrics()["classes"]), weights=cfg.weights)
     pre = Preprocess.from_model_cfg(model.pretrained_cfg)
-    prep = api.prepare_data(cfg, pre, quiet)
+    prep = train_cmd.prepare_data(cfg, pre, quiet)
     idx = [prep.index[s.path] for s in prep.table.split(TRAIN) + prep.table.split(VALID)]
-    precision = training.resolve_precision("auto", model)
+    precision = fine_tune.resolve_precision("auto", model)
     model = model.eval().to(memory_format=torch.channels_last)
     forward_times = []
     for _ in range(args.repeats):
         t0 = time.perf_counter()
-        with torch.no_grad(), training.autocast_context(precision, torch.device("cpu")):
+        with torch.no_grad(), fine_tune.autocast_context(precision, torch.device("cpu")):
             for s in range(0, len(idx), args.batch_size):
                 batch = torch.stack([torch.from_numpy(prep.decoded.get(i)) for i in
                                      idx[s:s + args.batch_size]])

@@ -29,7 +29,8 @@ PHOTOS = SHARED / "data" / "imagenette2_224_subset"
 
 
 def make_bundle(folder: Path):
-    from imgclf import bundle, models
+    from imgclf.deploy import bundle
+    from imgclf.training import models
     from imgclf.data.transforms import Preprocess
 
     model = models.create_model("tf_efficientnet_lite0", 10, weights=WEIGHTS).eval()
@@ -79,7 +80,7 @@ def gflops_vs_peak(batch_size: int) -> None:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from imgclf import models
+    from imgclf.training import models
 
     def peak(dtype) -> float:
         a = torch.randn(2048, 2048, dtype=dtype)

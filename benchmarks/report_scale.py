@@ -32,7 +32,7 @@ def make_run(root: Path, n: int, n_classes: int, seed: int = 0) -> Path:
     from imgclf.data.transforms import Preprocess
     from imgclf.data.validate import CheckReport, DataSummary
     from imgclf.io import atomic_write_json
-    from imgclf.run import write_rows_csv
+    from imgclf.rundir import write_rows_csv
 
     rng = np.random.default_rng(seed)
     classes = [f"class_{j:03d}" for j in range(n_classes)]

@@ -29,7 +29,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
 def build_bundle(folder: Path) -> Path:
-    from imgclf import models
+    from imgclf.training import models
     from imgclf.deploy.bundle import save_bundle
     from imgclf.data.transforms import Preprocess
 

@@ -21,4 +21,3 @@ class Run(RunDir):
     def load(self):
         """The run's bundle (see `imgclf.deploy.bundle.load`)."""
         return load(self.bundle_path)
-

@@ -469,5 +469,3 @@ def _print_verdict(summary: dict, task: Task, run_dir: Path, console) -> None:
     console.print(f"Bundle: {run_dir / 'model'}")
     if (run_dir / "report.html").is_file():
         console.print(f"Report: {run_dir / 'report.html'}")
-
-

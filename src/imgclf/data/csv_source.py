@@ -353,5 +353,3 @@ def _finish_csv_split(table: SampleTable, has_split: bool, valid_pct: float, see
         if has_split:
             table.notes.append("the split column marks no validation rows: a random part is held out")
         table.samples = random_split(table.samples, valid_pct, seed, table.multi_label)
-
-

@@ -54,7 +54,7 @@ class ClassifierModule(L.LightningModule):
         epoch_offset: Run epoch number of this fit's first epoch (earlier stages' epochs).
         stage_index: Distinguishes fits of one run in the keys given to `batch_transform`.
         device_augment: Optional (x, key) -> x run on the device before `batch_transform`
-            (random crops of presized squares; see imgclf.training.augment.BatchCrop).
+            (random crops of presized squares; see imgclf.augment.BatchCrop).
         cycle: (first epoch, total epochs) when this fit is one stage of a one-cycle spanning
             several fits (progressive resizing); None: the one-cycle covers this fit alone.
         exact_validation: Validate in float32 as `predict` runs (else at training precision:

@@ -219,7 +219,7 @@ class FitData:
     """Training and validation images for the recipe.
 
     `balance` is the resolved imbalance mode ("none", "weights" or "sampler"; see
-    imgclf.training.balance): "weights" weights the loss in both stages; "sampler" draws class-balanced
+    imgclf.balance): "weights" weights the loss in both stages; "sampler" draws class-balanced
     batches in the unfrozen stage and weights the loss of the frozen-head stage.
     """
 
@@ -312,7 +312,7 @@ def fine_tune(
               if data.balance in ("weights", "sampler") else None)
 
     # Under DDP every process runs this function; only global rank 0 caches features, runs the
-    # LR finder, trains the frozen head and writes state (see imgclf.training.distributed).
+    # LR finder, trains the frozen head and writes state (see imgclf.distributed).
     rank_zero = distributed.is_rank_zero(int(getattr(cfg, "num_nodes", 1)))
 
     def save_state(stage: str, size_stage: int = 0) -> None:
@@ -436,7 +436,7 @@ def fine_tune(
                                       exact_validation=k == len(stages) - 1,
                                       freeze_bn=bn_mode != "train")
             # Order and augmentation are functions of (seed, epoch, position), so a resumed run
-            # sees exactly the batches the uninterrupted one would have (see imgclf.training.resume).
+            # sees exactly the batches the uninterrupted one would have (see imgclf.resume).
             order = ResumableSampler(len(train_ds), cfg.seed + 7919 * k, inner=sampler)
             train_loader = make_loader(SeededDataset(train_ds), cfg.batch_size, train=True,
                                        workers=cfg.workers, seed=cfg.seed, sampler=order)

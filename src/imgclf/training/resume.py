@@ -113,5 +113,3 @@ class SeededDataset(Dataset):
         np.random.seed(seed % 2**32)
         random.seed(seed)
         return self.dataset[index]
-
-

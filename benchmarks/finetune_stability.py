@@ -152,12 +152,58 @@ def diagnose(name: str) -> None:
             print(f"    {label:50s} {value:7.3f}")
 
 
+def head_steps(name: str, steps=(60, 200, 500, 1000)) -> None:
+    """Accuracy of the frozen stage's head after N steps on the same cached features."""
+    import torch
+    from rich.console import Console
+    from torch.utils.data import TensorDataset
+
+    from imgclf.commands import train as train_cmd
+    from imgclf.config import TrainConfig
+    from imgclf.data.datasets import make_loader
+    from imgclf.data.sources import load_table
+    from imgclf.data.transforms import Preprocess
+    from imgclf.training import fine_tune, models
+    from imgclf.training.epochs import Best
+    from imgclf.training.frozen_head import ViewSampler, head_passes, lr_range_test, train_head
+
+    spec = SETS[name]
+    cfg = TrainConfig(data=str(spec["data"]), csv=str(spec["csv"]) if "csv" in spec else None,
+                      weights=str(WEIGHTS))
+    table = load_table(cfg)
+    model = models.create_model(cfg.model, len(table.classes), weights=cfg.weights)
+    pre = Preprocess.from_model_cfg(model.pretrained_cfg, resize=cfg.resize)
+    prep = train_cmd.prepare_data(cfg, pre, Console(quiet=True), table=table)
+    data = train_cmd._datasets(prep, pre)
+    torch.manual_seed(0)
+    cpu = torch.device("cpu")
+    ft, yt = fine_tune.extract_features(model, make_loader(data.train, 32, train=False, workers=0),
+                                        pre, "32-true", cpu)
+    fv, yv = fine_tune.extract_features(model, make_loader(data.valid, 32, train=False, workers=0),
+                                        pre, "32-true", cpu)
+    head, task = models.classifier(model), prep.task
+    lr, _, _ = lr_range_test(head, task, ft, yt, 32, 0)
+    print(f"\n{name}: frozen-stage head after N steps on one cached view (lr {lr:.2e})")
+    for n_steps in steps:
+        torch.manual_seed(0)
+        torch.nn.init.zeros_(head.weight)
+        torch.nn.init.zeros_(head.bias)
+        rows: list = []
+        train_head(head, task, TensorDataset(ft, yt), (fv, yv), 1, lr,
+                   ViewSampler(len(ft), 1, 0, head_passes(len(ft), 32, n_steps)), 32, rows,
+                   Best(), model, lambda r, i: None)
+        print(f"  {n_steps:5d} steps: valid {task.monitor[6:]} "
+              f"{rows[-1].metrics[task.monitor]:.3f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", nargs="+", choices=sorted(SETS), default=["magnetic"])
     ap.add_argument("--variant", action="append", default=[],
                     help='TrainConfig options "k=v,k=v" or "default"; repeatable')
     ap.add_argument("--diagnose", action="store_true")
+    ap.add_argument("--head-steps", action="store_true",
+                    help="the frozen head's accuracy against its number of steps")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     os.environ.setdefault("IMGCLF_CACHE_DIR", str(Path(tempfile.gettempdir()) / "imgclf-cache"))
@@ -170,6 +216,8 @@ def main() -> None:
             continue
         if args.diagnose:
             diagnose(name)
+        if args.head_steps:
+            head_steps(name)
         table = []
         for v in args.variant:
             table.append((v, run_variant(name, parse_variant(v), out)))

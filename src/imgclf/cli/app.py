@@ -76,8 +76,9 @@ def train(
     tta: int = typer.Option(0, help="Test-time augmentation views the saved model adds (0: off); validation is reported with and without."),
     tta_reduce: str = typer.Option("mean", help="How TTA views combine: mean | max."),
     augment_on: str = typer.Option("auto", help="Where training crops run: loader (per image) | device (batched on the GPU/CPU doing the training) | auto (device on CUDA)."),
-    batchnorm: str = typer.Option("adapt", help="BatchNorm while a pretrained body fine-tunes: adapt (statistics re-estimated on the training images, then fixed) | frozen (pretrained statistics fixed) | train (each batch's)."),
-    resize: str = typer.Option("auto", help="Images to squares: auto (centre crop up to aspect 1.5, squish longer ones whole) | crop | squish."),
+    batchnorm: str = typer.Option("frozen", help="BatchNorm while a pretrained body fine-tunes: frozen (pretrained statistics held) | adapt (statistics re-estimated on the training images, then held) | train (each batch's)."),
+    lr_mult: float = typer.Option(10.0, help="Discriminative rates: the body's first layers train at the unfrozen rate / LR_MULT, later layers at rates rising to it."),
+    resize: str = typer.Option("squish", help="Images to squares: squish (whole image, aspect ignored) | crop (centre square) | auto (crop up to aspect 1.5, squish longer ones)."),
 ):
     """Train a classifier on labelled images and write a run directory."""
     from imgclf import api  # lazy: start-up time (`imgclf --help` imports no torch)
@@ -102,7 +103,7 @@ def train(
         stage_epochs=parse_ints(stage_epochs, "--stage-epochs"), stage_schedule=stage_schedule,
         mixup=mixup, cutmix=cutmix,
         mixup_off_epoch=mixup_off_epoch, label_smoothing=label_smoothing, tta=tta,
-        tta_reduce=tta_reduce, augment_on=augment_on, batchnorm=batchnorm, resize=resize)
+        tta_reduce=tta_reduce, augment_on=augment_on, batchnorm=batchnorm, lr_mult=lr_mult, resize=resize)
     api.train(config=cfg, resume=resume, console=console)
 
 

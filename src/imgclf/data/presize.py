@@ -17,10 +17,9 @@ PIL_INTERPOLATION = {
 
 RESIZE_METHODS = ("auto", "crop", "squish")
 
-# "auto" crops an image no further from square than this and squishes a longer one. Photos
-# (4:3, 3:2) keep today's centre crop; a strip of 105 x 285 px (a surface defect, a panorama,
-# a document line) would lose almost two thirds of itself to the crop, so it is squished into
-# the square instead. Measured on magnetic_tiles (benchmarks/finetune_stability.py).
+# "auto" crops an image no further from square than this and squishes a longer one: photos
+# (4:3, 3:2) keep the classic centre crop, while a strip of 105 x 285 px (a surface defect, a
+# panorama, a line of text) would lose almost two thirds of itself to it.
 MAX_CROP_ASPECT = 1.5
 
 

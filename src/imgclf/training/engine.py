@@ -110,10 +110,15 @@ class ClassifierModule(L.LightningModule):
             x = x.contiguous(memory_format=torch.channels_last)
         return self.net(x)
 
-    def on_train_epoch_start(self) -> None:
-        if self.freeze_bn:
-            # Lightning puts the module in train mode before each epoch (and after validation).
+    def train(self, mode: bool = True):
+        # fine_tune freezes BatchNorm before the fit and Lightning keeps the modes it is given;
+        # should anything switch the module to train mode, BatchNorm stays on its statistics.
+        super().train(mode)
+        if mode and self.freeze_bn:
             models.freeze_batchnorm_statistics(self.net)
+        return self
+
+    def on_train_epoch_start(self) -> None:
         if hasattr(self.batch_transform, "epoch"):
             self.batch_transform.epoch = self.epoch_offset + self.current_epoch
 

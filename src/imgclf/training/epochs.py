@@ -114,8 +114,8 @@ def fine_tuning_check(rows: list[EpochRow], monitor: str, best_stage: str,
         warnings.append(
             f"fine-tuning did not help: the kept model is the frozen stage's (a new head on the "
             f"pretrained body, {name} {base:.3f}); the best unfrozen epoch reached "
-            f"{top.metrics[monitor]:.3f}. Try --batchnorm frozen, a smaller --lr, or fewer "
-            f"--epochs")
+            f"{top.metrics[monitor]:.3f}. Try a larger --lr-mult (gentler rates for the "
+            f"body), fewer --epochs, or --batchnorm adapt for data unlike ImageNet")
     return {"monitor": monitor, "frozen": round(base, 6),
             "best_unfrozen": round(top.metrics[monitor], 6),
             "last_unfrozen": round(unfrozen[-1].metrics[monitor], 6),

@@ -97,15 +97,17 @@ ADAPT_IMAGES = 1024
 def batchnorm_mode(cfg) -> str:
     """How BatchNorm layers behave when the body trains ("train" whenever not pretrained).
 
-    "adapt": running statistics re-estimated on training images before the frozen stage caches
-    its features, then held fixed while the body fine-tunes; "frozen": the pretrained
-    (ImageNet) statistics held fixed; "train": statistics of each training batch, as in
-    from-scratch training. Holding them fixed is what makes the unfrozen stage start from the
-    model the frozen stage trained: with batch statistics, the pooled features under the new
-    head jump the moment the body unfreezes (by 40% on magnetic_tiles, where the head's
-    accuracy on them falls from 0.69 to 0.41; benchmarks/finetune_stability.py --diagnose).
+    "frozen" (default): the pretrained statistics held fixed while everything else, BatchNorm's
+    scale and shift included, fine-tunes (as Keras' transfer-learning guide does); "adapt":
+    statistics re-estimated on training images before the frozen stage caches its features,
+    then held; "train": statistics of each training batch, as in from-scratch training.
+    Holding them is what makes the unfrozen stage start from the model the frozen stage
+    trained. Measured on magnetic_tiles (benchmarks/finetune_stability.py --diagnose): with
+    batch statistics the pooled features move by 113% of their norm, and a head at 0.81 on the
+    cached features scores 0.24 on them; re-estimated statistics made the features worse for
+    a linear head (0.63), so "frozen" is the default.
     """
-    mode = getattr(cfg, "batchnorm", "adapt") or "adapt"
+    mode = getattr(cfg, "batchnorm", "frozen") or "frozen"
     return mode if cfg.pretrained else "train"
 
 
@@ -381,6 +383,10 @@ def fine_tune(
         # Feature caching left the body in eval mode, and Lightning keeps submodules' modes: the
         # whole network must train here (batch norm, dropout), as it does after a resume.
         model.train()
+        if bn_mode != "train":
+            # Lightning keeps the modes it is given (it calls no .train()), so this holds for
+            # the whole fit, resumed ones included.
+            models.freeze_batchnorm_statistics(model)
         groups = models.layer_groups(model, 3)
         base = lr / 2 if frozen else lr
         if frozen and cfg.lr == "auto":
@@ -388,7 +394,8 @@ def fine_tune(
             # 3e-3 to 1e-2; the pretrained body needs fastai's fine-tuning rate (its default
             # 2e-3 halved), or its first unfrozen epochs undo what it knew.
             base = min(base, UNFROZEN_MAX_LR)
-        lrs = discriminative_lrs(base, len(groups)) if cfg.pretrained else [base] * len(groups)
+        lrs = (discriminative_lrs(base, len(groups), cfg.lr_mult) if cfg.pretrained
+               else [base] * len(groups))
         mixer = batch_mixer(cfg, task)
         on_device = augment_on_device(cfg)
         sampler = (balance.balanced_sampler(data.y_train, len(task.classes), cfg.seed)

@@ -157,6 +157,9 @@ def check_techniques(cfg, multi_label: bool | None = None) -> None:
     parse_norm_stats(cfg.norm_stats)
     if cfg.augment_on not in ("auto", "loader", "device"):
         raise ImgclfError(f"--augment-on {cfg.augment_on!r} is not one of auto | loader | device")
+    if not float(cfg.lr_mult) >= 1.0:
+        raise ImgclfError(f"--lr-mult {cfg.lr_mult:g} must be >= 1 (1: one rate for the whole "
+                          "network; 10 is the default)")
     if cfg.batchnorm not in BATCHNORM_MODES:
         raise ImgclfError(f"--batchnorm {cfg.batchnorm!r} is not one of "
                           f"{' | '.join(BATCHNORM_MODES)}")

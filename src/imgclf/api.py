@@ -7,6 +7,7 @@ nothing in the package imports this module.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from imgclf.commands import cv as _cv
@@ -16,7 +17,7 @@ from imgclf.commands.cv import CvResult
 from imgclf.commands.mine import MiningResult
 from imgclf.commands.mine import command as _mine
 from imgclf.commands.run import Run
-from imgclf.config import TrainConfig
+from imgclf.config import TrainConfig, with_options
 from imgclf.deploy.bundle import Bundle
 from imgclf.deploy.bundle import load as load_bundle
 
@@ -37,7 +38,17 @@ def train(data: str | Path | None = None, *, config: TrainConfig | None = None,
     Returns:
         The run, whose `load()` gives the bundle; None in the other processes of a
         multi-process (DDP) run, where only global rank 0 writes the run directory.
+
+    Raises:
+        ImgclfError: An unknown option (naming the closest one) or a bad value, before
+            anything is read or written.
     """
+    if resume is None:  # a resumed run reuses its config.yaml, checked when it was written
+        config = with_options(config, **options)
+        if data is not None:
+            config = dataclasses.replace(config, data=str(data))
+        config.check()
+        data, options = None, {}
     return _train.train(data, config=config, resume=resume, console=console, **options)
 
 
@@ -92,6 +103,10 @@ def cross_validate(data: str | Path | None = None, *, folds: int = 5,
 
     Returns:
         The result; the same numbers are in `<cv_dir>/cv_summary.json`.
+
+    Raises:
+        ImgclfError: An unknown option (naming the closest one) or a bad value, before
+            anything is read or written.
     """
     return _cv.cross_validate(data, folds=folds, config=config, resume=resume, console=console,
                               **options)

@@ -1,13 +1,19 @@
-"""Every setting of a run, resolved, so that config.yaml alone reproduces it.
+"""Every setting of a run, each declared once: type, default, help, allowed values and bounds.
 
-Pure option checks that more than one stage needs live here too (`check_tta`: training checks
-the flags, the deploy bundle checks what it is asked to predict with).
+`TrainConfig` is the single declaration the rest reads: the CLI builds `imgclf train` and
+`imgclf cv` from its fields (imgclf.cli.options), config.yaml is its fields, and `check`
+refuses bad values with one line naming the flag, before anything is loaded or written.
+Option checks that need the data (label smoothing on multi-label data, the progressive-resizing
+schedule) stay with the stage that has the data (imgclf.training.recipe.check_techniques).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+import difflib
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -15,153 +21,282 @@ import yaml
 from imgclf.errors import ImgclfError
 from imgclf.io import atomic_write_text
 
+# Allowed values of the choice options. They live here, the lowest layer, so that the check
+# can run before anything else is imported; the modules that act on them import them from here.
 TTA_REDUCTIONS = ("mean", "max")
+THRESHOLD_METRICS = ("zero_one", "hamming", "f1_macro")
+BALANCE_MODES = ("auto", "none", "weights", "sampler")
+PRECISIONS = ("auto", "32", "bf16-mixed", "16-mixed")
+STAGE_SCHEDULES = ("continue", "restart")
+AUGMENT_ON = ("auto", "loader", "device")
+BATCHNORM_MODES = ("adapt", "frozen", "train")
+RESIZE_METHODS = ("auto", "crop", "squish")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+MIN_SIZE = 16  # smaller inputs vanish in the backbones' downsampling
+
+
+def option(default=None, help: str = "", *, choices: Sequence[str] = (), at_least=None,
+           above=None, below=None, flag: str | None = None, path: bool = False):
+    """A `TrainConfig` field with what the CLI and `check` need to know about it.
+
+    Args:
+        default: The default value (a list default is copied per instance).
+        help: One line for `--help`.
+        choices: The allowed values of a text option.
+        at_least: Smallest allowed value (inclusive).
+        above: The value must be greater than this.
+        below: The value must be smaller than this.
+        flag: Click declaration when the flag is not `--field-name`, e.g. "--a/--no-a".
+        path: The option names a file or folder (the CLI takes and shows a path).
+    """
+    meta = {"help": help, "choices": tuple(choices), "at_least": at_least, "above": above,
+            "below": below, "flag": flag, "path": path}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
 
 
 @dataclass
 class TrainConfig:
     """Settings of `imgclf train` (the CLI flags have the same names with dashes).
 
-    Attributes:
-        data: Folder of images (class folders, or the root of the CSV's file names).
-        csv: Labels CSV; file names in it are relative to `data`.
-        image_col: CSV column with file names (default: first column or a column named like one).
-        label_col: CSV column with labels (default: second column or a column named like one).
-        split_col: CSV column with train/valid values or an is_valid boolean.
-        label_delim: Separator of several labels in one CSV cell (multi-label).
-        label_cols: One-hot label columns, comma-separated, or "auto".
-        multi_label: Force multi-label (None: detect from the data).
-        label_pattern: Regex whose first group on the file name is the label.
-        group_col: CSV column of group ids kept on one side of the split.
-        group_pattern: Regex whose first group on the relative path is the group id.
-        valid_pct: Fraction held out for validation when the data has no split.
-        folds: Cross-validation: number of folds the train and valid images are dealt into
-            (stratified, group-aware); 0 keeps the source's split.
-        fold: Cross-validation: the fold (0 .. folds - 1) validated on; the rest trains.
-        seed: Seed for the split, augmentation order and initialisation.
-        model: timm architecture.
-        weights: Local weights file for `model` (else the hub, unless `pretrained` is False).
-        pretrained: Start from ImageNet weights.
-        size: Input size (default: the model's pretrained size).
-        epochs: Epochs with the whole network trainable.
-        freeze_epochs: Epochs training only the new head on a frozen body (0 skips the stage).
-        lr: Peak learning rate, or "auto" to run the learning-rate finder.
-        batch_size: Images per step.
-        balance: Class imbalance: "none", "weights" (loss class weights), "sampler"
-            (class-balanced batches) or "auto" (weights when the largest training class is
-            over 3x the smallest; see imgclf.training.balance).
-        precision: "auto", "32", "bf16-mixed" or "16-mixed".
-        workers: DataLoader processes (None: chosen from the core count).
-        cache_dir: Decode cache folder (None: the user cache folder); "" disables the disk cache.
-        deterministic: Bit-for-bit repeatable training (slower).
-        checkpoint_every: Also checkpoint every N steps (0: once per epoch only).
-        threshold_metric: Multi-label metric the decision threshold maximises.
-        out: Folder that holds run directories.
-        name: Run directory name (default: derived from the data folder and time).
-        accelerator: Lightning accelerator for the unfrozen stage: "auto", "cpu", "gpu", ...
-        devices: Devices per machine: "auto", a count, or a list such as "0,1".
-        num_nodes: Machines taking part (multi-node runs are started by torchrun or SLURM).
-        strategy: Lightning strategy: "auto", "ddp", ... (ddp starts one process per device).
-        norm_stats: Input normalisation: "auto" (the model's own statistics when pretrained,
-            else computed from a sample of the training images), "imagenet", or explicit values
-            "MEAN,STD" (one value for every channel) or "M1,M2,M3,S1,S2,S3".
-        sizes: Progressive resizing: the input size of each stage of whole-network training,
-            smallest first; the last is the size the bundle predicts at.
-        stage_epochs: Epochs of each `sizes` stage (None: `epochs` split evenly, any remainder
-            going to the earlier, cheaper stages).
-        stage_schedule: Learning rate over `sizes` stages: "continue" (one one-cycle spanning
-            all stages, so a new size starts at the rate the last one ended with) or "restart"
-            (each stage a one-cycle of its own, peak falling as 1/(stage+1)).
-        mixup: Beta parameter of mixup (0: off).
-        cutmix: Beta parameter of CutMix (0: off).
-        mixup_off_epoch: Epoch (metrics.csv numbering) from which batches are no longer mixed.
-        label_smoothing: Cross-entropy label smoothing (single-label).
-        tta: Test-time augmentation views the bundle adds to the plain view (0: off); the run's
-            validation numbers and predictions.csv are then with TTA.
-        tta_reduce: How TTA views are combined: "mean" or "max".
-        augment_on: Where training crops and flips run: "loader" (per image, in the data
-            loader), "device" (batched on the training device) or "auto" (the device on CUDA).
-        batchnorm: BatchNorm during fine-tuning of a pretrained body: "frozen" (the pretrained
-            statistics held fixed), "adapt" (statistics re-estimated on the training images,
-            then held fixed) or "train" (statistics of each batch). From scratch always
-            "train".
-        lr_mult: Discriminative learning rates: the body's first layer group trains at the
-            unfrozen rate divided by this, the layers after it at rates rising geometrically.
-        resize: How images become squares: "squish" (the whole image resized to the square),
-            "crop" (short side resized, centre square kept) or "auto" (crop up to an aspect
-            ratio of 1.5, squish longer images). Squish is the default: on magnetic_tiles,
-            whose defects sit anywhere in strips of many shapes, it took the kept model from
-            0.910 (auto) to 0.962 (benchmarks/finetune_stability.py).
+    Each field's help, allowed values and bounds are declared with it below
+    (`option(default, help, ...)`); `imgclf train --help` lists them, `check()` enforces them.
     """
 
-    data: str = ""
-    csv: str | None = None
-    image_col: str | None = None
-    label_col: str | None = None
-    split_col: str | None = None
-    label_delim: str = " "
-    label_cols: str | None = None
-    multi_label: bool | None = None
-    label_pattern: str | None = None
-    group_col: str | None = None
-    group_pattern: str | None = None
-    valid_pct: float = 0.2
-    folds: int = 0
-    fold: int | None = None
-    seed: int = 42
-    model: str = "tf_efficientnet_lite0"
-    weights: str | None = None
-    pretrained: bool = True
-    size: int | None = None
-    epochs: int = 5
-    freeze_epochs: int = 1
-    lr: float | str = "auto"
-    batch_size: int = 32
-    balance: str = "auto"
-    precision: str = "auto"
-    workers: int | None = None
-    cache_dir: str | None = None
-    deterministic: bool = False
-    checkpoint_every: int = 0
-    threshold_metric: str = "zero_one"
-    out: str = "runs"
-    name: str | None = None
-    accelerator: str = "auto"
-    devices: int | str = "auto"
-    num_nodes: int = 1
-    strategy: str = "auto"
-    norm_stats: str = "auto"
-    sizes: list[int] | None = None
-    stage_epochs: list[int] | None = None
-    stage_schedule: str = "continue"
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    mixup_off_epoch: int | None = None
-    label_smoothing: float = 0.0
-    tta: int = 0
-    tta_reduce: str = "mean"
-    augment_on: str = "auto"
-    batchnorm: str = "frozen"
-    lr_mult: float = 10.0
-    resize: str = "squish"
-    extra: dict = field(default_factory=dict)
+    data: str = option("", "Image folder (class folders), or the root of the CSV's file names.",
+                       path=True)
+    csv: str | None = option(None, "Labels CSV (file names relative to DATA).", path=True)
+    image_col: str | None = option(None, "CSV column with file names.")
+    label_col: str | None = option(None, "CSV column with labels.")
+    split_col: str | None = option(None, "CSV column with train/valid or an is_valid boolean.")
+    label_delim: str = option(" ", "Separator of several labels in one CSV cell.")
+    label_cols: str | None = option(None, "One-hot label columns (comma-separated) or 'auto'.")
+    multi_label: bool | None = option(None, "Force the task (default: detect).",
+                                      flag="--multi-label/--single-label")
+    label_pattern: str | None = option(None, "Regex; its first group on the file name is the label.")
+    group_col: str | None = option(None, "CSV column of groups kept on one side of the split.")
+    group_pattern: str | None = option(
+        None, "Regex; its first group on the relative path is the group.")
+    valid_pct: float = option(0.2, "Validation fraction when the data has no split.",
+                              above=0, below=1)
+    folds: int = option(0, "Cross-validation: folds the images are dealt into (stratified, "
+                        "groups kept whole); 0 keeps the data's split.", at_least=0)
+    fold: int | None = option(None, "Cross-validation: the fold (0 .. FOLDS-1) validated on; "
+                              "the rest trains.", at_least=0)
+    seed: int = option(42, "Seed for split, augmentation and initialisation.", at_least=0)
+    model: str = option("tf_efficientnet_lite0", "Any timm architecture.")
+    weights: str | None = option(None, "Local pretrained weights file for --model.", path=True)
+    pretrained: bool = option(True, "Start from ImageNet weights.")
+    size: int | None = option(None, "Input size (default: the model's).", at_least=MIN_SIZE)
+    epochs: int = option(5, "Epochs with the whole network trainable.", at_least=0)
+    freeze_epochs: int = option(1, "Epochs training only the head on a frozen body.", at_least=0)
+    lr: float | str = option("auto", "Peak learning rate, or 'auto' (LR finder, valley rule).",
+                             above=0)
+    batch_size: int = option(32, "Images per step.", at_least=1)
+    balance: str = option("auto", "Class imbalance: none | weights | sampler | auto (weights when "
+                          "the largest class is over 3x the smallest).", choices=BALANCE_MODES)
+    precision: str = option("auto", "auto | 32 | bf16-mixed | 16-mixed.", choices=PRECISIONS)
+    workers: int | None = option(None, "Loader processes (default: from the core count).",
+                                 at_least=0)
+    cache_dir: str | None = option(None, "Decode cache folder ('' disables it).")
+    deterministic: bool = option(False, "Bit-for-bit repeatable training (slower).")
+    checkpoint_every: int = option(0, "Also checkpoint every N steps.", at_least=0)
+    threshold_metric: str = option("zero_one", "Multi-label: zero_one | hamming | f1_macro.",
+                                   choices=THRESHOLD_METRICS)
+    out: str = option("runs", "Folder for run directories.", path=True)
+    name: str | None = option(None, "Run directory name.")
+    accelerator: str = option("auto", "auto | cpu | gpu | ... (Lightning accelerator).")
+    devices: int | str = option("auto", "Devices per machine: auto, a count, or a list like 0,1.")
+    num_nodes: int = option(1, "Machines taking part (see README: multi-node).", at_least=1)
+    strategy: str = option("auto", "auto | ddp | ... (Lightning strategy).")
+    norm_stats: str = option(
+        "auto", "Input normalisation: auto (the model's when pretrained, else computed from the "
+        "training images) | imagenet | MEAN,STD | M1,M2,M3,S1,S2,S3.")
+    sizes: list[int] | None = option(
+        None, "Progressive resizing: sizes of the training stages, small to large, e.g. "
+        "128,192,224.", at_least=MIN_SIZE)
+    stage_epochs: list[int] | None = option(
+        None, "Epochs per --sizes stage, e.g. 4,3,3 (default: --epochs split evenly).",
+        at_least=1)
+    stage_schedule: str = option(
+        "continue", "Learning rate over --sizes stages: continue (one one-cycle across them) | "
+        "restart (a one-cycle per stage).", choices=STAGE_SCHEDULES)
+    mixup: float = option(0.0, "Mixup Beta parameter (0: off; 0.2-0.4 is common).", at_least=0)
+    cutmix: float = option(0.0, "CutMix Beta parameter (0: off; 1.0 is common).", at_least=0)
+    mixup_off_epoch: int | None = option(
+        None, "Epoch (as numbered in metrics.csv) from which batches are no longer mixed.",
+        at_least=0)
+    label_smoothing: float = option(
+        0.0, "Label smoothing for single-label data (0.1 is usual).", at_least=0, below=1)
+    tta: int = option(0, "Test-time augmentation views the saved model adds (0: off); "
+                      "validation is reported with and without.", at_least=0)
+    tta_reduce: str = option("mean", "How TTA views combine: mean | max.", choices=TTA_REDUCTIONS)
+    augment_on: str = option(
+        "auto", "Where training crops run: loader (per image) | device (batched on the GPU/CPU "
+        "doing the training) | auto (device on CUDA).", choices=AUGMENT_ON)
+    batchnorm: str = option(
+        "frozen", "BatchNorm while a pretrained body fine-tunes: frozen (pretrained statistics "
+        "held) | adapt (statistics re-estimated on the training images, then held) | train "
+        "(each batch's). From scratch always train.", choices=BATCHNORM_MODES)
+    lr_mult: float = option(
+        10.0, "Discriminative rates: the body's first layers train at the unfrozen rate / "
+        "LR_MULT, later layers at rates rising to it (1: one rate).", at_least=1)
+    # Squish is the default: on magnetic_tiles, whose defects sit anywhere in strips of many
+    # shapes, it took the kept model from 0.910 (auto) to 0.962 (benchmarks/finetune_stability.py).
+    resize: str = option(
+        "squish", "Images to squares: squish (whole image, aspect ignored) | crop (centre square) "
+        "| auto (crop up to aspect 1.5, squish longer ones).", choices=RESIZE_METHODS)
 
     def to_yaml(self, path: Path) -> None:
         atomic_write_text(path, yaml.safe_dump(dataclasses.asdict(self), sort_keys=False))
 
     @classmethod
     def from_yaml(cls, path: Path) -> "TrainConfig":
+        """The settings saved in a config.yaml; unknown keys are refused with the closest name."""
         raw = yaml.safe_load(Path(path).read_text()) or {}
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise ImgclfError(f"{path}: unknown settings {', '.join(unknown)}; remove them")
+        if not isinstance(raw, dict):
+            raise ImgclfError(f"{path}: expected settings as `name: value` lines")
+        # Runs written before the dead `extra` field was removed carry `extra: {}`.
+        if not raw.get("extra", True):
+            del raw["extra"]
+        refuse_unknown(raw, option_names(), what="setting", where=f"{path}: ")
         return cls(**raw)
+
+    def check(self) -> None:
+        """Refuse any setting outside its choices or bounds, or at odds with another.
+
+        One line naming the flag, e.g. "--batch-size 0 must be >= 1"; nothing is loaded or
+        written before this passes.
+
+        Raises:
+            ImgclfError: The first bad setting.
+        """
+        if not self.data:
+            raise ImgclfError("no data given: pass a folder of images, e.g. `imgclf train photos/`")
+        for f in dataclasses.fields(self):
+            _check_field(f, getattr(self, f.name))
+        if self.folds == 1:
+            raise ImgclfError("--folds 1: cross-validation needs at least 2 folds (0: no folds)")
+        if self.fold is not None and not self.fold < self.folds:
+            raise ImgclfError(f"--fold {self.fold} must be < --folds ({self.folds}): folds are "
+                              "numbered 0 .. FOLDS-1")
+        if self.label_smoothing and self.multi_label:
+            raise ImgclfError("--label-smoothing applies to single-label data, and "
+                              "--multi-label is set: drop one of them")
+        if self.sizes and self.size and self.size != self.sizes[-1]:
+            raise ImgclfError(f"--size {self.size} and --sizes {','.join(map(str, self.sizes))} "
+                              "disagree: the last of --sizes is the final size; drop --size")
+        if self.stage_epochs and not self.sizes and len(self.stage_epochs) != 1:
+            raise ImgclfError("--stage-epochs needs --sizes with as many sizes as stages")
+        parse_norm_stats(self.norm_stats)
+
+
+def option_names() -> list[str]:
+    """Every TrainConfig field name, in declaration order."""
+    return [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+def flag_name(name: str) -> str:
+    """The CLI flag of a TrainConfig field, as messages name it."""
+    return "--" + name.replace("_", "-")
+
+
+def refuse_unknown(names, valid: Sequence[str], *, what: str = "option", where: str = "") -> None:
+    """Raise for the first name not in `valid`, suggesting the closest valid one.
+
+    Raises:
+        ImgclfError: e.g. "unknown option 'epoch'; did you mean 'epochs'?".
+    """
+    for name in names:
+        if name not in valid:
+            close = difflib.get_close_matches(str(name), valid, n=1)
+            hint = (f"; did you mean {close[0]!r}?" if close
+                    else " (the options are TrainConfig's fields; see `imgclf train --help`)")
+            raise ImgclfError(f"{where}unknown {what} {name!r}{hint}")
+
+
+def with_options(config: TrainConfig | None = None, **options) -> TrainConfig:
+    """`config` (default: the defaults) with `options` replacing fields of the same name.
+
+    Raises:
+        ImgclfError: An option is not a field (naming the closest one), instead of the bare
+            TypeError of `dataclasses.replace`.
+    """
+    refuse_unknown(options, option_names())
+    return dataclasses.replace(config or TrainConfig(), **options)
+
+
+def _check_field(f: dataclasses.Field, value) -> None:
+    meta, flag = f.metadata, flag_name(f.name)
+    if value is None or (f.name == "lr" and value == "auto"):
+        return
+    if meta.get("choices") and value not in meta["choices"]:
+        raise ImgclfError(f"{flag} {value!r} is not one of {' | '.join(meta['choices'])}")
+    bounds = [(meta.get("at_least"), ">=", lambda v, b: v >= b),
+              (meta.get("above"), ">", lambda v, b: v > b),
+              (meta.get("below"), "<", lambda v, b: v < b)]
+    bounds = [b for b in bounds if b[0] is not None]
+    if not bounds:
+        return
+    values = value if isinstance(value, (list, tuple)) else [value]
+    rule = " and ".join(f"{op} {b:g}" for b, op, _ in bounds)
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
+            wanted = "a number or 'auto'" if f.name == "lr" else "a number"
+            raise ImgclfError(f"{flag} takes {wanted}, not {v!r}")
+        if not all(ok(v, b) for b, _, ok in bounds):
+            raise ImgclfError(f"{flag} {_show(value)} must be {rule}")
+
+
+def _show(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(_show, value))
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def check_tta(n: int, reduce: str) -> None:
-    """Refuse a negative number of TTA views or an unknown reduction."""
+    """Refuse a negative number of TTA views or an unknown reduction (the bundle asks too)."""
     if n < 0:
         raise ImgclfError(f"--tta {n}: the number of augmented views must be >= 0")
     if reduce not in TTA_REDUCTIONS:
         raise ImgclfError(f"--tta-reduce {reduce!r} is not one of {' | '.join(TTA_REDUCTIONS)}")
+
+
+def parse_ints(text: str | Sequence[int] | None, flag: str) -> list[int] | None:
+    """"128,192,224" (or a list) as positive integers; None stays None."""
+    if text is None or text == "":
+        return None
+    items = text.split(",") if isinstance(text, str) else list(text)
+    try:
+        values = [int(str(v).strip()) for v in items if str(v).strip()]
+    except ValueError:
+        raise ImgclfError(f"{flag} takes comma-separated whole numbers, e.g. 128,192,224; "
+                          f"got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise ImgclfError(f"{flag} takes positive whole numbers, e.g. 128,192,224; got {text!r}")
+    return values
+
+
+def parse_norm_stats(text: str) -> tuple[tuple[float, ...], tuple[float, ...]] | str:
+    """"auto" | "imagenet" | "MEAN,STD" | "M1,M2,M3,S1,S2,S3" (0-1 scale).
+
+    Returns:
+        "auto", or the (mean, std) triples.
+    """
+    t = (text or "auto").strip().lower()
+    if t == "auto":
+        return "auto"
+    if t == "imagenet":
+        return IMAGENET_MEAN, IMAGENET_STD
+    try:
+        values = [float(v) for v in t.split(",")]
+    except ValueError:
+        values = []
+    if len(values) == 2:
+        values = [values[0]] * 3 + [values[1]] * 3
+    if len(values) != 6 or any(not math.isfinite(v) for v in values) or min(values[3:]) <= 0:
+        raise ImgclfError(f"--norm-stats {text!r}: use auto, imagenet, MEAN,STD or "
+                          "M1,M2,M3,S1,S2,S3 on the 0-1 scale, with positive std, e.g. 0.5,0.25")
+    return tuple(values[:3]), tuple(values[3:])

@@ -1,5 +1,7 @@
 """Command line: parses arguments and calls the library (imgclf.api). Nothing else lives here.
 
+The training flags of `train` and `cv` are generated from TrainConfig (imgclf.cli.options).
+
 The library's modules are imported inside each command, so that `imgclf --help` and a mistyped
 flag answer at once instead of after importing torch.
 """
@@ -14,7 +16,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from imgclf.config import TrainConfig
+from imgclf.cli.options import config_from_flags, config_options
 from imgclf.errors import ImgclfError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -29,89 +31,14 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show full traceback
 
 
 @app.command()
-def train(
-    data: Optional[Path] = typer.Argument(None, help="Image folder (class folders), or the root of the CSV's file names."),
-    csv: Optional[Path] = typer.Option(None, help="Labels CSV (file names relative to DATA)."),
-    image_col: Optional[str] = typer.Option(None, help="CSV column with file names."),
-    label_col: Optional[str] = typer.Option(None, help="CSV column with labels."),
-    split_col: Optional[str] = typer.Option(None, help="CSV column with train/valid or an is_valid boolean."),
-    label_delim: str = typer.Option(" ", help="Separator of several labels in one CSV cell."),
-    label_cols: Optional[str] = typer.Option(None, help="One-hot label columns (comma-separated) or 'auto'."),
-    multi_label: Optional[bool] = typer.Option(None, "--multi-label/--single-label", help="Force the task (default: detect)."),
-    label_pattern: Optional[str] = typer.Option(None, help="Regex; its first group on the file name is the label."),
-    group_col: Optional[str] = typer.Option(None, help="CSV column of groups kept on one side of the split."),
-    group_pattern: Optional[str] = typer.Option(None, help="Regex; its first group on the relative path is the group."),
-    valid_pct: float = typer.Option(0.2, help="Validation fraction when the data has no split."),
-    seed: int = typer.Option(42, help="Seed for split, augmentation and initialisation."),
-    model: str = typer.Option("tf_efficientnet_lite0", help="Any timm architecture."),
-    weights: Optional[Path] = typer.Option(None, help="Local pretrained weights file for --model."),
-    pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="Start from ImageNet weights."),
-    size: Optional[int] = typer.Option(None, help="Input size (default: the model's)."),
-    epochs: int = typer.Option(5, help="Epochs with the whole network trainable."),
-    freeze_epochs: int = typer.Option(1, help="Epochs training only the head on a frozen body."),
-    lr: str = typer.Option("auto", help="Peak learning rate, or 'auto' (LR finder, valley rule)."),
-    batch_size: int = typer.Option(32, help="Images per step."),
-    balance: str = typer.Option("auto", help="Class imbalance: none | weights | sampler | auto (weights when the largest class is over 3x the smallest)."),
-    precision: str = typer.Option("auto", help="auto | 32 | bf16-mixed | 16-mixed."),
-    workers: Optional[int] = typer.Option(None, help="Loader processes (default: from the core count)."),
-    cache_dir: Optional[str] = typer.Option(None, help="Decode cache folder ('' disables it)."),
-    deterministic: bool = typer.Option(False, help="Bit-for-bit repeatable training (slower)."),
-    checkpoint_every: int = typer.Option(0, help="Also checkpoint every N steps."),
-    threshold_metric: str = typer.Option("zero_one", help="Multi-label: zero_one | hamming | f1_macro."),
-    out_dir: Path = typer.Option(Path("runs"), "--out", help="Folder for run directories."),
-    name: Optional[str] = typer.Option(None, help="Run directory name."),
-    resume: Optional[Path] = typer.Option(None, help="Continue an interrupted run directory."),
-    accelerator: str = typer.Option("auto", help="auto | cpu | gpu | ... (Lightning accelerator)."),
-    devices: str = typer.Option("auto", help="Devices per machine: auto, a count, or a list like 0,1."),
-    num_nodes: int = typer.Option(1, help="Machines taking part (see README: multi-node)."),
-    strategy: str = typer.Option("auto", help="auto | ddp | ... (Lightning strategy)."),
-    norm_stats: str = typer.Option("auto", help="Input normalisation: auto (the model's when pretrained, else computed from the training images) | imagenet | MEAN,STD | M1,M2,M3,S1,S2,S3."),
-    sizes: Optional[str] = typer.Option(None, help="Progressive resizing: sizes of the training stages, small to large, e.g. 128,192,224."),
-    stage_epochs: Optional[str] = typer.Option(None, help="Epochs per --sizes stage, e.g. 4,3,3 (default: --epochs split evenly)."),
-    stage_schedule: str = typer.Option("continue", help="Learning rate over --sizes stages: continue (one one-cycle across them) | restart (a one-cycle per stage)."),
-    mixup: float = typer.Option(0.0, help="Mixup Beta parameter (0: off; 0.2-0.4 is common)."),
-    cutmix: float = typer.Option(0.0, help="CutMix Beta parameter (0: off; 1.0 is common)."),
-    mixup_off_epoch: Optional[int] = typer.Option(None, help="Epoch (as numbered in metrics.csv) from which batches are no longer mixed."),
-    label_smoothing: float = typer.Option(0.0, help="Label smoothing for single-label data (0.1 is usual)."),
-    tta: int = typer.Option(0, help="Test-time augmentation views the saved model adds (0: off); validation is reported with and without."),
-    tta_reduce: str = typer.Option("mean", help="How TTA views combine: mean | max."),
-    augment_on: str = typer.Option("auto", help="Where training crops run: loader (per image) | device (batched on the GPU/CPU doing the training) | auto (device on CUDA)."),
-    batchnorm: str = typer.Option("frozen", help="BatchNorm while a pretrained body fine-tunes: frozen (pretrained statistics held) | adapt (statistics re-estimated on the training images, then held) | train (each batch's)."),
-    lr_mult: float = typer.Option(10.0, help="Discriminative rates: the body's first layers train at the unfrozen rate / LR_MULT, later layers at rates rising to it."),
-    resize: str = typer.Option("squish", help="Images to squares: squish (whole image, aspect ignored) | crop (centre square) | auto (crop up to aspect 1.5, squish longer ones)."),
-):
+@config_options(own={"resume": (Optional[Path], typer.Option(None, help="Continue an interrupted run directory."))})
+def train(resume: Optional[Path] = None, **flags):
     """Train a classifier on labelled images and write a run directory."""
     from imgclf import api  # lazy: start-up time (`imgclf --help` imports no torch)
-    from imgclf.training.recipe import parse_ints  # lazy: start-up time (`imgclf --help` imports no torch)
 
-    if resume is None and data is None:
+    if resume is None and flags["data"] is None:
         raise ImgclfError("pass DATA (a folder of images) or --resume RUN")
-    lr_value: float | str = lr if lr == "auto" else _float(lr, "--lr")
-    cfg = TrainConfig(
-        data=str(data) if data else "", csv=str(csv) if csv else None, image_col=image_col,
-        label_col=label_col, split_col=split_col, label_delim=label_delim, label_cols=label_cols,
-        multi_label=multi_label, label_pattern=label_pattern, group_col=group_col,
-        group_pattern=group_pattern, valid_pct=valid_pct, seed=seed, model=model,
-        weights=str(weights) if weights else None, pretrained=pretrained, size=size,
-        epochs=epochs, freeze_epochs=freeze_epochs, lr=lr_value, batch_size=batch_size,
-        balance=balance,
-        precision=precision, workers=workers, cache_dir=cache_dir, deterministic=deterministic,
-        checkpoint_every=checkpoint_every, threshold_metric=threshold_metric, out=str(out_dir),
-        name=name, accelerator=accelerator,
-        devices=int(devices) if devices.isdigit() else devices, num_nodes=num_nodes,
-        strategy=strategy, norm_stats=norm_stats, sizes=parse_ints(sizes, "--sizes"),
-        stage_epochs=parse_ints(stage_epochs, "--stage-epochs"), stage_schedule=stage_schedule,
-        mixup=mixup, cutmix=cutmix,
-        mixup_off_epoch=mixup_off_epoch, label_smoothing=label_smoothing, tta=tta,
-        tta_reduce=tta_reduce, augment_on=augment_on, batchnorm=batchnorm, lr_mult=lr_mult, resize=resize)
-    api.train(config=cfg, resume=resume, console=console)
-
-
-def _float(text: str, flag: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise ImgclfError(f"{flag} takes a number or 'auto', not {text!r}") from None
+    api.train(config=config_from_flags(flags), resume=resume, console=console)
 
 
 @app.command()
@@ -188,52 +115,22 @@ def demo(
 
 
 @app.command()
-def cv(
-    data: Optional[Path] = typer.Argument(None, help="Image folder (class folders), or the root of the CSV's file names."),
-    folds: int = typer.Option(5, help="Number of folds (stratified by class, groups kept whole)."),
-    resume: Optional[Path] = typer.Option(None, help="Finish an interrupted cross-validation folder."),
-    csv: Optional[Path] = typer.Option(None, help="Labels CSV (file names relative to DATA)."),
-    image_col: Optional[str] = typer.Option(None, help="CSV column with file names."),
-    label_col: Optional[str] = typer.Option(None, help="CSV column with labels."),
-    label_delim: str = typer.Option(" ", help="Separator of several labels in one CSV cell."),
-    label_cols: Optional[str] = typer.Option(None, help="One-hot label columns (comma-separated) or 'auto'."),
-    multi_label: Optional[bool] = typer.Option(None, "--multi-label/--single-label", help="Force the task (default: detect)."),
-    label_pattern: Optional[str] = typer.Option(None, help="Regex; its first group on the file name is the label."),
-    group_col: Optional[str] = typer.Option(None, help="CSV column of groups kept within one fold."),
-    group_pattern: Optional[str] = typer.Option(None, help="Regex; its first group on the relative path is the group."),
-    seed: int = typer.Option(42, help="Seed for folds, augmentation and initialisation."),
-    model: str = typer.Option("tf_efficientnet_lite0", help="Any timm architecture."),
-    weights: Optional[Path] = typer.Option(None, help="Local pretrained weights file for --model."),
-    pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="Start from ImageNet weights."),
-    size: Optional[int] = typer.Option(None, help="Input size (default: the model's)."),
-    epochs: int = typer.Option(5, help="Epochs with the whole network trainable."),
-    freeze_epochs: int = typer.Option(1, help="Epochs training only the head on a frozen body."),
-    lr: str = typer.Option("auto", help="Peak learning rate, or 'auto' (LR finder, valley rule)."),
-    batch_size: int = typer.Option(32, help="Images per step."),
-    balance: str = typer.Option("auto", help="Class imbalance: none | weights | sampler | auto."),
-    precision: str = typer.Option("auto", help="auto | 32 | bf16-mixed | 16-mixed."),
-    workers: Optional[int] = typer.Option(None, help="Loader processes (default: from the core count)."),
-    cache_dir: Optional[str] = typer.Option(None, help="Decode cache folder ('' disables it)."),
-    threshold_metric: str = typer.Option("zero_one", help="Multi-label: zero_one | hamming | f1_macro."),
-    out_dir: Path = typer.Option(Path("runs"), "--out", help="Folder for the cross-validation folder."),
-    name: Optional[str] = typer.Option(None, help="Cross-validation folder name."),
-):
+@config_options(
+    own={"folds": (int, typer.Option(5, help="Number of folds (stratified by class, groups kept whole).")),
+            "resume": (Optional[Path], typer.Option(None, help="Finish an interrupted cross-validation folder."))},
+    skip=("folds", "fold"),  # cv deals the folds itself
+    help={"group_col": "CSV column of groups kept within one fold.",
+          "seed": "Seed for folds, augmentation and initialisation.",
+          "out": "Folder for the cross-validation folder.",
+          "name": "Cross-validation folder name."})
+def cv(folds: int = 5, resume: Optional[Path] = None, **flags):
     """Cross-validate: one normal run per fold, a mean ± std summary and out-of-fold predictions."""
     from imgclf import api  # lazy: start-up time (`imgclf --help` imports no torch)
 
-    if resume is None and data is None:
+    if resume is None and flags["data"] is None:
         raise ImgclfError("pass DATA (a folder of images) or --resume CV_DIR")
-    cfg = TrainConfig(
-        data=str(data) if data else "", csv=str(csv) if csv else None, image_col=image_col,
-        label_col=label_col, label_delim=label_delim, label_cols=label_cols,
-        multi_label=multi_label, label_pattern=label_pattern, group_col=group_col,
-        group_pattern=group_pattern, seed=seed, model=model,
-        weights=str(weights) if weights else None, pretrained=pretrained, size=size,
-        epochs=epochs, freeze_epochs=freeze_epochs,
-        lr=lr if lr == "auto" else _float(lr, "--lr"), batch_size=batch_size, balance=balance,
-        precision=precision, workers=workers, cache_dir=cache_dir,
-        threshold_metric=threshold_metric, out=str(out_dir), name=name)
-    api.cross_validate(folds=folds, config=cfg, resume=resume, console=console)
+    api.cross_validate(folds=folds, config=config_from_flags(flags), resume=resume,
+                       console=console)
 
 
 @app.command("label-issues")

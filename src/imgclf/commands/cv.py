@@ -27,14 +27,13 @@ import numpy as np
 
 from imgclf import evaluation
 from imgclf.commands import train as train_cmd
-from imgclf.config import TrainConfig
+from imgclf.config import TrainConfig, with_options
 from imgclf.data.samples import TRAIN, VALID
 from imgclf.data.sources import load_table
 from imgclf.data.split import assign_folds
 from imgclf.errors import ImgclfError
 from imgclf.io import atomic_write_json, atomic_write_text
 from imgclf.rundir import new_run_dir
-from imgclf.training import balance
 
 CV_CONFIG = "cv_config.yaml"
 SUMMARY = "cv_summary.json"
@@ -88,14 +87,16 @@ def cross_validate(data: str | Path | None = None, *, folds: int = 5,
                               "the folder printed when `imgclf cv` started")
         cfg = TrainConfig.from_yaml(cv_dir / CV_CONFIG)
     else:
-        cfg = dataclasses.replace(config or TrainConfig(), **options)
+        cfg = with_options(config, **options)
         if data is not None:
             cfg.data = str(data)
         if not cfg.data:
             raise ImgclfError("no data given: pass a folder of images, e.g. `imgclf cv photos/`")
+        if folds < 2:
+            raise ImgclfError(f"--folds {folds}: cross-validation needs at least 2 folds")
         cfg.folds, cfg.fold = folds, None
         # Fail on bad settings and impossible folds before creating anything.
-        balance.resolve(cfg.balance, None)
+        cfg.check()
         table = load_table(dataclasses.replace(cfg, folds=0))
         pool = [s for s in table.samples if s.split in (TRAIN, VALID)]
         assign_folds(pool, cfg.folds, cfg.seed, table.multi_label)

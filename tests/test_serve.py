@@ -247,3 +247,85 @@ def test_concurrent_requests(server, tiny_run, images):
     assert not [s for s in statuses if s >= 500] and statuses.count(200) == n
     assert not wrong, f"responses mixed up between requests: {wrong[:5]}"
     assert imgs == sum(1 + (t + i) % 3 for t in range(threads) for i in range(per_thread))
+
+
+async def _asgi(app, method: str, path: str, body: bytes = b"",
+                headers: dict | None = None) -> tuple[int, dict]:
+    """One request to an ASGI application, in process: no socket, no HTTP client library."""
+    import asyncio
+
+    raw = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": method, "scheme": "http", "path": path, "raw_path": path.encode(),
+             "query_string": b"", "root_path": "", "client": ("127.0.0.1", 50000),
+             "server": ("127.0.0.1", 80),
+             "headers": raw + [(b"content-length", str(len(body)).encode())]}
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive():
+        if pending:
+            return pending.pop()
+        await asyncio.Event().wait()  # the client stays connected until the answer
+
+    status, chunks = 0, []
+
+    async def send(message):
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        elif message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+
+    await app(scope, receive, send)
+    raw_body = b"".join(chunks)
+    return status, json.loads(raw_body) if raw_body else {}
+
+
+def test_concurrent_single_image_requests_share_forward_passes(tiny_run, images):
+    """The README's claim: the server batches concurrent requests into one forward pass.
+
+    Each request carries one image, so more than one image per pass can only come from
+    batching across requests. The model is slowed down so that the other requests are queued
+    while a pass runs, as they are under real load, which makes the count deterministic.
+    """
+    import asyncio
+
+    pytest.importorskip("fastapi")
+    from imgclf.deploy.serve import ServeConfig, create_app
+
+    bundle = load_bundle(tiny_run.path)
+    sizes: list[int] = []
+    forward = bundle.model.forward
+
+    def slow_forward(x):
+        sizes.append(len(x))
+        time.sleep(0.2)
+        return forward(x)
+
+    bundle.model.forward = slow_forward
+    outer = create_app(ServeConfig(str(tiny_run.path), batch_wait_ms=20), bundle=bundle)
+    inner = outer.app  # the FastAPI app inside the body-size middleware
+    n_requests = 8
+    payloads = [(p.name, p.read_bytes()) for p in
+                (images[i % len(images)] for i in range(n_requests))]
+
+    async def scenario():
+        async with inner.router.lifespan_context(inner):
+            _, before = await _asgi(outer, "GET", "/health")
+            del sizes[:]  # not the warm-up pass
+            answers = []
+            for name, data in payloads:
+                body, ctype = multipart([(name, data)])
+                answers.append(_asgi(outer, "POST", "/predict", body, {"Content-Type": ctype}))
+            answers = await asyncio.wait_for(asyncio.gather(*answers), 120)
+            _, after = await _asgi(outer, "GET", "/health")
+        return answers, before, after
+
+    answers, before, after = asyncio.run(scenario())
+    assert [status for status, _ in answers] == [200] * n_requests
+    assert [body["predictions"][0]["filename"] for _, body in answers] == [n for n, _ in payloads]
+    passes, imgs = after["passes"] - before["passes"], after["images"] - before["images"]
+    assert imgs == n_requests
+    print(f"\n{imgs} single-image requests in {passes} passes; forward batch sizes {sizes}")
+    assert imgs / passes > 1.5
+    assert sum(sizes) / len(sizes) > 1.5  # images per call of the model's forward

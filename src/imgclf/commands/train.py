@@ -326,8 +326,6 @@ def finish_run(run_dir: Path, cfg: TrainConfig, model, task: Task, pre: Preproce
     predictions.csv and the report are the TTA ones; metrics.json keeps the plain ones next to
     them under "valid_without_tta".
     """
-    from imgclf.report import plots  # lazy: matplotlib (and its Agg backend) only once plots are drawn
-
     valid = prep.table.split(VALID)
     preds = evaluation.Predictions(
         paths=[str(s.path) for s in valid], classes=list(task.classes), probs=result.best.probs,
@@ -351,12 +349,10 @@ def finish_run(run_dir: Path, cfg: TrainConfig, model, task: Task, pre: Preproce
                                               classes=list(task.classes), seed=cfg.seed)
         thresholds = search.thresholds
         preds = dataclasses.replace(preds, thresholds=thresholds)
-        atomic_write_json(run_dir / "thresholds.json", search.to_dict())
         _print_threshold_search(search, list(task.classes), console)
     # Multi-label: every number below is at the tuned thresholds (the best epoch itself was
     # picked at 0.5, before any threshold existed).
     scores = evaluation.metrics(preds)
-    preds.to_csv(run_dir / "predictions.csv")
     n_train = len(prep.table.split(TRAIN))
     summary = {
         f"valid_{k}": v for k, v in scores.items() if not isinstance(v, (dict, list))
@@ -400,31 +396,42 @@ def finish_run(run_dir: Path, cfg: TrainConfig, model, task: Task, pre: Preproce
         summary["tta"] = {"views": tta + 1, "reduce": cfg.tta_reduce}
         summary["valid_without_tta"] = {k: v for k, v in plain_scores.items()
                                         if not isinstance(v, (dict, list))}
-    atomic_write_json(run_dir / "metrics.json", summary)
-    save_bundle(run_dir / "model", model, cfg.model, list(task.classes), task.multi_label, pre,
-                thresholds=None if thresholds is None else [float(t) for t in thresholds],
-                tta={"n": tta, "reduce": cfg.tta_reduce} if tta else None,
-                extra={"trained_on": str(cfg.data), "valid_metrics": {
-                    k: v for k, v in summary.items() if k.startswith("valid_") and
-                    not isinstance(v, dict)}})
-    rows = [r.to_dict() for r in result.rows]
-    plots_dir = run_dir / "plots"
-    if rows:
-        plots.save(plots.curves(rows, task.monitor), plots_dir / "curves.png")
     if result.lr_find:
-        plots.save(plots.lr_find(result.lr_find["lrs"], result.lr_find["losses"], result.lr),
-                   plots_dir / "lr_find.png")
-        atomic_write_json(run_dir / "lr_find.json", result.lr_find)
-    if search is not None:
-        plots.save(plots.threshold_curves(search, list(task.classes)),
-                   plots_dir / "threshold_curves.png")
-    if not task.multi_label:
-        cm = evaluation.confusion(preds)
-        plots.save(plots.confusion(cm, list(task.classes)), plots_dir / "confusion.png")
-        plots.save(plots.confusion(cm, list(task.classes), normalized=True),
-                   plots_dir / "confusion_normalized.png")
-    write_report(run_dir, console)
+        atomic_write_json(run_dir / "lr_find.json", result.lr_find)  # the report plots it
+    write_run_outputs(run_dir, preds, summary, search, console, model=model, arch=cfg.model,
+                      classes=list(task.classes), multi_label=task.multi_label, preprocess=pre,
+                      thresholds=None if thresholds is None else [float(t) for t in thresholds],
+                      tta={"n": tta, "reduce": cfg.tta_reduce} if tta else None,
+                      extra={"trained_on": str(cfg.data)})
     _print_verdict(summary, task, run_dir, console)
+
+
+def write_run_outputs(run_dir: Path, preds: evaluation.Predictions, summary: dict, search,
+                      console, **bundle) -> None:
+    """Write a finished run's outputs: the one writer `train` and `mine` share.
+
+    predictions.csv, thresholds.json (multi-label), metrics.json, the bundle in model/ (its
+    model.json gets the summary's scalar validation numbers as "valid_metrics"), then report.html,
+    which draws every figure in plots/ from those files (so each is drawn once per run).
+
+    Args:
+        run_dir: The run directory.
+        preds: Validation predictions, at the tuned thresholds when multi-label.
+        summary: Everything metrics.json holds.
+        search: The multi-label threshold search (None for single-label).
+        console: Where the report notes progress.
+        **bundle: `save_bundle`'s arguments after its folder (model, arch, classes, ...); `extra`
+            is completed with "valid_metrics".
+    """
+    preds.to_csv(run_dir / "predictions.csv")
+    if search is not None:
+        atomic_write_json(run_dir / "thresholds.json", search.to_dict())
+    atomic_write_json(run_dir / "metrics.json", summary)
+    valid_metrics = {k: v for k, v in summary.items()
+                     if k.startswith("valid_") and not isinstance(v, dict)}
+    bundle["extra"] = {**(bundle.get("extra") or {}), "valid_metrics": valid_metrics}
+    save_bundle(run_dir / "model", **bundle)
+    write_report(run_dir, console)
 
 
 def _print_threshold_search(search: evaluation.ThresholdSearch, classes: list[str],

@@ -1,13 +1,19 @@
-"""Finding image files: the one directory walker the sources share, and their path helpers.
+"""Finding image files: the one directory walker, shared by the sources, predict, the ONNX
+predictor and the mining pool, and the sources' path helpers.
 
-The walk survives symbolic-link loops, unreadable folders and broken links, recording each file
-it cannot use (with the reason) instead of losing it silently; hidden files and operating-system
-clutter are left out.
+The walk follows symbolically linked folders (a class folder is often a link to where the images
+live) and survives link loops, unreadable folders and broken links, recording each file it cannot
+use (with the reason) instead of losing it silently; hidden files and operating-system clutter are
+left out, and so are FIFOs, devices and sockets, which would block or never end a read.
+
+This module imports no torch: the torch-free ONNX predictor lists its images with it.
 """
 
 from __future__ import annotations
 
 import errno
+import glob
+import logging
 import os
 import re
 import stat
@@ -15,21 +21,65 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from imgclf.data.images import IMAGE_EXTENSIONS
-from imgclf.errors import DataError, display_path
+from imgclf.errors import DataError, ImgclfError, display_path
+
+logger = logging.getLogger(__name__)
 
 # Operating-system clutter that is not hidden by a leading dot.
 _JUNK_NAMES = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini", "__pycache__", "$RECYCLE.BIN"})
 
 
 @dataclass
-class _Walk:
+class ImageFiles:
     """Files found under a folder, and those that cannot be used."""
 
     files: list[Path] = field(default_factory=list)
     skipped: list[tuple[Path, str]] = field(default_factory=list)
 
 
-def _walk(folder: Path, visited: set) -> _Walk:
+def list_images(inputs: list[str | os.PathLike]) -> ImageFiles:
+    """The image files named by files, folders and globs, in order, and what was left out.
+
+    A folder is walked recursively (see `_walk`); a file is taken as given, whatever its name,
+    unless it is not a regular file (a FIFO or device would block the decoder); a glob adds the
+    regular files it matches. Each file left out is logged at debug level, and a non-regular file
+    at warning level, since the user named or placed it where images were expected.
+
+    Args:
+        inputs: Files, folders and glob patterns.
+
+    Returns:
+        The files, and (path, reason) for each file or folder left out.
+
+    Raises:
+        ImgclfError: An input is neither an existing path nor a glob matching anything.
+    """
+    out = ImageFiles()
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            walk = _walk(p, set())
+            out.files += walk.files
+            out.skipped += walk.skipped
+        elif p.exists():
+            if p.is_file():
+                out.files.append(p)
+            else:
+                out.skipped.append((p, "not a regular file"))
+        elif p.is_symlink():
+            out.files.append(p)  # a broken link: the decoder reports it with the other errors
+        else:
+            matches = sorted(glob.glob(os.fspath(item), recursive=True))
+            if not matches:
+                raise ImgclfError(f"{display_path(item)}: no such file, folder or matching glob")
+            out.files += [Path(m) for m in matches if Path(m).is_file()]
+    for path, reason in out.skipped:
+        level = logging.WARNING if reason == "not a regular file" else logging.DEBUG
+        logger.log(level, "%s: skipped (%s)", display_path(path), reason)
+    return out
+
+
+def _walk(folder: Path, visited: set) -> ImageFiles:
     """Image files under `folder`, recursively and in sorted order, surviving links and bad folders.
 
     Args:
@@ -37,7 +87,7 @@ def _walk(folder: Path, visited: set) -> _Walk:
         visited: (device, inode) of folders already walked; a symbolic link back to one of them
             (a loop, or a second path to the same images) is not followed again. Updated in place.
     """
-    out = _Walk()
+    out = ImageFiles()
     visited.add(_dir_key(folder))
     stack = [folder]
     while stack:

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch import nn
 
 from imgclf import __version__
@@ -51,10 +50,10 @@ class Bundle:
     meta: dict = field(default_factory=dict)
     path: Path | None = None
 
-    def predict(self, paths, batch_size: int = 32, tta: int | None = None, top_k: int = 5,
+    def predict(self, paths, batch_size: int = 32, tta: int | None = None,
                 threshold: float | None = None, tta_reduce: str | None = None):
         """Predict files; see `imgclf.deploy.predict.predict_files`."""
-        return predict_files(self, paths, batch_size=batch_size, tta=tta, top_k=top_k,
+        return predict_files(self, paths, batch_size=batch_size, tta=tta,
                              threshold=threshold, tta_reduce=tta_reduce)
 
     def tta_setting(self, n: int | None = None, reduce: str | None = None) -> tuple[int, str]:

@@ -24,11 +24,11 @@ import torch
 from torch import nn
 
 from imgclf.data.cache import decode_all
-from imgclf.data.transforms import center_crop
+from imgclf.data.files import list_images
+from imgclf.data.presize import center_view
 from imgclf.deploy import onnx_predict
 from imgclf.deploy.bundle import Bundle
 from imgclf.deploy.bundle import load as load_bundle
-from imgclf.deploy.predict import expand_paths
 from imgclf.errors import ImgclfError
 from imgclf.io import atomic_write_bytes
 
@@ -234,7 +234,7 @@ def _torchscript_runner(module):
 def _check_images(bundle: Bundle, images, max_images: int):
     """Images for the parity check and the probabilities recorded for them at validation."""
     if images:
-        paths = expand_paths([str(p) for p in images])
+        paths = list_images([str(p) for p in images]).files
         return _spread(paths, max_images), "given images", {}
     pred_csv = bundle.path.parent / "predictions.csv"
     if not pred_csv.is_file():
@@ -290,7 +290,7 @@ def compare(bundle: Bundle, export_model, paths: list[Path], source: str,
                               f"{next(iter(got.errors.items()))}")
     else:
         decoded, _, _ = decode_all(list(ref.paths), bundle.preprocess, None, progress=False)
-        crops = center_crop(torch.from_numpy(decoded.array), bundle.preprocess.size).numpy()
+        crops = center_view(decoded.array, bundle.preprocess.size)
         probs = np.concatenate([export_model(crops[i : i + 32]) for i in range(0, len(crops), 32)]) \
             if len(crops) else np.zeros_like(ref.probs)
     diff = np.abs(probs.astype(np.float64) - ref.probs.astype(np.float64))

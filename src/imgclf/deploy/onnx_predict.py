@@ -19,75 +19,20 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from imgclf.data.images import IMAGE_EXTENSIONS, open_rgb
-from imgclf.data.presize import presize_image, zoom_center  # torch-free, shared with training
+from imgclf.data.files import list_images  # torch-free, the walker `train` and `predict` use
+from imgclf.data.images import open_rgb
+from imgclf.data.presize import presize_image, reduce_views, tta_views  # torch-free, as training
+from imgclf.deploy.results import PredictionResult
 from imgclf.errors import ImageError, ImgclfError
 
 ONNX_FILE = "model.onnx"
 META_KEY = "imgclf_model_json"
-
-def center_crop(x: np.ndarray, size: int) -> np.ndarray:
-    """The central `size` square of a [..., H, W] array."""
-    h, w = x.shape[-2:]
-    top, left = (h - size) // 2, (w - size) // 2
-    return x[..., top : top + size, left : left + size]
-
-
-def tta_views(x: np.ndarray, size: int, n: int) -> list[np.ndarray]:
-    """The center view plus `n` augmented views, as `imgclf.deploy.predict.tta_views` makes them."""
-    h, w = x.shape[-2:]
-    plain = center_crop(x, size)
-    views = [plain]
-    extra = [plain[..., ::-1]]
-    if n > 1:
-        zoom = zoom_center(x, size)
-        extra += [zoom, zoom[..., ::-1]]
-    corners = [(0, 0), (0, w - size), (h - size, 0), (h - size, w - size)]
-    for top, left in corners:
-        crop = x[..., top : top + size, left : left + size]
-        extra += [crop, crop[..., ::-1]]
-    return views + [np.ascontiguousarray(v) for v in extra[:n]]
-
-
-@dataclass
-class OnnxPredictions:
-    """Predictions for a list of images.
-
-    Attributes:
-        names: File names (or the names given with in-memory images).
-        probs: [N, C] float32 probabilities.
-        classes: Class names.
-        multi_label: Whether `thresholds` decide the labels.
-        thresholds: Per-class thresholds applied (multi-label).
-        errors: Images that could not be read, with the reason.
-    """
-
-    names: list[str]
-    probs: np.ndarray
-    classes: list[str]
-    multi_label: bool
-    thresholds: np.ndarray | None = None
-    errors: dict[str, str] = field(default_factory=dict)
-
-    def labels(self) -> list[list[str]]:
-        """Decided labels per image: the top class, or every class at or over its threshold."""
-        if self.multi_label:
-            return [[c for c, p, t in zip(self.classes, row, self.thresholds) if p >= t]
-                    for row in self.probs]
-        return [[self.classes[int(np.argmax(row))]] for row in self.probs]
-
-    def top_k(self, k: int = 5) -> list[list[tuple[str, float]]]:
-        """Up to k (class, probability) pairs per image, most probable first."""
-        order = np.argsort(-self.probs, axis=1, kind="stable")[:, :k]
-        return [[(self.classes[j], float(self.probs[i, j])) for j in row]
-                for i, row in enumerate(order)]
-
 
 @dataclass
 class OnnxClassifier:
@@ -161,14 +106,10 @@ class OnnxClassifier:
         reduce = reduce or cfg.get("reduce", "mean")
         views = [self.run_crops(v, batch_size) for v in
                  tta_views(squares, int(self.preprocess["size"]), n)]
-        stacked = np.stack(views)
-        if reduce == "max":
-            p = stacked.max(0)
-            return p if self.multi_label else p / p.sum(-1, keepdims=True)
-        return stacked.mean(0)
+        return reduce_views(np.stack(views), reduce, self.multi_label)
 
     def predict(self, images, batch_size: int = 32, tta: int | None = None,
-                threshold: float | None = None, names: list[str] | None = None) -> OnnxPredictions:
+                threshold: float | None = None, names: list[str] | None = None) -> PredictionResult:
         """Predict image files, folders, bytes or PIL images.
 
         Args:
@@ -196,19 +137,17 @@ class OnnxClassifier:
             (0, 3, int(pre["presize"]), int(pre["presize"])), np.uint8)
         probs = self.predict_presized(arr, batch_size, tta) if squares else np.zeros(
             (0, len(self.classes)), np.float32)
-        return OnnxPredictions(kept, probs, self.classes, self.multi_label,
-                               self.decision_thresholds(threshold) if self.multi_label else None,
-                               errors)
+        return PredictionResult([Path(n) for n in kept], probs, self.classes, self.multi_label,
+                                self.decision_thresholds(threshold) if self.multi_label else None,
+                                errors)
 
 
 def _expand(items: list) -> list:
+    """Folders replaced by the image files under them (the one walker); anything else kept."""
     out = []
     for item in items:
         if isinstance(item, (str, os.PathLike)) and Path(item).is_dir():
-            for root, dirs, files in os.walk(item):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-                out += [Path(root) / f for f in sorted(files)
-                        if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS]
+            out += list_images([item]).files
         else:
             out.append(item)
     return out

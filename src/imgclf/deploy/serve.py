@@ -31,7 +31,8 @@ import numpy as np
 from imgclf.data.cache import DecodedImages
 from imgclf.data.images import open_rgb
 from imgclf.deploy.bundle import load as load_bundle
-from imgclf.deploy.predict import PredictionResult, predict_images
+from imgclf.deploy.predict import predict_images
+from imgclf.deploy.results import PredictionResult
 from imgclf.errors import ImageError, ImgclfError
 
 try:

@@ -439,7 +439,14 @@ class _Builder:
         s.data = {"img": self.plot(fig, "calibration"), "ece": cal["ece"], "verdict": verdict}
 
     def _section_thresholds(self, s: Section) -> None:
+        from imgclf.report import plots  # lazy: matplotlib, only when a figure is drawn
+
         search, fig = self.interp.thresholds(plot=True)
+        if self.interp.threshold_search is not None:
+            # The run's own search (thresholds.json) also gets its per-class curves, kept as a
+            # file beside the others for readers who want more than the page shows.
+            plots.save(plots.threshold_curves(search, self.p.classes),
+                       self.plots_dir / "threshold_curves.png")
         s.data = {"img": self.plot(fig, "thresholds"), "reason": search.get("reason"),
                   "metric": search.get("metric"), "kept": search.get("kept"),
                   "global": search.get("global_threshold"),
@@ -490,6 +497,8 @@ class _Builder:
         s.data = {"groups": groups}
 
     def _section_rounds(self, s: Section) -> None:
+        from imgclf.report import plots  # lazy: matplotlib, only when a figure is drawn
+
         path = self.rounds_file()
         raw = _read_json(path)
         rows = raw.get("rounds", []) if isinstance(raw, dict) else raw
@@ -505,8 +514,11 @@ class _Builder:
         baseline = raw.get("baseline") if isinstance(raw, dict) else None
         if cols and isinstance(baseline, dict):
             table.insert(0, ["before" if c == "round" else _fmt(baseline.get(c)) for c in cols])
+        keys = ("round", "fp_rate_V", "positive_accuracy", "overall_accuracy")
         chart = None
-        if (self.plots_dir / "mining.png").is_file():
+        if rows and all(k in r for r in rows for k in keys):
+            chart = self.plot(plots.mining_rounds(rows, baseline), "mining")
+        elif (self.plots_dir / "mining.png").is_file():  # a run mined before the report drew it
             chart = _png_uri(self.plots_dir / "mining.png")
         galleries = []
         for n, r in enumerate(rows):

@@ -392,3 +392,32 @@ def threshold_curves(search, classes: list[str] | None = None, max_classes: int 
         ax.axis("off")
     fig.tight_layout()
     return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# Hard negative mining
+
+
+def mining_rounds(rounds: list[dict], baseline: dict | None = None):
+    """Hard negative mining: held-out false-positive rate and accuracies per round.
+
+    Args:
+        rounds: The rounds of rounds.json (each with round, fp_rate_V, positive_accuracy and
+            overall_accuracy).
+        baseline: The same numbers before mining, drawn dotted.
+    """
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    x = [r["round"] for r in rounds]
+    for key, label in (("fp_rate_V", "false-positive rate on V"),
+                       ("positive_accuracy", "accuracy on positives"),
+                       ("overall_accuracy", "overall accuracy")):
+        line = ax.plot(x, [r[key] for r in rounds], "o-", label=label)[0]
+        if baseline and baseline.get(key) is not None:
+            ax.axhline(baseline[key], color=line.get_color(), ls=":", lw=1)
+    ax.set(xlabel="round", ylabel="rate", ylim=(-0.03, 1.03),
+           title="Hard negative mining (dotted: before mining)")
+    ax.set_xticks(x)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

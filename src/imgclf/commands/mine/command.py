@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ from imgclf.commands.mine.pool import _list_images, better, score_pool, split_po
 from imgclf.commands.mine.rounds import (_decode_negatives, _draw_seeds, _epoch_rows, _evaluate,
                                          _predictions, _round_lr, _rounds_table, _Setup,
                                          _train_round, _validation_probs, print_rounds,
-                                         round_metrics, rounds_plot)
+                                         round_metrics)
 from imgclf.commands.mine.state import (MANIFEST_VERSION, MineOptions, MiningResult,
                                         _load_weights, _mining_dir, _prune_weights, _read_json,
                                         _resolve_options, _restore_original, _save_manifest,
@@ -26,7 +27,6 @@ from imgclf.data.cache import decode_all
 from imgclf.data.samples import TRAIN, VALID
 from imgclf.data.sources import load_table
 from imgclf.deploy.bundle import load as load_bundle
-from imgclf.deploy.bundle import save_bundle
 from imgclf.errors import DataError, ImgclfError, display_path
 from imgclf.io import atomic_write_json
 from imgclf.rundir import read_rows_csv, write_rows_csv
@@ -34,42 +34,21 @@ from imgclf.training import models
 from imgclf.training.task import Task
 
 
-def mine(run: str | Path, pool: str | Path | None = None, *, per_round: int | None = None,
-         rounds: int | None = None, epochs: int | None = None, initial: int | None = None,
-         negative_label: str | None = None, valid_negatives: str | Path | None = None,
-         pool_valid_pct: float | None = None, patience: int | None = None,
-         lr: float | None = None, freeze_epochs: int | None = None,
-         batch_size: int | None = None, seed: int | None = None, resume: bool = False,
-         restart: bool = False, console=None) -> MiningResult:
+def mine(run: str | Path, pool: str | Path | None = None, *, resume: bool = False,
+         restart: bool = False, console=None, **options) -> MiningResult:
     """Hard negative mining on a trained run; the best round's model becomes its bundle.
 
-    Rerunning on a run that was interrupted continues from its manifest: finished rounds are
-    not redone, and a round whose picks were recorded is trained on the same picks. Unset
-    options take the values of `MineOptions` (on a rerun: the values recorded in the manifest).
+    `imgclf.api.mine` documents the arguments; `options` are fields of `MineOptions` (a
+    path-valued one may be a Path). Rerunning on a run that was interrupted continues from its
+    manifest: finished rounds are not redone, and a round whose picks were recorded is trained
+    on the same picks.
 
-    Args:
-        run: Run directory of a finished `imgclf train`.
-        pool: Folder of unlabelled images that contain none of the classes (on a rerun, may be
-            left out).
-        per_round: Hard negatives added per round.
-        rounds: Mining rounds after round 0.
-        epochs: Whole-network epochs per round.
-        initial: Pool images that seed a new negative class (default: `per_round`).
-        negative_label: Name of the negative class (single-label runs).
-        valid_negatives: Folder of held-out negatives; when given, the whole pool is mined.
-        pool_valid_pct: Fraction of the pool held out for validation otherwise.
-        patience: Stop after this many rounds without a better validation score.
-        lr: Peak learning rate of each round's fine-tuning.
-        freeze_epochs: Head-only epochs on cached features before them (pretrained runs).
-        batch_size: Images per forward pass when scoring the pool.
-        seed: Seed of the split, the round-0 picks and training (default: the run's seed).
-        resume: Require an interrupted mining to continue (error when there is none).
-        restart: Put the run's files back as they were before mining and start over.
-        console: rich Console for progress and tables (default: stderr).
-
-    Returns:
-        The per-round table, the kept round and why mining stopped.
+    Raises:
+        TypeError: An option that `MineOptions` does not have.
     """
+    unknown = sorted(set(options) - {f.name for f in dataclasses.fields(MineOptions)})
+    if unknown:
+        raise TypeError(f"mine() got unexpected keyword arguments: {', '.join(unknown)}")
     console = train_cmd._console(console)
     train_cmd._set_threads()
     run_dir = Path(run)
@@ -86,13 +65,10 @@ def mine(run: str | Path, pool: str | Path | None = None, *, per_round: int | No
     if manifest is None and pool is None:
         raise ImgclfError("pass --pool DIR: a folder of images that contain none of the classes")
     cfg = TrainConfig.from_yaml(run_dir / "config.yaml")
-    given = {"pool": None if pool is None else str(pool), "per_round": per_round,
-             "rounds": rounds, "epochs": epochs, "initial": initial,
-             "negative_label": negative_label,
-             "valid_negatives": None if valid_negatives is None else str(valid_negatives),
-             "pool_valid_pct": pool_valid_pct, "patience": patience, "lr": lr,
-             "freeze_epochs": freeze_epochs, "batch_size": batch_size,
-             "seed": seed if seed is not None or manifest is not None else cfg.seed}
+    given = {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in options.items()}
+    given["pool"] = None if pool is None else str(pool)
+    if given.get("seed") is None and manifest is None:
+        given["seed"] = cfg.seed
     opts = _resolve_options(manifest, given)
     opts.check()
     if manifest is None:
@@ -304,8 +280,6 @@ def _result(run_dir: Path, manifest: dict) -> MiningResult:
 
 def _finish(run_dir: Path, s: _Setup, model, manifest: dict, console) -> None:
     """The best round's model becomes the run's bundle; metrics, predictions, plots, report."""
-    from imgclf.report import plots  # lazy: matplotlib, only when plots are drawn
-
     mdir = _mining_dir(run_dir)
     best = manifest["rounds"][manifest["best_round"]]
     _load_weights(mdir / best["weights"], model)
@@ -313,7 +287,6 @@ def _finish(run_dir: Path, s: _Setup, model, manifest: dict, console) -> None:
     _, preds, search = _evaluate(s, model)
     thresholds = None if search is None else search.thresholds
     scores = evaluation.metrics(preds)
-    preds.to_csv(run_dir / "predictions.csv")
     rounds = _rounds_table(manifest)
     original = _read_json(mdir / "original" / "metrics.json") or {}
     summary = {k: v for k, v in original.items() if not k.startswith("valid_")}
@@ -339,8 +312,6 @@ def _finish(run_dir: Path, s: _Setup, model, manifest: dict, console) -> None:
         summary["thresholds"] = {c: float(t) for c, t in zip(s.task.classes, thresholds)}
         summary["threshold"] = float(search.global_threshold)
         summary["threshold_kept"] = search.kept
-        atomic_write_json(run_dir / "thresholds.json", search.to_dict())
-    atomic_write_json(run_dir / "metrics.json", summary)
     atomic_write_json(mdir / "rounds.json", {
         "classes": list(s.task.classes), "negative_label": s.opts.negative_label,
         "multi_label": s.task.multi_label, "best_round": best["round"],
@@ -351,26 +322,17 @@ def _finish(run_dir: Path, s: _Setup, model, manifest: dict, console) -> None:
     rows = original_rows + _epoch_rows(manifest, base_epoch, s.task.monitor)
     write_rows_csv(run_dir / "metrics.csv", rows)
     original_meta = s.original.meta
-    save_bundle(run_dir / "model", model, s.cfg.model, list(s.task.classes), s.task.multi_label,
-                s.pre, thresholds=None if thresholds is None else [float(t) for t in thresholds],
-                tta=s.original.tta,
-                extra={"trained_on": original_meta.get("trained_on", str(s.cfg.data)),
-                       "negatives": {"pool": s.opts.pool, "best_round": best["round"],
-                                     "label": None if s.task.multi_label
-                                     else s.opts.negative_label},
-                       "valid_metrics": {k: v for k, v in summary.items()
-                                         if k.startswith("valid_") and not isinstance(v, dict)}})
-    pdir = run_dir / "plots"
-    plots.save(plots.curves(rows, s.task.monitor), pdir / "curves.png")
-    plots.save(rounds_plot(rounds, manifest.get("baseline")), pdir / "mining.png")
-    if not s.task.multi_label:
-        cm = evaluation.confusion(preds)
-        plots.save(plots.confusion(cm, list(s.task.classes)), pdir / "confusion.png")
-        plots.save(plots.confusion(cm, list(s.task.classes), normalized=True),
-                   pdir / "confusion_normalized.png")
+    train_cmd.write_run_outputs(
+        run_dir, preds, summary, search, console, model=model, arch=s.cfg.model,
+        classes=list(s.task.classes), multi_label=s.task.multi_label, preprocess=s.pre,
+        thresholds=None if thresholds is None else [float(t) for t in thresholds],
+        tta=s.original.tta,
+        extra={"trained_on": original_meta.get("trained_on", str(s.cfg.data)),
+               "negatives": {"pool": s.opts.pool, "best_round": best["round"],
+                             "label": None if s.task.multi_label else s.opts.negative_label}})
     print_rounds(rounds, manifest.get("baseline"), best["round"], console)
     console.print(f"Stopped: {manifest['stop_reason']}. Kept round {best['round']} as "
                   f"{run_dir / 'model'} (classes: {', '.join(s.task.classes)})")
+    # Only after the report: interrupted before this, a rerun finishes again.
     manifest["finished"] = True
     _save_manifest(mdir, manifest)
-    train_cmd.write_report(run_dir, console)

@@ -10,7 +10,8 @@ import numpy as np
 
 from imgclf.commands.mine.state import SCORE_CHUNK
 from imgclf.data.cache import DecodedImages, decode_all
-from imgclf.deploy.predict import expand_paths, predict_images
+from imgclf.data.files import list_images
+from imgclf.deploy.predict import predict_images
 from imgclf.errors import DataError, display_path
 
 
@@ -92,7 +93,7 @@ def _list_images(folder: str | Path, flag: str) -> list[Path]:
     if not folder.is_dir():
         raise DataError(f"{display_path(folder)} is not a folder: pass {flag} a folder of images "
                         "that contain none of the classes")
-    paths = [p.resolve() for p in expand_paths([folder.resolve()])]
+    paths = [p.resolve() for p in list_images([folder.resolve()]).files]
     if not paths:
         raise DataError(f"{display_path(folder)} holds no images: pass {flag} a folder of images "
                         "that contain none of the classes")

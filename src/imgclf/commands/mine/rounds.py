@@ -170,10 +170,8 @@ def _train_round(s: _Setup, model, train_neg: DecodedImages, lr: float, k: int, 
     # whole `mine` command again in every process.
     single = {k: v for k, v in {"devices": 1, "num_nodes": 1, "strategy": "auto"}.items()
               if hasattr(s.cfg, k)}
-    extra = {k: v for k, v in (s.cfg.extra or {}).items()
-             if k not in ("devices", "num_nodes", "strategy")}
     cfg = dataclasses.replace(s.cfg, epochs=s.opts.epochs, freeze_epochs=s.opts.freeze_epochs,
-                              lr=lr, extra=extra, **single)
+                              lr=lr, **single)
     # Checkpoints go to a scratch folder in mining/, never over the run's own resume state.
     result = fine_tune.fine_tune(model, s.task, s.pre, _fit_data(s, train_neg), cfg, work,
                                 lambda row, improved: None, rows=[], best=Best(),
@@ -280,25 +278,3 @@ def print_rounds(rounds: list[dict], baseline: dict | None, best_round: int | No
     console.print(table)
     if best_round is not None:
         console.print(f"* kept: round {best_round}")
-
-
-def rounds_plot(rounds: list[dict], baseline: dict | None = None):
-    """Held-out false-positive rate and accuracies per round."""
-    from imgclf.report import plots  # lazy: matplotlib, only when plots are drawn
-
-    plt = plots.plt
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    x = [r["round"] for r in rounds]
-    for key, label in (("fp_rate_V", "false-positive rate on V"),
-                       ("positive_accuracy", "accuracy on positives"),
-                       ("overall_accuracy", "overall accuracy")):
-        line = ax.plot(x, [r[key] for r in rounds], "o-", label=label)[0]
-        if baseline and baseline.get(key) is not None:
-            ax.axhline(baseline[key], color=line.get_color(), ls=":", lw=1)
-    ax.set(xlabel="round", ylabel="rate", ylim=(-0.03, 1.03),
-           title="Hard negative mining (dotted: before mining)")
-    ax.set_xticks(x)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig

@@ -64,21 +64,7 @@ class CvResult:
 def cross_validate(data: str | Path | None = None, *, folds: int = 5,
                    config: TrainConfig | None = None, resume: str | Path | None = None,
                    console=None, **options) -> CvResult:
-    """Train one run per fold and pool their validation predictions.
-
-    Args:
-        data: Image folder (or CSV root), as for `imgclf.api.train`.
-        folds: Number of folds.
-        config: Training settings; `options` override its fields. `out` is the folder that
-            receives the cross-validation folder, `name` names it.
-        resume: A cross-validation folder to finish: finished folds are kept, an interrupted
-            fold resumes, missing folds are trained.
-        console: rich Console (default: stderr).
-        **options: Any `TrainConfig` field.
-
-    Returns:
-        The result; the same numbers are in `<cv_dir>/cv_summary.json`.
-    """
+    """`imgclf.api.cross_validate` (documented there): one run per fold, pooled."""
     console = train_cmd._console(console)
     if resume is not None:
         cv_dir = Path(resume)

@@ -23,29 +23,14 @@ from imgclf.io import atomic_write_json, atomic_write_text
 from imgclf.training.task import Task
 
 
+@train_cmd.uses_all_cores
 def evaluate(target: str | Path, data: str | Path | None = None, *, out: str | Path | None = None,
              tta: int | None = None, tta_reduce: str | None = None, batch_size: int = 32,
              console=None, **source_options) -> dict:
-    """Score a bundle on its run's validation set, or on another labelled folder or CSV.
-
-    Args:
-        target: Run directory or bundle folder.
-        data: Labelled images (folder or CSV root); None uses the run's validation split.
-        out: Folder for the results (default: `<run>/eval/<data name>` or the run itself).
-        tta: Augmented views to combine with the plain one (None: the bundle's setting);
-            when > 0 the plain score is reported next to the TTA score.
-        tta_reduce: "mean" or "max" over the views (None: the bundle's setting, else mean).
-        batch_size: Images per forward pass.
-        console: rich Console.
-        **source_options: Data-source options (csv, label_col, ...) as for `train`.
-
-    Returns:
-        The metrics dict (also written as metrics.json in the output folder).
-    """
+    """`imgclf.api.evaluate` (documented there): score a bundle, write metrics and plots."""
     from imgclf.report import plots  # lazy: matplotlib (and its Agg backend) only once plots are drawn
 
     console = train_cmd._console(console)
-    train_cmd._set_threads()
     bundle = load_bundle(target)
     tta, tta_reduce = bundle.tta_setting(tta, tta_reduce)
     run_dir = bundle.path.parent if (bundle.path.parent / "config.yaml").is_file() else None

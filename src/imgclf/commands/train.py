@@ -2,12 +2,13 @@
 
 Also the steps other commands share: `prepare_data` (load, decode, check and summarise the
 data), `finish_run` (predictions, metrics, thresholds, bundle, plots, report) and the small
-helpers `_console`, `_cache_dir`, `_set_threads` and `write_report`.
+helpers `_console`, `_cache_dir`, `uses_all_cores` and `write_report`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from pathlib import Path
@@ -51,9 +52,22 @@ def _cache_dir(cfg: TrainConfig) -> Path | None:
     return Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
 
 
-def _set_threads() -> None:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    torch.set_num_threads(max(1, cores or 1))
+def uses_all_cores(command):
+    """Run `command` with torch on every core this process may use, then restore the caller's
+    thread count (a notebook's setting outlives the call unchanged)."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        before = torch.get_num_threads()
+        cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                 else os.cpu_count())
+        torch.set_num_threads(max(1, cores or 1))
+        try:
+            return command(*args, **kwargs)
+        finally:
+            torch.set_num_threads(before)
+
+    return wrapper
 
 
 @dataclasses.dataclass
@@ -125,23 +139,11 @@ def _load_best(run_dir: Path) -> Best:
     return best
 
 
+@uses_all_cores
 def train(data: str | Path | None = None, *, config: TrainConfig | None = None,
           resume: str | Path | None = None, console=None, **options) -> Run | None:
-    """Train a classifier and write a run directory.
-
-    Args:
-        data: Image folder (class folders, or the root of a CSV's file names).
-        config: Full settings; `options` override its fields.
-        resume: A run directory to continue after an interruption (its config is reused).
-        console: rich Console for progress and summaries (default: stderr).
-        **options: Any `TrainConfig` field, e.g. `epochs=3, model="resnet18"`.
-
-    Returns:
-        The run, whose `load()` gives the bundle; None in the other processes of a
-        multi-process (DDP) run, where only global rank 0 writes the run directory.
-    """
+    """`imgclf.api.train` (its docstring documents the arguments): train, write the run."""
     console = _console(console)
-    _set_threads()
     state: dict = {}
     if resume is not None:
         run_dir = Path(resume)

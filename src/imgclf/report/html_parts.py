@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from imgclf.data.images import IMAGE_EXTENSIONS
+from imgclf.report import plots
 from imgclf.report.interpret import Example
 from imgclf.rundir import RunDir
 
@@ -78,10 +79,8 @@ def _confident_right(p, k: int) -> list[int]:
 
 
 def _counts_figure(classes: list[str], splits: list[str], counts: dict):
-    import matplotlib.pyplot as plt
-
     shown = classes[:60]
-    fig, ax = plt.subplots(figsize=(min(12, 2 + 0.28 * len(shown) * max(1, len(splits)) ** 0.5), 3.2))
+    fig, ax = plots.subplots(figsize=(min(12, 2 + 0.28 * len(shown) * max(1, len(splits)) ** 0.5), 3.2))
     width = 0.8 / max(1, len(splits))
     x = np.arange(len(shown))
     for k, sp in enumerate(splits):

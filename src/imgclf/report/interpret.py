@@ -265,10 +265,10 @@ class Interpretation:
         pairs = evaluation.most_confused(self.predictions, min_count=min_count)
         if not plot:
             return pairs
-        import matplotlib.pyplot as plt
+        from imgclf.report import plots  # lazy: matplotlib, only when a figure is asked for
 
         shown = pairs[:20][::-1]
-        fig, ax = plt.subplots(figsize=(6, 0.3 * len(shown) + 1.2))
+        fig, ax = plots.subplots(figsize=(6, 0.3 * len(shown) + 1.2))
         ax.barh([f"{a} → {b}" for a, b, _ in shown], [n for _, _, n in shown], color="C3")
         ax.set(xlabel="images", title="Most confused pairs (actual → predicted)")
         ax.grid(alpha=0.3, axis="x")

@@ -1,23 +1,29 @@
-"""Static PNG plots of a run (matplotlib, no display needed)."""
+"""Static PNG plots of a run (matplotlib, no display needed).
+
+Figures are made with `matplotlib.figure.Figure`, not pyplot: PNGs need no backend, and a
+notebook user's backend and pyplot's figure registry are left as they were.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from imgclf.io import atomic_write
 
-from imgclf.io import atomic_write  # noqa: E402
+
+def subplots(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float], **kwargs):
+    """A figure and its axes, as `pyplot.subplots` makes them, outside pyplot."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols, **kwargs)
 
 
 def save(fig, path: str | Path) -> Path:
-    """Write a figure as PNG atomically and close it."""
+    """Write a figure as PNG atomically."""
     path = Path(path)
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
-    plt.close(fig)
     return path
 
 
@@ -42,7 +48,7 @@ def curves(rows: list[dict], metric: str):
         rows: metrics.csv rows (epoch, stage, train_loss, valid_loss, valid_* ...).
         metric: The metric that selects the best epoch; drawn thicker than the others.
     """
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, (ax1, ax2) = subplots(1, 2, figsize=(10, 3.6))
     x = [r["epoch"] for r in rows]
     ax1.plot(x, [_num(r.get("train_loss")) for r in rows], "o-", label="train")
     ax1.plot(x, [_num(r.get("valid_loss")) for r in rows], "o-", label="valid")
@@ -77,7 +83,7 @@ def _num(v) -> float:
 
 def lr_find(lrs: list[float], losses: list[float], chosen: float):
     """The LR range test: loss against learning rate (log scale), the chosen rate marked."""
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    fig, ax = subplots(figsize=(5.5, 3.6))
     ax.plot(lrs, losses)
     ax.set_xscale("log")
     ax.axvline(chosen, color="C3", ls="--", label=f"chosen {chosen:.2e}")
@@ -97,7 +103,7 @@ def confusion(cm: np.ndarray, classes: list[str], normalized: bool = False):
     # Past ~40 classes the cells are read as colours, not numbers: a bounded figure keeps the
     # PNG small and quick to draw.
     side = min(13, max(4.5, 0.35 * n + 2))
-    fig, ax = plt.subplots(figsize=(side, side))
+    fig, ax = subplots(figsize=(side, side))
     data = cm.astype(float)
     if normalized:
         data = data / np.maximum(data.sum(1, keepdims=True), 1)
@@ -136,7 +142,7 @@ def _per_class_figure(curves: dict[str, dict], xkey: str, ykey: str, score: str,
                       title: str, xlabel: str, ylabel: str, diagonal: bool):
     classes = list(curves)
     if len(classes) <= OVERLAY_MAX:
-        fig, ax = plt.subplots(figsize=(5.6, 4.2))
+        fig, ax = subplots(figsize=(5.6, 4.2))
         for i, c in enumerate(classes):
             d = curves[c]
             if d[xkey]:
@@ -152,7 +158,7 @@ def _per_class_figure(curves: dict[str, dict], xkey: str, ykey: str, score: str,
     shown = _worst({c: curves[c][score] for c in classes}, max_panels)
     cols = 4
     rows = int(np.ceil(len(shown) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(10, 2.4 * rows), sharex=True, sharey=True,
+    fig, axes = subplots(rows, cols, figsize=(10, 2.4 * rows), sharex=True, sharey=True,
                              squeeze=False)
     for ax, c in zip(axes.ravel(), shown):
         d = curves[c]
@@ -201,7 +207,7 @@ def calibration(cal: dict, multi_label: bool = False):
     acc = np.asarray(cal["accuracy"], dtype=float)
     conf = np.asarray(cal["confidence"], dtype=float)
     counts = np.asarray(cal["counts"])
-    fig, (ax, axc) = plt.subplots(2, 1, figsize=(5.2, 5.4), sharex=True,
+    fig, (ax, axc) = subplots(2, 1, figsize=(5.2, 5.4), sharex=True,
                                   gridspec_kw={"height_ratios": [3, 1]})
     filled = counts > 0
     ax.bar(centers[filled], acc[filled], width=width * 0.92, color="C0", alpha=0.8,
@@ -239,7 +245,7 @@ def thresholds(search: dict, classes: list[str], pr: dict[str, dict] | None = No
     n_panels = 1 + (min(len(classes), 11) if pr else 0)
     cols = min(4, n_panels)
     rows = int(np.ceil(n_panels / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols + 0.6, 2.5 * rows + 0.3),
+    fig, axes = subplots(rows, cols, figsize=(2.6 * cols + 0.6, 2.5 * rows + 0.3),
                              squeeze=False)
     axes = axes.ravel()
     ax = axes[0]
@@ -286,7 +292,7 @@ def image_grid(images: list[np.ndarray], titles: list[str], ok: list[bool] | Non
     n = max(1, len(images))
     cols = min(cols, n)
     rows = int(np.ceil(n / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(size * cols, size * rows + 0.4), squeeze=False)
+    fig, axes = subplots(rows, cols, figsize=(size * cols, size * rows + 0.4), squeeze=False)
     for k, ax in enumerate(axes.ravel()):
         ax.axis("off")
         if k < len(images):
@@ -303,7 +309,7 @@ def multilabel_confusion(cm: np.ndarray, classes: list[str], max_panels: int = 2
     shown = list(range(min(len(classes), max_panels)))
     cols = min(6, len(shown))
     rows = int(np.ceil(len(shown) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, 1.9 * rows + 0.3), squeeze=False)
+    fig, axes = subplots(rows, cols, figsize=(1.9 * cols, 1.9 * rows + 0.3), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     for ax, j in zip(axes.ravel(), shown):
@@ -353,7 +359,7 @@ def threshold_curves(search, classes: list[str] | None = None, max_classes: int 
     n_cls = min(len(pc_t), max_classes)
     cols = min(4, 1 + n_cls)
     rows = int(np.ceil((1 + n_cls) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(2.8 * cols + 0.4, 2.6 * rows + 0.4),
+    fig, axes = subplots(rows, cols, figsize=(2.8 * cols + 0.4, 2.6 * rows + 0.4),
                              squeeze=False)
     axes = axes.ravel()
 
@@ -406,7 +412,7 @@ def mining_rounds(rounds: list[dict], baseline: dict | None = None):
             overall_accuracy).
         baseline: The same numbers before mining, drawn dotted.
     """
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig, ax = subplots(figsize=(6, 3.6))
     x = [r["round"] for r in rounds]
     for key, label in (("fp_rate_V", "false-positive rate on V"),
                        ("positive_accuracy", "accuracy on positives"),

@@ -34,6 +34,7 @@ from imgclf.training import models
 from imgclf.training.task import Task
 
 
+@train_cmd.uses_all_cores
 def mine(run: str | Path, pool: str | Path | None = None, *, resume: bool = False,
          restart: bool = False, console=None, **options) -> MiningResult:
     """Hard negative mining on a trained run; the best round's model becomes its bundle.
@@ -50,7 +51,6 @@ def mine(run: str | Path, pool: str | Path | None = None, *, resume: bool = Fals
     if unknown:
         raise TypeError(f"mine() got unexpected keyword arguments: {', '.join(unknown)}")
     console = train_cmd._console(console)
-    train_cmd._set_threads()
     run_dir = Path(run)
     Run(run_dir)
     mdir = _mining_dir(run_dir)

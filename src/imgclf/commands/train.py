@@ -167,11 +167,7 @@ def train(data: str | Path | None = None, *, config: TrainConfig | None = None,
         if not cfg.data:
             raise ImgclfError("no data given: pass a folder of images, e.g. `imgclf train photos/`")
         run_dir = None
-    if cfg.threshold_metric not in evaluation.THRESHOLD_METRICS:
-        # checked now, not when the search runs after the whole training
-        raise ImgclfError(f"--threshold-metric {cfg.threshold_metric!r} is not one of "
-                          f"{' | '.join(evaluation.THRESHOLD_METRICS)}")
-    balance.resolve(cfg.balance, None)  # a bad --balance fails before the run folder exists
+    cfg.check()  # a hand-edited config.yaml on --resume too, before anything is written
     rank_zero = distributed.is_rank_zero(cfg.num_nodes)
     distributed.check_strategy(cfg)
     if distributed.wants_several_processes(cfg):

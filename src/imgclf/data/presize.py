@@ -7,6 +7,8 @@ import math
 import numpy as np
 from PIL import Image
 
+from imgclf.config import RESIZE_METHODS  # noqa: F401 (re-exported; declared with the option)
+
 PIL_INTERPOLATION = {
     "bicubic": Image.Resampling.BICUBIC,
     "bilinear": Image.Resampling.BILINEAR,
@@ -14,8 +16,6 @@ PIL_INTERPOLATION = {
     "lanczos": Image.Resampling.LANCZOS,
 }
 
-
-RESIZE_METHODS = ("auto", "crop", "squish")
 
 # "auto" crops an image no further from square than this and squishes a longer one: photos
 # (4:3, 3:2) keep the classic centre crop, while a strip of 105 x 285 px (a surface defect, a

@@ -11,10 +11,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from imgclf.config import THRESHOLD_METRICS  # noqa: F401 (re-exported; declared with the option)
 from imgclf.evaluation.scoring import (_macro_f1, f1_macro_multilabel, hamming_accuracy,
                                        zero_one_accuracy)
 
-THRESHOLD_METRICS = ("zero_one", "hamming", "f1_macro")
 _METRIC_WORDS = {"zero_one": "exact-match accuracy", "hamming": "label accuracy", "f1_macro": "macro F1"}
 
 

@@ -21,9 +21,9 @@ from __future__ import annotations
 import torch
 from torch.utils.data import WeightedRandomSampler
 
+from imgclf.config import BALANCE_MODES as MODES  # declared with the option
 from imgclf.errors import ImgclfError
 
-MODES = ("auto", "none", "weights", "sampler")
 AUTO_RATIO = 3.0  # the data summary flags imbalance above the same ratio
 AUTO_MODE = "weights"
 

@@ -33,10 +33,12 @@ from imgclf.training import models
 from imgclf.training.distributed import restore_order
 from imgclf.training.epochs import Best, EpochRow, score_validation
 from imgclf.training.resume import ResumableSampler, mix_seed, seed_all
+from imgclf.training.schedule import one_cycle
 from imgclf.training.task import Task
 
 class ClassifierModule(L.LightningModule):
-    """A network, its loss and a one-cycle schedule over parameter groups.
+    """A network, its loss and a one-cycle schedule over parameter groups (rates and AdamW's
+    beta1 set before every step from `one_cycle` of the step Lightning counts).
 
     Args:
         net: Maps a batch to logits (the whole model, or only its classifier on features).
@@ -178,28 +180,32 @@ class ClassifierModule(L.LightningModule):
         param_groups = [g for g in param_groups if g["params"]]
         opt = torch.optim.AdamW(param_groups, weight_decay=self.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        start = 0
+        self._peaks = [g["lr"] for g in param_groups]
+        self._cycle_start, self._cycle_total = 0, total
         if self.cycle is not None:
             # This fit is the part of a longer one-cycle from epoch cycle[0] of cycle[1].
             per_epoch = total // max(1, int(self.trainer.max_epochs))
-            start, total = per_epoch * self.cycle[0], per_epoch * self.cycle[1]
-        pct_start = self.pct_start
-        if abs(pct_start * total - 1.0) < 1e-9:
-            # OneCycleLR divides by zero when its warm-up ends exactly after one step
-            # (e.g. 4 steps at pct_start 0.25); a hair longer changes nothing else.
-            pct_start *= 1.01
-        sched = torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=[g["lr"] for g in param_groups], total_steps=total,
-            pct_start=pct_start, div_factor=self.div,
-            final_div_factor=self.final_div / self.div, cycle_momentum=True,
-            base_momentum=0.85, max_momentum=0.95,
-        )
-        if start:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                sched.last_epoch = start - 1
-                sched.step()
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+            self._cycle_start = per_epoch * self.cycle[0]
+            self._cycle_total = per_epoch * self.cycle[1]
+        self.apply_schedule(opt, 0)
+        return opt
+
+    def apply_schedule(self, opt: torch.optim.Optimizer, step: int) -> None:
+        """Set every group's rate and AdamW's beta1 for step `step` of this fit (one_cycle)."""
+        for group, peak in zip(opt.param_groups, self._peaks):
+            lr, momentum = one_cycle(self._cycle_start + step, self._cycle_total, peak,
+                                     self.pct_start, self.div, self.final_div)
+            group["lr"], group["betas"] = lr, (momentum, *group["betas"][1:])
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        # The rates are a function of the step Lightning counts (and restores on resume), so
+        # a resumed fit needs no scheduler state.
+        self.apply_schedule(self.trainer.optimizers[0], self.trainer.global_step)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        # Between steps the optimizer shows the next step's rate, as a torch scheduler leaves
+        # it: History logs it as the epoch's rate.
+        self.apply_schedule(self.trainer.optimizers[0], self.trainer.global_step)
 
 
 def _gather_uneven(module: L.LightningModule, t: torch.Tensor) -> torch.Tensor:
@@ -272,16 +278,34 @@ class History(L.Callback):
         self.on_row(row, improved)
 
 
-def quiet_lightning() -> None:
-    """Silence Lightning's start-up banners; imgclf prints its own summary."""
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    # The frozen body is in eval mode on purpose (its batch-norm statistics must not move).
-    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
-    warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-    warnings.filterwarnings("ignore", message=".*_pytree.*")
+# Warnings Lightning gives about what imgclf does on purpose.
+_EXPECTED_WARNINGS = (
+    ".*module\\(s\\) in eval mode.*",  # the frozen body's BatchNorm statistics must not move
+    ".*exists and is not empty.*",  # checkpoints/ of a resumed run
+    ".*does not have many workers.*",
+    # ResumableSampler continues mid-epoch, which Lightning cannot see.
+    ".*dataloader is not resumable.*",
+    ".*LeafSpec.*",
+    ".*_pytree.*",
+)
+
+
+@contextlib.contextmanager
+def quiet_lightning():
+    """Within the block, Lightning's start-up banners and expected warnings are silenced
+    (imgclf reports on its own); logger levels and warning filters are restored on exit."""
+    loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", "lightning")]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings():
+        for message in _EXPECTED_WARNINGS:
+            warnings.filterwarnings("ignore", message=message)
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)
 
 
 def _scratch_dir() -> str:
@@ -335,15 +359,15 @@ def fit_interruptible(trainer: L.Trainer, *args, **kwargs) -> None:
 
 
 def make_trainer(epochs: int, precision: str, callbacks: list, cfg, root: Path | None,
-                 devices="auto", **kwargs) -> L.Trainer:
-    """A quiet Lightning Trainer with imgclf's defaults."""
-    extra = dict(cfg.extra or {})
+                 **kwargs) -> L.Trainer:
+    """A Lightning Trainer with imgclf's defaults, on the devices `cfg` names (build and fit it
+    inside `quiet_lightning()` for a quiet one)."""
     return L.Trainer(
         max_epochs=epochs,
-        accelerator=extra.get("accelerator", getattr(cfg, "accelerator", "auto")),
-        devices=extra.get("devices", getattr(cfg, "devices", devices)),
-        num_nodes=int(extra.get("num_nodes", getattr(cfg, "num_nodes", 1))),
-        strategy=extra.get("strategy", getattr(cfg, "strategy", "auto")),
+        accelerator=cfg.accelerator,
+        devices=cfg.devices,
+        num_nodes=int(cfg.num_nodes),
+        strategy=cfg.strategy,
         precision=precision,
         callbacks=callbacks,
         logger=False,

@@ -19,43 +19,54 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from imgclf.training.epochs import Best, EpochRow, score_validation
+from imgclf.training.schedule import one_cycle
 from imgclf.training.task import Task
 
 
-def valley_lr(lrs: np.ndarray, losses: np.ndarray) -> float:
-    """fastai's "valley" rule for picking a rate from an LR range test.
+def valley_lr(lrs: np.ndarray, losses: np.ndarray, num_it: int = 100) -> float:
+    """The rate fastai's `lr_find` suggests with its default "valley" rule.
 
-    Take the longest decreasing subsequence of the loss curve (the longest stretch over which the
-    loss keeps falling, tolerant of noise) and return the rate half a section past its first
-    third: on the steep descent, well before the minimum where the loss is about to explode.
+    As fastai does, the recorded curve is first trimmed: the first `num_it // 10` points (the
+    loss has not started to move), the last five (it is diverging) and anything from the first
+    NaN on. On what remains, the rule takes the longest decreasing subsequence of the loss (the
+    longest stretch over which it keeps falling, tolerant of noise) and returns the rate half
+    way along it: on the descent, well before the minimum where the loss is about to explode.
     A rule on the whole curve is far more stable than the steepest-gradient point.
 
-    The flat start is skipped first: a many-class head's loss creeps down over it (4.62 to 4.58
-    on caltech101's 101 classes, from 1e-6 to 4e-4), and counting that creep would start the
-    stretch at the first point and put the rate ten times too low.
+    Args:
+        lrs: Rates tried, in the order tried.
+        losses: Smoothed loss at each rate.
+        num_it: Steps the range test was asked for (fastai trims a tenth of these, not of the
+            points recorded).
+
+    Returns:
+        The suggested rate; when the trim leaves nothing (a test that diverged within a few
+        steps, where fastai's rule fails), the smallest rate tried, or 1e-3 without any.
     """
-    losses = np.asarray(losses, dtype=float)
+    lrs_all = np.asarray(lrs, dtype=float)
+    losses = np.asarray(losses, dtype=float)[num_it // 10: -5]
+    lrs = lrs_all[num_it // 10: -5]
+    nan = np.flatnonzero(np.isnan(losses))
+    if len(nan):
+        lrs, losses = lrs[: nan[0]], losses[: nan[0]]
     n = len(losses)
-    if n < 3:
-        return float(lrs[0]) if n else 1e-3
-    low = int(np.argmin(losses))
-    fall = float(losses[: low + 1].max() - losses[low])
-    # Skip the flat start: the stretch may begin no earlier than the last point before the loss
-    # first drops 2% of its fall below where it started (the median of the first five points).
-    dropped = np.flatnonzero(losses[: low + 1] < np.median(losses[:5]) - 0.02 * fall)
-    begin = max(0, int(dropped[0]) - 1) if len(dropped) else 0
+    if n == 0:
+        return float(lrs_all[0]) if len(lrs_all) else 1e-3
+    # length[i]: the longest decreasing subsequence ending at point i; the first longest wins.
     length = np.ones(n, dtype=int)
-    best_end = begin
-    for i in range(begin + 1, n):
-        smaller = losses[begin:i] > losses[i]
-        if smaller.any():
-            length[i] = 1 + length[begin:i][smaller].max()
-        if length[i] > length[best_end]:
-            best_end = i
-    start = best_end - length[best_end] + 1
-    section = (best_end - start) / 3
-    idx = min(n - 1, start + int(section) + int(section / 2))
-    return float(lrs[idx])
+    end = 0
+    for i in range(1, n):
+        higher = losses[:i] > losses[i]
+        if higher.any():
+            length[i] = 1 + length[:i][higher].max()
+        if length[i] > length[end]:
+            end = i
+    # fastai measures the stretch from one point before its first (and from 0 when nothing
+    # falls); a start of -1 can index the last rate for a stretch of two points. Both kept, so
+    # the suggestion is fastai's on every curve.
+    start = end - length[end] if end > 0 else 0
+    section = (end - start) / 3
+    return float(lrs[start + int(section) + int(section / 2)])
 
 
 def lr_range_test(head: nn.Module, task: Task, feats: torch.Tensor, targets: torch.Tensor,
@@ -70,7 +81,7 @@ def lr_range_test(head: nn.Module, task: Task, feats: torch.Tensor, targets: tor
     `stop_factor` times its minimum, as Lightning's and fastai's finders do.
 
     Returns:
-        (valley rate, rates tried, smoothed losses).
+        (valley rate as fastai suggests it, rates tried, smoothed losses).
     """
     snapshot = {k: v.detach().clone() for k, v in head.state_dict().items()}
     head.train()
@@ -104,7 +115,7 @@ def lr_range_test(head: nn.Module, task: Task, feats: torch.Tensor, targets: tor
             break
     head.load_state_dict(snapshot)
     lrs_a, losses_a = np.asarray(lrs, dtype=float), np.asarray(losses, dtype=float)
-    return valley_lr(lrs_a, losses_a), lrs_a, losses_a
+    return valley_lr(lrs_a, losses_a, steps), lrs_a, losses_a
 
 
 class ViewSampler(torch.utils.data.Sampler):
@@ -181,9 +192,14 @@ def train_head(
                         drop_last=sampler.n > batch_size)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.01)
     total = max(1, epochs * len(loader))
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=lr, total_steps=total, pct_start=0.99, div_factor=25.0,
-        final_div_factor=1e5 / 25.0, cycle_momentum=True, base_momentum=0.85, max_momentum=0.95)
+    step = 0
+
+    def schedule(step: int) -> None:
+        rate, momentum = one_cycle(step, total, lr, pct_start=0.99)
+        for g in opt.param_groups:
+            g["lr"], g["betas"] = rate, (momentum, *g["betas"][1:])
+
+    schedule(step)
     f_valid, y_valid = valid
     try:
         for epoch in range(epochs):
@@ -197,7 +213,8 @@ def train_head(
                 loss.backward()
                 opt.step()
                 last_lr = opt.param_groups[-1]["lr"]  # the rate this step used
-                sched.step()
+                step += 1
+                schedule(step)
                 loss_sum += loss.item() * len(x)
                 seen += len(x)
             head.eval()

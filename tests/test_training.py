@@ -69,3 +69,17 @@ def test_predict_reproduces_validation_probabilities(tiny_run):
     result = imgclf.load(tiny_run.path / "model").predict(preds.paths)
     assert [str(p) for p in result.paths] == list(preds.paths)
     assert np.abs(result.probs - preds.probs).max() < 1e-4
+
+
+def test_quiet_lightning_restores_warning_filters_and_logger_levels():
+    import logging
+    import warnings
+
+    from imgclf.training.engine import quiet_lightning
+
+    lightning_log = logging.getLogger("lightning.pytorch")
+    filters, level = list(warnings.filters), lightning_log.level
+    with quiet_lightning():
+        assert lightning_log.level == logging.ERROR
+        assert len(warnings.filters) > len(filters)
+    assert warnings.filters == filters and lightning_log.level == level

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -264,6 +263,47 @@ def keep_presized(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+@dataclass
+class _Fit:
+    """What the stages of one `fine_tune` call share; the rate and finder result change as
+    stages run, and `save_state` writes the current ones."""
+
+    model: nn.Module
+    task: Task
+    pre: Preprocess
+    data: FitData
+    cfg: object
+    run_dir: Path | None
+    on_row: Callable[[EpochRow, bool], None]
+    rows: list[EpochRow]
+    best: Best
+    resume: dict
+    say: Callable[[str], None]
+    precision: str
+    device: torch.device
+    lr: float | None
+    lr_find: dict | None
+    frozen: bool
+    bn_mode: str
+    valid_loader: DataLoader
+    weight: torch.Tensor | None
+    # Under DDP every process runs fine_tune; only global rank 0 caches features, runs the LR
+    # finder, trains the frozen head and writes state (see imgclf.distributed).
+    rank_zero: bool
+    seen: int = 0
+
+    @property
+    def ckpt_dir(self) -> Path | None:
+        return Path(self.run_dir) / "checkpoints" if self.run_dir else None
+
+    def save_state(self, stage: str, size_stage: int = 0) -> None:
+        """Record in checkpoints/state.json where a resumed run picks up."""
+        if self.ckpt_dir and self.rank_zero:
+            atomic_write_json(self.ckpt_dir / "state.json",
+                              {"stage": stage, "lr": self.lr, "lr_find": self.lr_find,
+                               "size_stage": size_stage})
+
+
 def fine_tune(
     model: nn.Module,
     task: Task,
@@ -289,208 +329,223 @@ def fine_tune(
         on_row: Called with each epoch's row and whether it is the best so far.
         rows: Rows of an interrupted run being resumed.
         best: Best epoch of an interrupted run being resumed.
-        resume: State of an interrupted run: {"stage", "lr", "lr_find"}.
-        console: rich Console for messages.
+        resume: State of an interrupted run: {"stage", "lr", "lr_find", "size_stage"}.
+        console: rich Console for messages (None: they are logged).
     """
-    quiet_lightning()
-    say = console.print if console is not None else print
-    rows = rows if rows is not None else []
-    best = best or Best()
     resume = resume or {}
     precision = resolve_precision(cfg.precision, model)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).to(memory_format=torch.channels_last)
-    ckpt_dir = Path(run_dir) / "checkpoints" if run_dir else None
     t_start = time.perf_counter()
-    seen = 0
+    fit = _Fit(
+        model, task, pre, data, cfg, run_dir, on_row, rows if rows is not None else [],
+        best or Best(), resume, console.print if console is not None else log.info, precision,
+        device, lr=resume.get("lr") if resume.get("lr") is not None else (
+            None if cfg.lr == "auto" else float(cfg.lr)),
+        lr_find=resume.get("lr_find"), frozen=cfg.pretrained and cfg.freeze_epochs > 0,
+        bn_mode=batchnorm_mode(cfg),
+        valid_loader=make_loader(data.valid, cfg.batch_size, train=False, workers=cfg.workers),
+        weight=(balance.class_weights(data.y_train, len(task.classes))
+                if data.balance in ("weights", "sampler") else None),
+        rank_zero=distributed.is_rank_zero(int(cfg.num_nodes)))
     interrupted = False
-    lr_find_info = resume.get("lr_find")
-    lr = resume.get("lr") if resume.get("lr") is not None else (
-        None if cfg.lr == "auto" else float(cfg.lr))
-    frozen = cfg.pretrained and cfg.freeze_epochs > 0
-    bn_mode = batchnorm_mode(cfg)
-    valid_loader = make_loader(data.valid, cfg.batch_size, train=False, workers=cfg.workers)
-    weight = (balance.class_weights(data.y_train, len(task.classes))
-              if data.balance in ("weights", "sampler") else None)
-
-    # Under DDP every process runs this function; only global rank 0 caches features, runs the
-    # LR finder, trains the frozen head and writes state (see imgclf.distributed).
-    rank_zero = distributed.is_rank_zero(int(getattr(cfg, "num_nodes", 1)))
-
-    def save_state(stage: str, size_stage: int = 0) -> None:
-        if ckpt_dir and rank_zero:
-            atomic_write_json(ckpt_dir / "state.json",
-                              {"stage": stage, "lr": lr, "lr_find": lr_find_info,
-                               "size_stage": size_stage})
-
-    if frozen and resume.get("stage") not in ("unfrozen", "done") and rank_zero:
-        # The frozen stage has no checkpoint of its own: after a kill it runs again from the
-        # start (its rows too), which gives the same head since it is seeded throughout.
-        rows.clear()
-        models.set_body_trainable(model, False)
-        head = models.classifier(model)
-        views = max(1, cfg.freeze_epochs)
-        if bn_mode == "adapt":
-            adapt_batchnorm(model, make_loader(data.train, cfg.batch_size, train=True,
-                                               workers=cfg.workers, seed=cfg.seed + 1),
-                            pre, device)
-        train_plain = make_loader(data.train, cfg.batch_size, train=False, workers=cfg.workers)
-        feats, ys = [], []
-        for v in range(views):
-            f, y = extract_features(model, train_plain, pre, precision, device,
-                                    desc=f"Caching body features (view {v + 1}/{views})")
-            feats.append(f)
-            ys.append(y)
-        f_valid, y_valid = extract_features(model, valid_loader, pre, "32-true", device,
-                                            desc="Caching validation features")
-        seen += views * len(data.train) + len(data.valid)
-        head.to("cpu")  # next to its cached features: a linear layer needs no accelerator
-        if lr is None:
-            lr, lrs_curve, loss_curve = lr_range_test(
-                head, task, torch.cat(feats), torch.cat(ys), cfg.batch_size, cfg.seed)
-            lr_find_info = {"lrs": lrs_curve.tolist(), "losses": loss_curve.tolist(),
-                            "suggestion": lr, "rule": "valley", "on": "frozen-body features"}
-            say(f"Learning-rate finder (valley rule on cached features): lr = {lr:.2e}")
-        n = len(data.train)
-        # ViewSampler walks the cached augmented views epoch by epoch; weighting the loss gives
-        # balanced sampling's expected gradient without breaking that walk, so both modes use it.
-        interrupted = train_head(
-            head, task, TensorDataset(torch.cat(feats), torch.cat(ys)), (f_valid, y_valid),
-            cfg.freeze_epochs, lr, ViewSampler(n, views, cfg.seed, head_passes(n, cfg.batch_size)),
-            cfg.batch_size, rows, best, model, on_row, class_weight=weight)
-        if ckpt_dir and not interrupted and rank_zero:
-            # The unfrozen stage starts from this head and these BatchNorm statistics; keep
-            # them until its first checkpoint.
-            save_tensors(ckpt_dir / HEAD_FILE, start_state(model))
-            save_state("unfrozen")
-        model.to(device)
-    elif frozen and ckpt_dir and (ckpt_dir / HEAD_FILE).is_file():
-        load_start_state(model, load_tensors(ckpt_dir / HEAD_FILE))
-    if (not frozen and bn_mode == "adapt" and rank_zero
-            and not (ckpt_dir and (ckpt_dir / "last.ckpt").is_file())):
-        adapt_batchnorm(model, make_loader(data.train, cfg.batch_size, train=True,
-                                           workers=cfg.workers, seed=cfg.seed + 1), pre, device)
-
-    if lr is None:
-        lr = 3e-3 if not cfg.pretrained else 1e-3
-        lr_find_info = None
-        say(f"lr = {lr:.1e} (default for {'random init' if not cfg.pretrained else 'fine-tuning'})")
-
+    if fit.frozen and resume.get("stage") not in ("unfrozen", "done") and fit.rank_zero:
+        interrupted = _frozen_stage(fit)
+    elif fit.frozen and fit.ckpt_dir and (fit.ckpt_dir / HEAD_FILE).is_file():
+        load_start_state(model, load_tensors(fit.ckpt_dir / HEAD_FILE))
+    if (not fit.frozen and fit.bn_mode == "adapt" and fit.rank_zero
+            and not (fit.ckpt_dir and (fit.ckpt_dir / "last.ckpt").is_file())):
+        _adapt_batchnorm(fit)
+    if fit.lr is None:
+        fit.lr, fit.lr_find = (3e-3 if not cfg.pretrained else 1e-3), None
+        fit.say(f"lr = {fit.lr:.1e} (default for "
+                f"{'random init' if not cfg.pretrained else 'fine-tuning'})")
     stages = recipe.size_schedule(getattr(cfg, "sizes", None), cfg.epochs,
                                   getattr(cfg, "stage_epochs", None), pre.size)
     if not interrupted and cfg.epochs > 0 and resume.get("stage") != "done":
-        models.set_body_trainable(model, True)
-        # Feature caching left the body in eval mode, and Lightning keeps submodules' modes: the
-        # whole network must train here (batch norm, dropout), as it does after a resume.
-        model.train()
-        if bn_mode != "train":
-            # Lightning keeps the modes it is given (it calls no .train()), so this holds for
-            # the whole fit, resumed ones included.
-            models.freeze_batchnorm_statistics(model)
-        groups = models.layer_groups(model, 3)
-        base = lr / 2 if frozen else lr
-        if frozen and cfg.lr == "auto":
-            # The finder measured what the new head on fixed features tolerates, typically
-            # 3e-3 to 1e-2; the pretrained body needs fastai's fine-tuning rate (its default
-            # 2e-3 halved), or its first unfrozen epochs undo what it knew.
-            base = min(base, UNFROZEN_MAX_LR)
-        lrs = (discriminative_lrs(base, len(groups), cfg.lr_mult) if cfg.pretrained
-               else [base] * len(groups))
-        mixer = batch_mixer(cfg, task)
-        on_device = augment_on_device(cfg)
-        sampler = (balance.balanced_sampler(data.y_train, len(task.classes), cfg.seed)
-                   if data.balance == "sampler" else None)
-        first = int(resume.get("size_stage", 0)) if resume.get("stage") == "unfrozen" else 0
-        epoch_offset = (cfg.freeze_epochs if frozen else 0) + sum(
-            st.epochs for st in stages[:first])
-        if len(stages) > 1:
-            say("Progressive resizing: " + ", then ".join(
-                f"{st.epochs} epoch{'s' if st.epochs != 1 else ''} at {st.size}px"
-                for st in stages) + " (the best epoch is chosen among the last stage's)")
-        for k in range(first, len(stages)):
-            st = stages[k]
-            name = "unfrozen" if len(stages) == 1 else f"unfrozen-{st.size}px"
-            train_ds, valid_ds = data.train, data.valid
-            if st.size != pre.size:
-                train_ds = with_transform(data.train, train_transform(st.size))
-                valid_ds = with_transform(data.valid, resized_eval_transform(
-                    st.size, pre.presize, pre.size / pre.presize))
-            crop = None
-            if on_device:
-                # The loader hands over whole presized squares; crops happen on the device.
-                train_ds = with_transform(data.train, keep_presized)
-                crop = BatchCrop(st.size, seed=cfg.seed)
-            cycle = None
-            if getattr(cfg, "stage_schedule", "continue") == "continue" and len(stages) > 1:
-                # One one-cycle across the stages: each size takes over at the rate the last
-                # ended with. From scratch, restarted warm-ups coincided with drops of 5-9
-                # points at each boundary that the stage then spent its epochs recovering.
-                cycle = (sum(x.epochs for x in stages[:k]), sum(x.epochs for x in stages))
-                stage_lrs, pct, div = list(lrs), (0.3 if frozen else 0.25), (5.0 if frozen else 25.0)
-            else:
-                # Each stage is a one-cycle of its own. Later stages refine what the first
-                # learned (as fastai's fine_tune at the larger size after fit_one_cycle at the
-                # small one): their peak falls as 1/(k+1), and they warm up briefly from a
-                # fifth of it.
-                stage_lrs = [r / (k + 1) for r in lrs]
-                pct = (0.3 if frozen else 0.25) if k == 0 else 0.2
-                div = 5.0 if frozen or k > 0 else 25.0
-            module = ClassifierModule(model, task, groups, stage_lrs,
-                                      pct_start=pct, div=div, preprocess=pre,
-                                      class_weight=weight if data.balance == "weights" else None,
-                                      batch_transform=mixer, epoch_offset=epoch_offset,
-                                      stage_index=k, device_augment=crop, cycle=cycle,
-                                      exact_validation=k == len(stages) - 1,
-                                      freeze_bn=bn_mode != "train")
-            # Order and augmentation are functions of (seed, epoch, position), so a resumed run
-            # sees exactly the batches the uninterrupted one would have (see imgclf.resume).
-            order = ResumableSampler(len(train_ds), cfg.seed + 7919 * k, inner=sampler)
-            train_loader = make_loader(SeededDataset(train_ds), cfg.batch_size, train=True,
-                                       workers=cfg.workers, seed=cfg.seed, sampler=order)
-            progress = ResumeState(order, cfg.seed + 7919 * k, cfg.batch_size)
-            callbacks: list = [progress, History(rows, best, name, model, task.monitor, on_row,
-                                                 progress=progress,
-                                                 eligible=k == len(stages) - 1)]
-            ckpt_name = "last" if k == 0 else f"last-stage{k}"
-            if ckpt_dir:
-                callbacks.append(ModelCheckpoint(
-                    dirpath=str(ckpt_dir), filename=ckpt_name, save_last=False, save_top_k=-1,
-                    every_n_epochs=1, save_on_train_epoch_end=True,
-                    enable_version_counter=False))
-                if cfg.checkpoint_every:
-                    callbacks.append(StepCheckpoint(
-                        dirpath=str(ckpt_dir), filename=ckpt_name, save_top_k=-1,
-                        every_n_train_steps=int(cfg.checkpoint_every),
-                        enable_version_counter=False))
-            trainer = make_trainer(st.epochs, precision, callbacks, cfg, run_dir)
-            indexed_valid_loader = make_loader(distributed.IndexedDataset(valid_ds),
-                                               cfg.batch_size, train=False, workers=cfg.workers)
-            ckpt = None
-            if ckpt_dir and resume.get("stage") == "unfrozen" and k == first:
-                ckpt = ckpt_dir / f"{ckpt_name}.ckpt"
-                previous = ckpt_dir / ("last.ckpt" if k == 1 else f"last-stage{k - 1}.ckpt")
-                if not ckpt.is_file() and k > 0 and previous.is_file():
-                    # Killed between stages: start this stage from the last one's weights.
-                    load_module_weights(model, previous)
-            save_state("unfrozen", k)
-            with warnings.catch_warnings():
-                # Lightning cannot see that ResumableSampler continues mid-epoch; it can.
-                warnings.filterwarnings("ignore", message=".*dataloader is not resumable.*")
-                fit_interruptible(trainer, module, train_loader, indexed_valid_loader,
-                                  ckpt_path=str(ckpt) if ckpt and ckpt.is_file() else None,
-                                  weights_only=True)
-            interrupted = trainer.interrupted
-            seen += st.epochs * (len(data.train) + len(data.valid))
-            epoch_offset += st.epochs
-            if interrupted:
-                break
-        if not interrupted:
-            save_state("done")
-
-    if best.state is not None:
-        model.load_state_dict(best.state)
+        interrupted = _unfrozen_stages(fit, stages)
+    if fit.best.state is not None:
+        model.load_state_dict(fit.best.state)
     models.set_body_trainable(model, True)
     model.eval()
-    return FitResult(rows=rows, best=best, lr=float(lr), lr_find=lr_find_info,
-                     precision=precision, interrupted=interrupted, train_images_seen=seen,
+    return FitResult(rows=fit.rows, best=fit.best, lr=float(fit.lr), lr_find=fit.lr_find,
+                     precision=precision, interrupted=interrupted, train_images_seen=fit.seen,
                      train_seconds=time.perf_counter() - t_start)
+
+
+def _adapt_batchnorm(fit: _Fit) -> None:
+    """--batchnorm adapt: re-estimate the statistics on augmented training images."""
+    adapt_batchnorm(fit.model, make_loader(fit.data.train, fit.cfg.batch_size, train=True,
+                                           workers=fit.cfg.workers, seed=fit.cfg.seed + 1),
+                    fit.pre, fit.device)
+
+
+def _frozen_stage(fit: _Fit) -> bool:
+    """The head on cached features of the frozen body (the LR finder first, when the rate is
+    "auto"); returns whether Ctrl-C ended it.
+
+    The stage has no checkpoint of its own: after a kill it runs again from the start (its rows
+    too), which gives the same head since it is seeded throughout.
+    """
+    cfg, data, model = fit.cfg, fit.data, fit.model
+    fit.rows.clear()
+    models.set_body_trainable(model, False)
+    head = models.classifier(model)
+    views = max(1, cfg.freeze_epochs)
+    if fit.bn_mode == "adapt":
+        _adapt_batchnorm(fit)
+    train_plain = make_loader(data.train, cfg.batch_size, train=False, workers=cfg.workers)
+    feats, ys = [], []
+    for v in range(views):
+        f, y = extract_features(model, train_plain, fit.pre, fit.precision, fit.device,
+                                desc=f"Caching body features (view {v + 1}/{views})")
+        feats.append(f)
+        ys.append(y)
+    f_valid, y_valid = extract_features(model, fit.valid_loader, fit.pre, "32-true", fit.device,
+                                        desc="Caching validation features")
+    fit.seen += views * len(data.train) + len(data.valid)
+    head.to("cpu")  # next to its cached features: a linear layer needs no accelerator
+    if fit.lr is None:
+        fit.lr, lrs_curve, loss_curve = lr_range_test(
+            head, fit.task, torch.cat(feats), torch.cat(ys), cfg.batch_size, cfg.seed)
+        fit.lr_find = {"lrs": lrs_curve.tolist(), "losses": loss_curve.tolist(),
+                       "suggestion": fit.lr, "rule": "valley", "on": "frozen-body features"}
+        fit.say(f"Learning-rate finder (valley rule on cached features): lr = {fit.lr:.2e}")
+    n = len(data.train)
+    # ViewSampler walks the cached augmented views epoch by epoch; weighting the loss gives
+    # balanced sampling's expected gradient without breaking that walk, so both modes use it.
+    sampler = ViewSampler(n, views, cfg.seed, head_passes(n, cfg.batch_size))
+    interrupted = train_head(
+        head, fit.task, TensorDataset(torch.cat(feats), torch.cat(ys)), (f_valid, y_valid),
+        cfg.freeze_epochs, fit.lr, sampler, cfg.batch_size, fit.rows, fit.best, model,
+        fit.on_row, class_weight=fit.weight)
+    if fit.ckpt_dir and not interrupted and fit.rank_zero:
+        # The unfrozen stage starts from this head and these BatchNorm statistics; keep
+        # them until its first checkpoint.
+        save_tensors(fit.ckpt_dir / HEAD_FILE, start_state(model))
+        fit.save_state("unfrozen")
+    model.to(fit.device)
+    return interrupted
+
+
+def _unfrozen_rates(fit: _Fit, n_groups: int) -> list[float]:
+    """Peak rate per layer group for the unfrozen stage."""
+    base = fit.lr / 2 if fit.frozen else fit.lr
+    if fit.frozen and fit.cfg.lr == "auto":
+        # The finder measured what the new head on fixed features tolerates, typically
+        # 3e-3 to 1e-2; the pretrained body needs fastai's fine-tuning rate (its default
+        # 2e-3 halved), or its first unfrozen epochs undo what it knew.
+        base = min(base, UNFROZEN_MAX_LR)
+    return (discriminative_lrs(base, n_groups, fit.cfg.lr_mult) if fit.cfg.pretrained
+            else [base] * n_groups)
+
+
+def _unfrozen_stages(fit: _Fit, stages: list) -> bool:
+    """The whole network, one fit per progressive-resizing size (one fit without resizing),
+    from the size a resumed run stopped at; returns whether Ctrl-C ended it."""
+    cfg, model = fit.cfg, fit.model
+    models.set_body_trainable(model, True)
+    # Feature caching left the body in eval mode, and Lightning keeps submodules' modes: the
+    # whole network must train here (batch norm, dropout), as it does after a resume.
+    model.train()
+    if fit.bn_mode != "train":
+        # Lightning keeps the modes it is given (it calls no .train()), so this holds for
+        # the whole fit, resumed ones included.
+        models.freeze_batchnorm_statistics(model)
+    groups = models.layer_groups(model, 3)
+    lrs = _unfrozen_rates(fit, len(groups))
+    mixer = batch_mixer(cfg, fit.task)
+    sampler = (balance.balanced_sampler(fit.data.y_train, len(fit.task.classes), cfg.seed)
+               if fit.data.balance == "sampler" else None)
+    first = int(fit.resume.get("size_stage", 0)) if fit.resume.get("stage") == "unfrozen" else 0
+    epoch_offset = (cfg.freeze_epochs if fit.frozen else 0) + sum(
+        st.epochs for st in stages[:first])
+    if len(stages) > 1:
+        fit.say("Progressive resizing: " + ", then ".join(
+            f"{st.epochs} epoch{'s' if st.epochs != 1 else ''} at {st.size}px"
+            for st in stages) + " (the best epoch is chosen among the last stage's)")
+    for k in range(first, len(stages)):
+        if _size_stage(fit, stages, k, first, groups, lrs, mixer, sampler, epoch_offset):
+            return True
+        epoch_offset += stages[k].epochs
+    fit.save_state("done")
+    return False
+
+
+def _size_stage(fit: _Fit, stages: list, k: int, first: int, groups: list, lrs: list[float],
+                mixer, sampler, epoch_offset: int) -> bool:
+    """One Lightning fit of the whole network at stage k's size; returns whether Ctrl-C
+    ended it."""
+    cfg, data, pre, model, ckpt_dir = fit.cfg, fit.data, fit.pre, fit.model, fit.ckpt_dir
+    st = stages[k]
+    name = "unfrozen" if len(stages) == 1 else f"unfrozen-{st.size}px"
+    train_ds, valid_ds = data.train, data.valid
+    if st.size != pre.size:
+        train_ds = with_transform(data.train, train_transform(st.size))
+        valid_ds = with_transform(data.valid, resized_eval_transform(
+            st.size, pre.presize, pre.size / pre.presize))
+    crop = None
+    if augment_on_device(cfg):
+        # The loader hands over whole presized squares; crops happen on the device.
+        train_ds = with_transform(data.train, keep_presized)
+        crop = BatchCrop(st.size, seed=cfg.seed)
+    cycle = None
+    if getattr(cfg, "stage_schedule", "continue") == "continue" and len(stages) > 1:
+        # One one-cycle across the stages: each size takes over at the rate the last
+        # ended with. From scratch, restarted warm-ups coincided with drops of 5-9
+        # points at each boundary that the stage then spent its epochs recovering.
+        cycle = (sum(x.epochs for x in stages[:k]), sum(x.epochs for x in stages))
+        stage_lrs = list(lrs)
+        pct, div = (0.3 if fit.frozen else 0.25), (5.0 if fit.frozen else 25.0)
+    else:
+        # Each stage is a one-cycle of its own. Later stages refine what the first
+        # learned (as fastai's fine_tune at the larger size after fit_one_cycle at the
+        # small one): their peak falls as 1/(k+1), and they warm up briefly from a
+        # fifth of it.
+        stage_lrs = [r / (k + 1) for r in lrs]
+        pct = (0.3 if fit.frozen else 0.25) if k == 0 else 0.2
+        div = 5.0 if fit.frozen or k > 0 else 25.0
+    module = ClassifierModule(model, fit.task, groups, stage_lrs,
+                              pct_start=pct, div=div, preprocess=pre,
+                              class_weight=fit.weight if data.balance == "weights" else None,
+                              batch_transform=mixer, epoch_offset=epoch_offset,
+                              stage_index=k, device_augment=crop, cycle=cycle,
+                              exact_validation=k == len(stages) - 1,
+                              freeze_bn=fit.bn_mode != "train")
+    # Order and augmentation are functions of (seed, epoch, position), so a resumed run
+    # sees exactly the batches the uninterrupted one would have (see imgclf.resume).
+    order = ResumableSampler(len(train_ds), cfg.seed + 7919 * k, inner=sampler)
+    train_loader = make_loader(SeededDataset(train_ds), cfg.batch_size, train=True,
+                               workers=cfg.workers, seed=cfg.seed, sampler=order)
+    progress = ResumeState(order, cfg.seed + 7919 * k, cfg.batch_size)
+    callbacks: list = [progress, History(fit.rows, fit.best, name, model, fit.task.monitor,
+                                         fit.on_row, progress=progress,
+                                         eligible=k == len(stages) - 1)]
+    ckpt_name = "last" if k == 0 else f"last-stage{k}"
+    if ckpt_dir:
+        callbacks.append(ModelCheckpoint(
+            dirpath=str(ckpt_dir), filename=ckpt_name, save_last=False, save_top_k=-1,
+            every_n_epochs=1, save_on_train_epoch_end=True,
+            enable_version_counter=False))
+        if cfg.checkpoint_every:
+            callbacks.append(StepCheckpoint(
+                dirpath=str(ckpt_dir), filename=ckpt_name, save_top_k=-1,
+                every_n_train_steps=int(cfg.checkpoint_every),
+                enable_version_counter=False))
+    with quiet_lightning():
+        trainer = make_trainer(st.epochs, fit.precision, callbacks, cfg, fit.run_dir)
+        indexed_valid_loader = make_loader(distributed.IndexedDataset(valid_ds),
+                                           cfg.batch_size, train=False, workers=cfg.workers)
+        ckpt = None
+        if ckpt_dir and fit.resume.get("stage") == "unfrozen" and k == first:
+            ckpt = ckpt_dir / f"{ckpt_name}.ckpt"
+            previous = ckpt_dir / ("last.ckpt" if k == 1 else f"last-stage{k - 1}.ckpt")
+            if not ckpt.is_file() and k > 0 and previous.is_file():
+                # Killed between stages: start this stage from the last one's weights.
+                load_module_weights(model, previous)
+        fit.save_state("unfrozen", k)
+        fit_interruptible(trainer, module, train_loader, indexed_valid_loader,
+                          ckpt_path=str(ckpt) if ckpt and ckpt.is_file() else None,
+                          weights_only=True)
+    fit.seen += st.epochs * (len(data.train) + len(data.valid))
+    return trainer.interrupted

@@ -3,6 +3,7 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -31,13 +32,66 @@ def test_valley_picks_the_steep_descent_not_the_minimum():
     assert 1e-4 < lr < 1e-2
 
 
-def test_valley_ignores_the_creep_over_a_flat_start():
+def fastai_valley(lrs, losses, num_it=100):
+    """fastai's lr_find suggestion written out plainly (its trim, then its nested-loop valley
+    rule), as the oracle valley_lr must agree with."""
+    lrs, losses = list(lrs)[num_it // 10:-5], list(losses)[num_it // 10:-5]
+    n = len(losses)
+    start = end = 0
+    best_len = [1] * n
+    for i in range(1, n):
+        for j in range(i):
+            if losses[i] < losses[j] and best_len[i] < best_len[j] + 1:
+                best_len[i] = best_len[j] + 1
+            if best_len[end] < best_len[i]:
+                end, start = i, i - best_len[i]
+    third = (end - start) / 3
+    return float(lrs[start + int(third) + int(third / 2)])
+
+
+def caltech_like_curve():
     # A 101-class head: the loss creeps from 4.62 to 4.58 over the flat start, then falls
-    # steeply from 1e-3 to 0.3 and explodes. The rate belongs on the steep part.
+    # steeply from 1e-3 to 0.3 and explodes.
     lrs = np.logspace(-6, 0, 100)
     creep = 4.62 - 0.04 * (np.log10(lrs) + 6) / 2.6
     steep = 4.58 - 2.0 * (np.log10(lrs) + 3) / 2.5
-    losses = np.where(lrs < 1e-3, creep, np.where(lrs < 0.3, steep, 2.6 + 3 * (lrs - 0.3)))
+    return lrs, np.where(lrs < 1e-3, creep, np.where(lrs < 0.3, steep, 2.6 + 3 * (lrs - 0.3)))
+
+
+def test_valley_is_fastais_suggestion_on_any_curve():
+    rng = np.random.default_rng(0)
+    lrs = np.logspace(-6, 0, 100)
+    for trial in range(30):
+        n = int(rng.integers(16, 101))
+        # Noisy U-shaped curves, cut short where a range test would stop.
+        x = np.linspace(0, 1, n)
+        losses = 2 - 1.5 * np.sin(np.pi * x * rng.uniform(0.5, 1)) + rng.normal(0, 0.05, n)
+        assert valley_lr(lrs[:n], losses) == fastai_valley(lrs[:n], losses), trial
+    lrs, losses = caltech_like_curve()
+    assert valley_lr(lrs, losses) == fastai_valley(lrs, losses)
+
+
+def test_valley_trims_the_curve_as_fastai_does():
+    lrs = np.logspace(-6, 0, 100)
+    # Only the trimmed points fall: the first tenth and the last five do not count.
+    losses = np.full(100, 2.0)
+    losses[:10] = np.linspace(5, 2.1, 10)
+    losses[95:] = np.linspace(1.9, 0.1, 5)
+    assert valley_lr(lrs, losses) == lrs[10]
+    # From the first NaN on, nothing counts.
+    losses = np.linspace(3, 1, 100)
+    losses[50] = np.nan
+    assert valley_lr(lrs, losses) == fastai_valley(lrs[:55], losses[:55])
+    # A test that diverged at once leaves nothing after the trim: the smallest rate tried.
+    assert valley_lr(lrs[:8], losses[:8]) == lrs[0]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "fastai's exact valley rule suggests 9.3e-4 on this curve: the creep over the flat start "
+    "belongs to the longest decreasing stretch, whose middle lies on the creep. The rule is "
+    "kept as fastai computes it; this test records the case it gets wrong."))
+def test_valley_on_a_caltech_like_curve_is_on_the_steep_part():
+    lrs, losses = caltech_like_curve()
     assert 3e-3 < valley_lr(lrs, losses) < 1e-1
 
 

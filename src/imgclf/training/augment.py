@@ -16,15 +16,14 @@ class MixBatch:
 
     Each batch draws one of the enabled methods (mixup or CutMix, with equal odds when both are
     on) and a mixing weight lam ~ Beta(alpha, alpha). Targets become the same convex
-    combination: one-hot rows (single-label, label smoothing applied first) or multi-hot rows
-    (multi-label), so single-label rows still sum to one and multi-label entries stay in [0, 1].
+    combination: one-hot rows (single-label) or multi-hot rows (multi-label), so single-label
+    rows still sum to one and multi-label entries stay in [0, 1].
 
     Attributes:
         num_classes: Output size.
         multi_label: Targets are multi-hot rows rather than class indices.
         mixup: Beta parameter of mixup (0 disables it).
         cutmix: Beta parameter of CutMix (0 disables it).
-        label_smoothing: Smoothing applied to one-hot targets before mixing (single-label).
         off_epoch: From this epoch of the stage on, batches pass through unmixed (None: never).
         seed: Seed of the generator drawing lam, the method and the boxes.
     """
@@ -33,7 +32,6 @@ class MixBatch:
     multi_label: bool = False
     mixup: float = 0.0
     cutmix: float = 0.0
-    label_smoothing: float = 0.0
     off_epoch: int | None = None
     seed: int = 0
 
@@ -46,13 +44,11 @@ class MixBatch:
         return self.mixup > 0 or self.cutmix > 0
 
     def soft_targets(self, y: torch.Tensor) -> torch.Tensor:
-        """Targets as float rows (one-hot with smoothing, or multi-hot)."""
+        """Targets as float rows (one-hot, or multi-hot). Label smoothing is the loss's job
+        (see imgclf.training.fine_tune.batch_mixer)."""
         if self.multi_label:
             return y.float()
-        onehot = torch.nn.functional.one_hot(y.long(), self.num_classes).float()
-        if self.label_smoothing:
-            onehot = onehot * (1 - self.label_smoothing) + self.label_smoothing / self.num_classes
-        return onehot
+        return torch.nn.functional.one_hot(y.long(), self.num_classes).float()
 
     @property
     def active(self) -> bool:

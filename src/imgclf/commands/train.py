@@ -32,7 +32,7 @@ from imgclf.errors import DataError, ImageError, ImgclfError
 from imgclf.io import atomic_write, atomic_write_json
 from imgclf.rundir import new_run_dir, read_rows_csv, write_rows_csv
 from imgclf.training import balance, distributed, models, preflight, recipe
-from imgclf.training.engine import quiet_lightning, seed_everything
+from imgclf.training.engine import seed_everything
 from imgclf.training.epochs import Best, EpochRow, fine_tuning_check
 from imgclf.training.fine_tune import FitData, FitResult, fine_tune, load_tensors, save_tensors
 from imgclf.training.task import Task
@@ -177,7 +177,6 @@ def train(data: str | Path | None = None, *, config: TrainConfig | None = None,
 
         console = Console(stderr=True, quiet=True)  # rank 0 speaks for the run
 
-    quiet_lightning()
     seed_everything(cfg.seed, workers=True, verbose=False)
     table = load_table(cfg)
     recipe.check_techniques(cfg, table.multi_label)

@@ -4,6 +4,7 @@
     task.py         single- vs multi-label: targets, loss, activation, monitored metric
     recipe.py       the techniques a config asks for, checked and resolved up front
     frozen_head.py  the frozen stage: the head trained on cached body features, LR finder
+    schedule.py     one_cycle(step): the learning rate and momentum as a pure function
     fine_tune.py    the fine-tune recipe (frozen stage, then the whole network)
     engine.py       everything that touches Lightning (the only module that imports it)
     epochs.py       epoch rows, the best-epoch tracker, the fine-tuning check

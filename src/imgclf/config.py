@@ -143,11 +143,14 @@ class TrainConfig:
     lr_mult: float = option(
         10.0, "Discriminative rates: the body's first layers train at the unfrozen rate / "
         "LR_MULT, later layers at rates rising to it (1: one rate).", at_least=1)
-    # Squish is the default: on magnetic_tiles, whose defects sit anywhere in strips of many
-    # shapes, it took the kept model from 0.910 (auto) to 0.962 (benchmarks/finetune_stability.py).
+    # "auto": photos keep the centre crop, whose frozen heads scored higher than squished ones
+    # on fridgeObjects (0.952 against 0.905) and multilabelFridgeObjects (0.923 against 0.808),
+    # while strips far from square are squished whole. Squishing everything is best on
+    # magnetic_tiles, whose defects sit anywhere in tiles of many shapes: kept model 0.962
+    # against 0.910 (benchmarks/finetune_stability.py).
     resize: str = option(
-        "squish", "Images to squares: squish (whole image, aspect ignored) | crop (centre square) "
-        "| auto (crop up to aspect 1.5, squish longer ones).", choices=RESIZE_METHODS)
+        "auto", "Images to squares: auto (centre crop up to aspect 1.5, squish longer ones) | "
+        "squish (whole image, aspect ignored) | crop (centre square).", choices=RESIZE_METHODS)
 
     def to_yaml(self, path: Path) -> None:
         atomic_write_text(path, yaml.safe_dump(dataclasses.asdict(self), sort_keys=False))

@@ -134,3 +134,15 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, color_data: Path):
             os.environ.pop("IMGCLF_CACHE_DIR", None)
         else:
             os.environ["IMGCLF_CACHE_DIR"] = old
+
+
+# Fixtures that train a model (once per session or module): every test that uses one trains,
+# so it is `slow` whether or not it is the one that pays for the training.
+TRAINING_FIXTURES = {"tiny_run", "trained", "cli_run", "tiny_cv", "ml_run", "onnx_single",
+                     "multi_run", "single_run", "tech_run", "server", "setup"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

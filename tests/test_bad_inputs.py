@@ -225,6 +225,7 @@ def test_conversions_and_oddities_are_reported(trained):
     assert "animated" in out and "EXIF" in out
 
 
+@pytest.mark.slow
 def test_train_with_a_messy_labels_csv(corpus, tmp_path, capsys):
     """BOM, Windows line ends, extra columns, a missing file and a blank label."""
     rows = ["file,label,photographer,notes"]
@@ -251,6 +252,7 @@ def test_train_with_a_messy_labels_csv(corpus, tmp_path, capsys):
 # --- evaluate and predict ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_evaluate_on_the_corpus_skips_bad_files_by_name(trained, corpus, tmp_path, capsys):
     run, _ = trained
     code, _, err = run_cli(["evaluate", run, corpus, "--out", tmp_path / "eval"], capsys)
@@ -264,6 +266,7 @@ def test_evaluate_on_the_corpus_skips_bad_files_by_name(trained, corpus, tmp_pat
             assert Path(name).name in out and words in out, name
 
 
+@pytest.mark.slow
 def test_evaluate_with_unknown_labels_uses_the_known_ones(trained, corpus, tmp_path, capsys):
     csv_path = tmp_path / "labels.csv"
     rows = ["image,label"] + [f"train/red/red_{i:03d}.jpg,red" for i in range(4)] + \
@@ -287,6 +290,7 @@ def test_evaluate_with_only_unknown_labels_fails_clearly(trained, corpus, tmp_pa
     assert code == 2 and "no images with known labels" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_predict_on_the_corpus(trained, corpus, tmp_path, capsys):
     run, _ = trained
     code, out, err = run_cli(["predict", run, corpus, "--out", tmp_path / "p.csv"], capsys)

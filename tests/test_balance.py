@@ -94,6 +94,7 @@ def test_describe_says_what_happens_and_how_to_change_it():
     assert "sampling" in balance.describe("sampler", "sampler", 1.5)
 
 
+@pytest.mark.slow
 def test_training_applies_the_resolved_mode(tmp_path, make_dataset, monkeypatch):
     """auto on 10:1 data picks AUTO_MODE; weights weight the loss of both stages, the sampler
     draws balanced batches in the unfrozen stage (and weights the frozen head's loss)."""

@@ -3,6 +3,7 @@ the cache (cold or warm) gives the predictions training without it gives."""
 
 from pathlib import Path
 
+import pytest
 import numpy as np
 from conftest import TINY, make_image
 
@@ -34,6 +35,7 @@ def test_changed_image_file_invalidates_its_entry(tmp_path):
     assert edited.get(0)[2].mean() > edited.get(0)[0].mean()  # blue now, not the cached red
 
 
+@pytest.mark.slow
 def test_runs_with_and_without_the_decode_cache_predict_alike(tmp_path, color_data):
     from imgclf import api
 

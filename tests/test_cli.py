@@ -35,6 +35,7 @@ def test_train_prints_summary_and_paths(cli_run):
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_predict_files_folders_and_csv(cli_run, color_data, tmp_path):
     run, _ = cli_run
     out_csv = tmp_path / "preds.csv"
@@ -48,6 +49,7 @@ def test_predict_files_folders_and_csv(cli_run, color_data, tmp_path):
     assert set(rows[0]) == {"path", "predicted", "prob_blue", "prob_green", "prob_red"}
 
 
+@pytest.mark.slow
 def test_predict_glob(cli_run, color_data):
     run, _ = cli_run
     r = imgclf("predict", run, str(color_data / "green" / "*.jpg"))
@@ -55,6 +57,7 @@ def test_predict_glob(cli_run, color_data):
     assert len(r.stdout.strip().splitlines()) == len(list((color_data / "green").glob("*.jpg")))
 
 
+@pytest.mark.slow
 def test_evaluate_on_validation_and_on_other_folder(cli_run, color_data, tmp_path):
     run, _ = cli_run
     r = imgclf("evaluate", run)
@@ -68,6 +71,7 @@ def test_evaluate_on_validation_and_on_other_folder(cli_run, color_data, tmp_pat
     assert (tmp_path / "ev" / "plots" / "confusion.png").is_file()
 
 
+@pytest.mark.slow
 def test_missing_data_is_one_clear_line(tmp_path):
     r = imgclf("train", tmp_path / "nope", *TINY_FLAGS, "--out", tmp_path)
     assert r.returncode == 2
@@ -75,6 +79,7 @@ def test_missing_data_is_one_clear_line(tmp_path):
     assert len(r.stderr.strip().splitlines()) <= 2
 
 
+@pytest.mark.slow
 def test_predict_on_non_bundle_is_clear(tmp_path):
     r = imgclf("predict", tmp_path, tmp_path)
     assert r.returncode == 2 and "not a run directory or model bundle" in r.stderr

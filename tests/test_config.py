@@ -108,6 +108,7 @@ def _flags(help_text: str) -> set[str]:
     return {word.strip("│,") for word in help_text.split() if word.startswith("--")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command, missing", [("train", set()), ("cv", {"fold"})])
 def test_help_lists_every_option_as_a_flag(command, missing):
     r = cli(command, "--help")
@@ -119,12 +120,14 @@ def test_help_lists_every_option_as_a_flag(command, missing):
     assert "[default: frozen]" in r.stdout and "[default: squish]" in r.stdout
 
 
+@pytest.mark.slow
 def test_cv_folds_default_is_five():
     r = cli("cv", "--help")
     line = next(ln for ln in r.stdout.splitlines() if "--folds" in ln)
     assert "[default: 5]" in line
 
 
+@pytest.mark.slow
 def test_cli_bad_value_exits_2_and_writes_nothing(tmp_path):
     out = tmp_path / "runs"
     r = cli("train", tmp_path, "--batch-size", "0", "--out", out)
@@ -152,6 +155,7 @@ def test_cli_text_options_parse_as_before(tmp_path):
         config_from_flags({"sizes": "128,big"})
 
 
+@pytest.mark.slow
 def test_cli_suggests_close_flag_names(tmp_path):
     r = cli("train", tmp_path, "--epoch", "3")
     assert r.returncode == 2 and "--epochs" in r.stderr

@@ -185,6 +185,7 @@ def test_cv_writes_folds_summary_and_out_of_fold_predictions(tiny_cv):
     assert len(preds.paths) == 36 and sorted(set(folds)) == [0, 1]
 
 
+@pytest.mark.slow
 def test_cv_resume_keeps_finished_folds_and_trains_missing_ones(tiny_cv, monkeypatch):
     import shutil
 

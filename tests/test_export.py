@@ -83,6 +83,7 @@ def test_onnx_parity_single_label(tiny_run, onnx_single):
     assert clf.classes == ref.classes and not clf.multi_label
 
 
+@pytest.mark.slow
 def test_onnx_parity_multi_label(ml_run, tmp_path):
     result = export(ml_run, format="onnx", out=tmp_path / "ml.onnx")
     parity = result.parity
@@ -102,6 +103,7 @@ def test_onnx_parity_multi_label(ml_run, tmp_path):
     assert not np.allclose(got.probs.sum(1), 1.0)
 
 
+@pytest.mark.slow
 def test_onnx_predictor_runs_with_torch_blocked(tiny_run, onnx_single, tmp_path):
     path, _ = onnx_single
     paths = _validation_paths(tiny_run.path)[:4]
@@ -162,6 +164,7 @@ def test_static_batch_export_predicts_any_number_of_images(tiny_run, onnx_single
     np.testing.assert_allclose(dynamic.predict(paths, tta=3).probs, ref.probs, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 def test_torchscript_export_via_cli_prints_parity(tiny_run, tmp_path):
     out = tmp_path / "model.pt"

@@ -157,6 +157,7 @@ def test_unfrozen_stage_holds_batchnorm_statistics(color_data, tmp_path, tiny_we
     assert set(metrics["fine_tuning"]) >= {"frozen", "best_unfrozen", "largest_drop", "helped"}
 
 
+@pytest.mark.slow
 def test_report_states_a_fine_tuning_warning(tiny_run, tmp_path):
     import shutil
 

@@ -210,6 +210,7 @@ def test_overlay_and_heatmaps_for(tmp_path):
     assert overlay(m.view.transpose(2, 0, 1), m.cam).shape == (32, 32, 3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["test_vit", "test_mambaout", "test_convnext"])
 def test_grad_cam_on_other_layouts(arch):
     """Token (ViT, class-token pooled) and channels-last feature maps give spatial maps too."""

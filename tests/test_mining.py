@@ -146,6 +146,7 @@ def real_report() -> None:
     """Marks a test that renders the real report.html."""
 
 
+@pytest.mark.slow
 def test_mined_set_is_the_top_confidence_false_positives(run_copy, pool, color_data, real_report):
     from imgclf import api
 
@@ -199,6 +200,7 @@ def test_mined_set_is_the_top_confidence_false_positives(run_copy, pool, color_d
     assert "Hard negative mining" in (run_copy / "report.html").read_text(encoding="utf-8")
 
 
+@pytest.mark.slow
 def test_resume_after_an_interrupted_round(run_copy, pool, monkeypatch):
     real = fine_tune.fine_tune
     calls: list[int] = []
@@ -259,6 +261,7 @@ def test_stops_when_the_pool_has_no_false_positives(run_copy, pool, monkeypatch)
     assert result.stop_reason == "no false positives left in the mining pool"
 
 
+@pytest.mark.slow
 def test_multi_label_negatives_are_empty_label_sets(tmp_path, pool):
     from imgclf import api
 

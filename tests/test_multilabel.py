@@ -214,6 +214,7 @@ def test_threshold_option_overrides_the_bundle(ml_run, tmp_path):
     assert r.returncode == 2 and "not a probability" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_evaluate_prints_per_class_metrics_at_the_bundle_thresholds(ml_run, ml_data, tmp_path):
     run, _ = ml_run
     r = imgclf("evaluate", run)
@@ -269,6 +270,7 @@ def test_mixup_on_multi_hot_targets_trains_with_bce():
     assert torch.allclose(task.activate(logits), torch.sigmoid(logits))
 
 
+@pytest.mark.slow
 def test_threshold_curves_plot(tmp_path):
     from imgclf.report import plots
 

@@ -75,6 +75,7 @@ def test_check_reports_near_duplicates_across_splits_only(tmp_path):
     assert "near_duplicates" in report.to_dict()
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_no_near_duplicates_between_imagenette_train_and_val():
     from pathlib import Path

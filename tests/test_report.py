@@ -187,6 +187,7 @@ def test_multi_label_report(multi_run):
     assert (multi_run / "plots" / "thresholds.png").is_file()
 
 
+@pytest.mark.slow
 def test_cli_report_regenerates(single_run, tmp_path):
     run = Path(shutil.copytree(single_run, tmp_path / "copy"))
     (run / "report.html").unlink()
@@ -197,6 +198,7 @@ def test_cli_report_regenerates(single_run, tmp_path):
     assert "Heatmaps were not requested" in (run / "report.html").read_text(encoding="utf-8")
 
 
+@pytest.mark.slow
 def test_report_survives_moved_images(tmp_path):
     run = make_fake_run(tmp_path, n=9, extras=False)
     shutil.rmtree(tmp_path / "data")

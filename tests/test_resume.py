@@ -85,6 +85,7 @@ def crash_at(monkeypatch, n: int, before: bool) -> None:
     (1, True, "after the frozen stage, before the first unfrozen checkpoint"),
     (3, True, "after epoch 0's row and best were written, before its checkpoint"),
 ])
+@pytest.mark.slow
 def test_crash_then_resume_equals_uninterrupted(setup, monkeypatch, n, before, where):
     data, opts, root, reference = setup
     name = f"crash-{n}-{'before' if before else 'after'}"
@@ -97,6 +98,7 @@ def test_crash_then_resume_equals_uninterrupted(setup, monkeypatch, n, before, w
     assert read_metrics(run) == read_metrics(reference), where
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_cli_resume_equals_uninterrupted(setup, tmp_path):
     """A real `imgclf train` killed with SIGKILL in the middle of an epoch, then resumed."""
     data, opts, root, reference = setup

@@ -79,6 +79,7 @@ def test_pickle_planted_in_a_bundle_is_refused(tiny_bundle, tmp_path, capsys, ta
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_pickle_planted_in_a_checkpoint_is_refused_on_resume(tmp_path, color_data, monkeypatch,
                                                            capsys):
     """Lightning's resume path goes through AtomicCheckpointIO, which refuses the payload."""

@@ -183,6 +183,7 @@ def test_bad_requests_get_4xx_never_500(server, images):
     assert server.request("GET", "/predict")[0] == 405
 
 
+@pytest.mark.slow
 def test_stalled_upload_gets_408(server):
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
         s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; "
@@ -193,6 +194,7 @@ def test_stalled_upload_gets_408(server):
     assert data.startswith(b"HTTP/1.1 408") and b"longer than 2s" in data
 
 
+@pytest.mark.slow
 def test_concurrent_requests(server, tiny_run, images):
     """A bounded load: 8 threads x 30 requests of 1-3 images, every answer checked."""
     bundle = load_bundle(tiny_run.path)
@@ -281,6 +283,7 @@ async def _asgi(app, method: str, path: str, body: bytes = b"",
     return status, json.loads(raw_body) if raw_body else {}
 
 
+@pytest.mark.slow
 def test_concurrent_single_image_requests_share_forward_passes(tiny_run, images):
     """The README's claim: the server batches concurrent requests into one forward pass.
 

@@ -264,6 +264,7 @@ def test_from_scratch_run_with_every_technique(tech_run, color_data):
     assert (config.sizes, config.mixup, config.tta, config.size) == ([24, 32], 0.4, 2, 32)
 
 
+@pytest.mark.slow
 def test_evaluate_uses_and_overrides_the_bundles_tta(tech_run):
     from imgclf import api
 
@@ -275,6 +276,7 @@ def test_evaluate_uses_and_overrides_the_bundles_tta(tech_run):
     assert rmax["tta"] == {**rmax["tta"], "views": 5, "reduce": "max"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("schedule", ["continue", "restart"])
 def test_progressive_mixup_run_resumes_exactly_across_a_stage_boundary(tmp_path, color_data,
                                                                         schedule):
@@ -333,6 +335,7 @@ def test_batch_crop_draws_by_key_and_keeps_whole_images_at_full_scale():
             torch.allclose(whole[i], xi.flip(-1), atol=1e-3)
 
 
+@pytest.mark.slow
 def test_training_with_crops_on_the_device(tmp_path, color_data):
     from imgclf import api
 

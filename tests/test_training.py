@@ -14,6 +14,7 @@ from imgclf.data.datasets import ImageDataset
 from imgclf.data.transforms import Preprocess, eval_transform, normalize
 
 
+@pytest.mark.slow
 def test_cached_features_equal_frozen_body_output(color_data):
     model = models.create_model("test_efficientnet", 3, pretrained=False)
     pre = Preprocess.from_model_cfg(model.pretrained_cfg, size=32)
@@ -50,6 +51,7 @@ def test_tiny_run_learns_colours(tiny_run):
     assert tiny_run.metrics()["valid_accuracy"] >= 0.8
 
 
+@pytest.mark.slow
 def test_bundle_round_trip_same_probabilities(tiny_run, tmp_path):
     from imgclf.deploy import bundle as bundle_mod
 

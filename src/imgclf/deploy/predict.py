@@ -11,6 +11,7 @@ from torch import nn
 from imgclf.data import presize
 from imgclf.data.cache import DecodedImages, decode_all
 from imgclf.data.files import list_images
+from imgclf.data.images import IMAGE_EXTENSIONS
 from imgclf.data.transforms import Preprocess, normalize
 from imgclf.deploy.results import PredictionResult
 from imgclf.errors import ImgclfError
@@ -85,10 +86,14 @@ def predict_files(bundle, paths, batch_size: int = 32, tta: int | None = None,
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise ImgclfError(f"--threshold {threshold:g} is not a probability: pass a number "
                           "from 0 to 1")
-    files = expand_paths(list(paths) if not isinstance(paths, (str, Path)) else [paths])
+    found = list_images(list(paths) if not isinstance(paths, (str, Path)) else [paths])
+    files = found.files
     n, reduce = bundle.tta_setting(tta, tta_reduce)
     kept: list[Path] = []
-    errors: dict[Path, str] = {}
+    # A file named like an image that the walker could not take (a link loop, a FIFO) is
+    # reported with the files that failed to decode; other names were never asked for.
+    errors: dict[Path, str] = {p: why for p, why in found.skipped
+                               if p.suffix.lower() in IMAGE_EXTENSIONS}
     chunks: list[np.ndarray] = []
     # Files are decoded and scored a chunk at a time, so memory stays bounded for any count.
     for start in range(0, len(files), CHUNK_FILES):

@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 WEIGHTS = SHARED / "weights" / "tf_efficientnet_lite0.in1k.safetensors"
 DATA = SHARED / "data"
@@ -45,7 +47,7 @@ def parse_variant(text: str) -> dict:
     out = {}
     for part in text.split(","):
         key, _, value = part.partition("=")
-        out[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else value.strip()
+        out[key.strip()] = yaml.safe_load(value.strip())
     return out
 
 

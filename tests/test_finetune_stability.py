@@ -173,3 +173,33 @@ def test_report_states_a_fine_tuning_warning(tiny_run, tmp_path):
 
     page = html.unescape(write_report(run_dir).read_text())
     assert f"Warning: {warning}" in page.replace("<b>", "").replace("</b>", "")
+
+
+def test_weight_average_half_life_is_counted_in_epochs():
+    from imgclf.training.engine import ema_decay
+
+    assert ema_decay(0.5, 20) ** 10 == pytest.approx(0.5)
+    assert ema_decay(2.0, 100) ** 200 == pytest.approx(0.5)
+    assert ema_decay(0.5, 1) == 0.5  # never shorter than one step
+
+
+def test_weight_average_starts_from_the_fits_weights_and_moves_by_its_half_life():
+    from imgclf.training.engine import ClassifierModule
+    from imgclf.training.task import Task
+
+    net = torch.nn.Linear(4, 3)
+    start = {k: v.clone() for k, v in net.state_dict().items()}
+    module = ClassifierModule(net, Task(classes=["a", "b", "c"], multi_label=False),
+                              [list(net.parameters())], [1e-3], ema_halflife=1.0)
+    assert module.validated_net is module.ema
+    assert not any(p.requires_grad for p in module.ema.parameters())
+    module._ema_decay = 0.5 ** (1 / 4)  # half-life: 4 steps
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)  # the trained weights jump by 1 and stay there
+    for _ in range(4):
+        module.update_ema()
+    for k, v in module.ema.state_dict().items():
+        assert torch.allclose(v, start[k] + 0.5, atol=1e-6)  # half way after one half-life
+    assert ClassifierModule(net, Task(classes=["a", "b", "c"], multi_label=False),
+                            [list(net.parameters())], [1e-3]).validated_net is net

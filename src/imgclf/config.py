@@ -143,13 +143,16 @@ class TrainConfig:
     lr_mult: float = option(
         10.0, "Discriminative rates: the body's first layers train at the unfrozen rate / "
         "LR_MULT, later layers at rates rising to it (1: one rate).", at_least=1)
+    ema: float = option(
+        0.5, "Validate and keep a moving average of the unfrozen stage's weights with this "
+        "half-life in epochs (0: the weights themselves).", at_least=0)
     # "auto": photos keep the centre crop, whose frozen heads scored higher than squished ones
     # on fridgeObjects (0.952 against 0.905) and multilabelFridgeObjects (0.923 against 0.808),
     # while strips far from square are squished whole. Squishing everything is best on
     # magnetic_tiles, whose defects sit anywhere in tiles of many shapes: kept model 0.962
     # against 0.910 (benchmarks/finetune_stability.py).
     resize: str = option(
-        "auto", "Images to squares: auto (centre crop up to aspect 1.5, squish longer ones) | "
+        "squish", "Images to squares: auto (centre crop up to aspect 1.5, squish longer ones) | "
         "squish (whole image, aspect ignored) | crop (centre square).", choices=RESIZE_METHODS)
 
     def to_yaml(self, path: Path) -> None:

@@ -511,7 +511,8 @@ def _size_stage(fit: _Fit, stages: list, k: int, first: int, groups: list, lrs: 
                               batch_transform=mixer, epoch_offset=epoch_offset,
                               stage_index=k, device_augment=crop, cycle=cycle,
                               exact_validation=k == len(stages) - 1,
-                              freeze_bn=fit.bn_mode != "train")
+                              freeze_bn=fit.bn_mode != "train",
+                              ema_halflife=float(getattr(cfg, "ema", 0) or 0))
     # Order and augmentation are functions of (seed, epoch, position), so a resumed run
     # sees exactly the batches the uninterrupted one would have (see imgclf.resume).
     order = ResumableSampler(len(train_ds), cfg.seed + 7919 * k, inner=sampler)

@@ -117,7 +117,7 @@ def test_help_lists_every_option_as_a_flag(command, missing):
     expected = {"--" + n.replace("_", "-") for n in option_names() if n not in {"data", *missing}}
     assert expected - flags == set(), f"missing in `imgclf {command} --help`"
     assert {"--resume", "--single-label", "--no-pretrained", "--out"} <= flags
-    assert "[default: frozen]" in r.stdout and "[default: auto]" in r.stdout
+    assert "[default: frozen]" in r.stdout and "[default: squish]" in r.stdout
 
 
 @pytest.mark.slow

@@ -66,3 +66,17 @@ def test_pre_logits_then_classifier_equals_forward():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(models.classifier(m)(models.pre_logits(m, x)), m(x), atol=1e-5)
+
+
+def test_weights_missing_part_of_the_body_are_refused_with_what_is_missing(tmp_path):
+    state = {k: v.contiguous() for k, v in
+             models.create_model("test_efficientnet", 1000, pretrained=False).state_dict().items()}
+    body = [k for k in state if not k.startswith("classifier.")]
+    half = {k: v for i, (k, v) in enumerate(state.items()) if k not in body[::2]}
+    save_file(half, str(tmp_path / "half.safetensors"))
+    with pytest.raises(ImgclfError, match=r"lacks \d+ of the \d+ tensors.*complete weights"):
+        models.create_model("test_efficientnet", 3, weights=tmp_path / "half.safetensors")
+    # Without the classifier the file is complete: the head is new anyway.
+    save_file({k: state[k] for k in body}, str(tmp_path / "body.safetensors"))
+    m = models.create_model("test_efficientnet", 3, weights=tmp_path / "body.safetensors")
+    assert torch.equal(m.state_dict()[body[0]], state[body[0]])

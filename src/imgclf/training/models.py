@@ -56,14 +56,17 @@ def _create_pretrained(arch: str, weights: str | Path | None, kwargs: dict) -> n
         if not path.is_file():
             raise ImgclfError(f"weights file {path} does not exist: check the path given to --weights")
         try:
-            return timm.create_model(
+            model = timm.create_model(
                 arch, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs
             )
+            file_keys = set(timm.models.load_state_dict(str(path), weights_only=True))
         except (RuntimeError, KeyError, ValueError, OSError) as e:
             raise ImgclfError(
                 f"weights file {path} does not fit model '{arch}' ({_short(e)}): "
                 f"pass the weights of '{arch}' or the --model they belong to"
             ) from e
+        check_weights_cover(model, file_keys, path)
+        return model
     try:
         return timm.create_model(arch, pretrained=True, **kwargs)
     except (OSError, ConnectionError, RuntimeError) as e:
@@ -71,6 +74,26 @@ def _create_pretrained(arch: str, weights: str | Path | None, kwargs: dict) -> n
             f"could not fetch pretrained weights for '{arch}' ({_short(e)}): without network, "
             "pass a local file with --weights FILE, or --no-pretrained to start from random weights"
         ) from e
+
+
+def check_weights_cover(model: nn.Module, file_keys: set[str], path: Path) -> None:
+    """Refuse a weights file that leaves part of the body at its random initialisation.
+
+    timm loads a file non-strictly whenever the head is replaced, so a file missing half the
+    body's tensors would train from a half-random network without a word. Only the classifier
+    may be absent. A file sharing no name with the model is left to timm, whose filters
+    translate other checkpoint layouts for some architectures.
+    """
+    head = {f"{name}.{k}" for name, m in model.named_modules() if m is classifier(model)
+            for k in m.state_dict()}
+    wanted = {k for k in model.state_dict() if k not in head and not k.endswith("num_batches_tracked")}
+    missing = sorted(wanted - file_keys)
+    if missing and wanted & file_keys:
+        shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+        raise ImgclfError(
+            f"weights file {path} lacks {len(missing)} of the {len(wanted)} tensors of the "
+            f"model's body ({shown}): the file is incomplete or belongs to another variant; "
+            "pass the complete weights of this --model")
 
 
 def _short(e: Exception) -> str:

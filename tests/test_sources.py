@@ -169,7 +169,8 @@ def test_csv_multi_label_detected(flat):
     assert table.classes == ["bird", "cat", "dog"]
     got = _labels(table)
     assert got["0.jpg"] == ("cat", "dog") and got["3.jpg"] == () and got["4.jpg"] == ("cat", "dog")
-    assert any(n.startswith("multi-label detected: row 2 has 2 labels") for n in table.notes)
+    assert any(n.startswith("multi-label detected: 3 files have several labels (e.g. row 2: "
+                            "'cat dog')") and "--single-label" in n for n in table.notes)
 
 
 def test_csv_forced_single_label_keeps_spaces_and_skips_blank(flat):
@@ -241,11 +242,63 @@ def test_csv_ids_without_extension_and_groups(flat):
 
 
 def test_csv_duplicate_row(flat):
-    rows = "".join(f"img/{i}.jpg,{'a' if i % 2 else 'b'}\n" for i in range(10)) + "img/0.jpg,a\n"
-    _write(flat / "labels.csv", "file,label\n" + rows)
+    rows = "".join(f"img/{i}.jpg,{'a' if i % 2 else 'b'}\n" for i in range(10))
+    _write(flat / "labels.csv", "file,label\n" + rows + "img/0.jpg,b\n")
     table = from_csv(flat, "labels.csv")
-    assert _labels(table)["0.jpg"] == ("b",)
-    assert "row 2 is used" in _skipped(table)["0.jpg"]
+    assert _labels(table)["0.jpg"] == ("b",) and len(table.samples) == 10
+
+
+def test_csv_repeated_row_with_another_label_is_a_conflict(flat):
+    rows = "".join(f"img/{i}.jpg,{'a' if i % 2 else 'b'}\n" for i in range(10))
+    _write(flat / "labels.csv", "file,label\n" + rows + "img/0.jpg,a\n")
+    with pytest.raises(DataError, match=r"1 files are listed with different labels \(img/0.jpg: "
+                       r"row 2 says 'b', row 12 says 'a'\).*--multi-label"):
+        from_csv(flat, "labels.csv")
+    merged = from_csv(flat, "labels.csv", multi_label=True)
+    assert _labels(merged)["0.jpg"] == ("a", "b")
+    assert any("union of its rows' labels (long format)" in n for n in merged.notes)
+
+
+def test_csv_long_format_merges_labels(flat):
+    rows = [f"img/{i}.jpg,{lab}\n" for i in range(10) for lab in (["a", "b"] if i < 4 else ["ab"[i % 2]])]
+    _write(flat / "labels.csv", "file,label\n" + "".join(rows))
+    table = from_csv(flat, "labels.csv")
+    assert table.multi_label and _labels(table)["0.jpg"] == ("a", "b")
+    assert _labels(table)["5.jpg"] == ("b",) and len(table.samples) == 10
+
+
+@pytest.mark.parametrize("label", ["milk bottle", "Object Type"])
+def test_csv_words_in_a_label_are_not_taken_for_several_labels(flat, label):
+    """A class name with a space, or an unrecognised header row read as data."""
+    rows = "".join(f"img/{i}.jpg,{label if i == 0 or label == 'milk bottle' and i % 2 else 'can'}\n"
+                   for i in range(10))
+    _write(flat / "labels.csv", rows)
+    with pytest.raises(DataError, match="cannot tell whether row 1: .*--single-label.*--multi-label"):
+        from_csv(flat, "labels.csv")
+    if label == "milk bottle":
+        table = from_csv(flat, "labels.csv", multi_label=False)
+        assert table.classes == ["can", "milk bottle"] and not table.multi_label
+
+
+def test_csv_header_named_by_the_user_is_taken_as_header(flat):
+    rows = "".join(f"img/{i}.jpg,{'ab'[i % 2]}\n" for i in range(10))
+    _write(flat / "labels.csv", "Picture,Object Kind\n" + rows)
+    table = from_csv(flat, "labels.csv", image_col="Picture", label_col="Object Kind")
+    assert table.classes == ["a", "b"] and len(table.samples) == 10
+
+
+@pytest.mark.parametrize("name", ["RELATIVE", "../../etc/passwd", "ABSOLUTE"])
+def test_csv_names_outside_the_data_folder_are_refused(flat, tmp_path, make_image, name):
+    outside = make_image(tmp_path.parent / f"{tmp_path.name}-outside.jpg")
+    name = {"ABSOLUTE": str(outside), "RELATIVE": f"../{outside.name}"}.get(name, name)
+    rows = "".join(f"img/{i}.jpg,{'ab'[i % 2]}\n" for i in range(10)) + f"{name},a\n"
+    _write(flat / "labels.csv", "file,label\n" + rows)
+    with pytest.raises(DataError, match=r"1 rows name files outside the data folder .*row 12: "
+                       r".*--allow-outside-data"):
+        from_csv(flat, "labels.csv")
+    if name != "../../etc/passwd":
+        table = from_csv(flat, "labels.csv", allow_outside=True)
+        assert outside.resolve() in {s.path.resolve() for s in table.samples}
 
 
 # --- patterns ---------------------------------------------------------------------------------
@@ -367,3 +420,61 @@ def test_load_source_dispatch(class_folder, flat):
     assert load_source(flat, csv="labels.csv").classes == ["a", "b"]
     assert load_source(csv_path).classes == ["a", "b"]  # the CSV alone names the root
     assert load_source(class_folder, label_pattern=r"^([a-z]+)_\d").classes == ["bird", "cat", "dog"]
+
+
+def _random_csv(rng, root: Path) -> tuple[str, bytes, dict[str, tuple[str, ...]], bool]:
+    """A labels CSV as people write them, and what it says: {file: labels} and the task."""
+    import csv as csv_module
+    import io
+
+    multi = rng.random() < 0.4
+    spaced = not multi and rng.random() < 0.3  # class names with a space
+    classes = ([f"milk bottle {k}" for k in range(3)] if spaced
+               else rng.sample(["cat", "dog", "bird", "fish", "can"], rng.randint(2, 4)))
+    files = [f"img/{i}.jpg" for i in range(rng.randint(8, 10))]
+    truth = {}
+    for i, f in enumerate(files):
+        if multi:
+            # Every label recurs alone and in combinations, as in real multi-label data.
+            k = 1 + (i % 3 == 0) + (i % 5 == 0)
+            truth[f] = tuple(sorted({classes[(i + j) % len(classes)] for j in range(k)}))
+        else:
+            truth[f] = (classes[i % len(classes)],)
+    delim = rng.choice([",", ";", "\t"])
+    buf = io.StringIO()
+    writer = csv_module.writer(buf, delimiter=delim, quoting=rng.choice(
+        [csv_module.QUOTE_MINIMAL, csv_module.QUOTE_ALL]), lineterminator=rng.choice(["\n", "\r\n"]))
+    if rng.random() < 0.6:
+        writer.writerow(["filename", "labels"])
+    rows = [(f, " ".join(labels)) for f, labels in truth.items()]
+    rows += rng.sample(rows, rng.randint(0, 3))  # exact duplicate rows
+    rng.shuffle(rows)
+    for row in rows:
+        writer.writerow(row)
+    data = buf.getvalue().encode()
+    if rng.random() < 0.3:
+        data = b"\xef\xbb\xbf" + data
+    return ("labels.tsv" if delim == "\t" else "labels.csv"), data, truth, multi
+
+
+def test_random_csvs_give_what_their_rows_say_or_stop_with_a_message(flat):
+    import random
+
+    rng = random.Random(0)
+    loaded = 0
+    for case in range(150):
+        name, data, truth, multi = _random_csv(rng, flat)
+        (flat / name).write_bytes(data)
+        try:
+            table = from_csv(flat, name)
+        except DataError as e:
+            assert "--single-label" in str(e) or "--multi-label" in str(e), (case, str(e))
+            continue
+        finally:
+            (flat / name).unlink()
+        loaded += 1
+        assert table.multi_label == multi, (case, data[:200])
+        assert len(table.samples) == len(truth), case
+        assert table.classes == sorted({c for labels in truth.values() for c in labels}), case
+        assert {f"img/{s.path.name}": s.labels for s in table.samples} == truth, case
+    assert loaded >= 120  # stopping is for the ambiguous files only

@@ -75,6 +75,8 @@ class TrainConfig:
     label_cols: str | None = option(None, "One-hot label columns (comma-separated) or 'auto'.")
     multi_label: bool | None = option(None, "Force the task (default: detect).",
                                       flag="--multi-label/--single-label")
+    allow_outside_data: bool = option(
+        False, "CSV: read files named outside DATA (absolute or ../ names); refused otherwise.")
     label_pattern: str | None = option(None, "Regex; its first group on the file name is the label.")
     group_col: str | None = option(None, "CSV column of groups kept on one side of the split.")
     group_pattern: str | None = option(

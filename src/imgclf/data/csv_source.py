@@ -51,16 +51,20 @@ class _Csv:
             if not 0 <= spec < max(width, len(self.header)):
                 raise DataError(f"{self.name}: has no column number {spec} for the {what}")
             return spec
-        lowered = [h.strip().lower() for h in self.header]
-        if spec.strip().lower() in lowered:
-            return lowered.index(spec.strip().lower())
+        wanted = _header_word(spec)
+        if not self.header and self.rows and wanted in map(_header_word, self.rows[0][1]):
+            # A header row imgclf did not recognise, named by the user: it is one after all.
+            self.header = [h.strip() for h in self.rows.pop(0)[1]]
+        lowered = [_header_word(h) for h in self.header]
+        if wanted in lowered:
+            return lowered.index(wanted)
         if spec.isdigit():
             return self.column(int(spec), default, what)
         known = ", ".join(self.header) if self.header else "none: the file has no header row"
         raise DataError(f"{self.name}: no column named {spec!r} for the {what} (columns: {known})")
 
     def find(self, names: tuple[str, ...], exclude: set[int]) -> int | None:
-        lowered = [h.strip().lower() for h in self.header]
+        lowered = [_header_word(h) for h in self.header]
         for name in names:
             if name in lowered and lowered.index(name) not in exclude:
                 return lowered.index(name)
@@ -80,6 +84,7 @@ def from_csv(
     valid_pct: float = 0.2,
     seed: int = 42,
     group_pattern: str | None = None,
+    allow_outside: bool = False,
 ) -> SampleTable:
     """Read labels from a CSV file whose rows name image files relative to `root`.
 
@@ -97,15 +102,22 @@ def from_csv(
             Columns named split or is_valid are used without being named here.
         label_delim: Separator of several labels in one cell; None never splits.
         label_cols: One-hot label columns, or "auto"; the task is then multi-label.
-        multi_label: Force the task; None decides from the data (several labels in a row).
+        multi_label: Force the task; None decides from the data: multi-label when rows carry
+            several labels that also occur apart (see `_detect_multi_label`), single-label
+            when no row does, and a DataError asking for the flag when the data cannot tell.
+            A file listed on several rows (long format) gets the union of their labels in a
+            multi-label task; in a single-label task different labels are a conflict.
         group_col: Column of the group id (site, patient, ...); a group never straddles splits.
         valid_pct: Fraction of each class held out when there is no split column.
         seed: Seed of the random split.
         group_pattern: As in `from_folder`, when there is no group column.
+        allow_outside: Accept file names that lead outside `root` (absolute or ../ names);
+            refused by default, so a labels file cannot make training read arbitrary files.
 
     Raises:
-        DataError: The file or folder is missing, a named column does not exist, or a cell of the
-            split or one-hot columns cannot be understood.
+        DataError: The file or folder is missing, a named column does not exist, a cell of the
+            split or one-hot columns cannot be understood, a file name leaves `root`, the task
+            cannot be told from the labels, or a single-label file is given two labels.
     """
     root = _existing_folder(root)
     table = _read_csv(_existing_csv(root, csv_path), root)
@@ -130,6 +142,7 @@ def from_csv(
         classes = None
 
     splits = _read_splits(table, split) if split is not None else {}
+    _refuse_outside(table, allow_outside)
     samples, missing = _resolve_rows(table, labelled, splits, group)
     if classes is None:  # from the rows whose file exists, so every class has images
         classes = sorted({c for s in samples for c in s.labels})
@@ -178,8 +191,13 @@ def _read_csv(path: Path, root: Path) -> _Csv:
     return _Csv(name, root, header, rows)
 
 
+def _header_word(cell: str) -> str:
+    """'Image Name' and 'image-name' as the known header 'image_name'."""
+    return "_".join(cell.strip().lower().replace("-", " ").split())
+
+
 def _is_header(first: list[str], second: list[str] | None) -> bool:
-    cells = {c.strip().lower() for c in first}
+    cells = {_header_word(c) for c in first}
     if cells & set(_IMAGE_COLUMNS + _LABEL_COLUMNS + _SPLIT_COLUMNS):
         return True
     # A header's first cell is not a file name while the data's first cells are.
@@ -205,25 +223,101 @@ def _cell(cells: list[str], index: int | None) -> str:
 def _cell_labels(
     table: _Csv, col: int, delim: str | None, multi_label: bool | None
 ) -> tuple[list[tuple[int, list[str], tuple[str, ...]]], list[tuple[Path, str]], bool, str | None]:
-    """(line, cells, labels) rows, rows skipped for a blank label, the task, and a detection note."""
-    split_cells = [(line, cells, _split_labels(_cell(cells, col), delim)) for line, cells in table.rows]
+    """(line, cells, labels) rows, one per file, rows skipped for a blank label, the task, and
+    a note on what was detected or merged."""
+    by_file: dict[str, list[tuple[int, list[str]]]] = {}
+    for line, cells in table.rows:
+        by_file.setdefault(_file_key(table, cells), []).append((line, cells))
     note = None
     if multi_label is None:
-        first_multi = next(((line, labels) for line, _, labels in split_cells if len(labels) > 1), None)
-        multi_label = first_multi is not None
-        if first_multi:
-            line, labels = first_multi
-            note = (f"multi-label detected: row {line} has {len(labels)} labels "
-                    f"({', '.join(map(repr, labels))}); if class names contain spaces, pass multi_label=False")
-    out, skipped = [], []
-    for line, cells, labels in split_cells:
-        if multi_label:
-            out.append((line, cells, tuple(sorted(labels))))
-        elif _cell(cells, col):
-            out.append((line, cells, (_cell(cells, col),)))
-        else:
-            skipped.append((table.row_path(cells), f"{table.name} row {line} has a blank label"))
-    return out, skipped, multi_label, note
+        multi_label, note = _detect_multi_label(table, col, delim, by_file)
+    out = []
+    if multi_label:
+        merged = 0
+        for entries in by_file.values():
+            labels = sorted({lab for _, cells in entries
+                             for lab in _split_labels(_cell(cells, col), delim)})
+            merged += len({_cell(cells, col) for _, cells in entries}) > 1
+            out.append((entries[0][0], entries[0][1], tuple(labels)))
+        if merged:
+            note = ((note + "; ") if note else "") + (
+                f"{merged} files are listed on several rows with different labels: each gets "
+                "the union of its rows' labels (long format)")
+        return out, [], True, note
+    conflicts, skipped = [], []
+    for entries in by_file.values():
+        # A blank label is "no label" in a multi-label task; here it leaves nothing to learn.
+        for line, cells in entries:
+            if not _cell(cells, col):
+                skipped.append((table.row_path(cells), f"{table.name} row {line} has a blank label"))
+        entries = [(line, cells) for line, cells in entries if _cell(cells, col)]
+        if not entries:
+            continue
+        labels = dict.fromkeys(_cell(cells, col) for _, cells in entries)
+        if len(labels) > 1:
+            conflicts.append(f"{_cell(entries[0][1], table.image_col)}: " + ", ".join(
+                f"row {line} says {_cell(cells, col)!r}" for line, cells in entries))
+        out.append((entries[0][0], entries[0][1], (next(iter(labels)),)))
+    if conflicts:
+        raise DataError(
+            f"{table.name}: {len(conflicts)} files are listed with different labels "
+            f"({'; '.join(conflicts[:3])}{'; ...' if len(conflicts) > 3 else ''}): a single-label "
+            "image has one label: fix those rows, or pass --multi-label if images may carry "
+            "several labels")
+    return out, skipped, False, note
+
+
+def _file_key(table: _Csv, cells: list[str]) -> str:
+    """Rows naming one file share a key (a row without a file name keeps its own)."""
+    name = _cell(cells, table.image_col)
+    return str(_join(table.root, name)) if name else f"\0{id(cells)}"
+
+
+def _detect_multi_label(table: _Csv, col: int, delim: str | None,
+                        by_file: dict[str, list[tuple[int, list[str]]]]) -> tuple[bool, str | None]:
+    """Whether the labels describe a multi-label task, and the note saying why.
+
+    Several labels on one row are not enough: "milk bottle" is one class with a space, and an
+    unrecognised header "Object Type" is one cell of two words. Labels are taken to be
+    independent only when every label of a several-label file also occurs in another
+    combination (alone, or with other labels), as in real multi-label data; when no file has
+    several labels the task is single-label; anything in between is asked of the user.
+    """
+    sets = {key: frozenset(lab for _, cells in entries
+                           for lab in _split_labels(_cell(cells, col), delim))
+            for key, entries in by_file.items()}
+    several = [(key, labels) for key, labels in sets.items() if len(labels) > 1]
+    if not several:
+        return False, None
+    combos: dict[str, set[frozenset]] = {}
+    for labels in sets.values():
+        for lab in labels:
+            combos.setdefault(lab, set()).add(labels)
+    lonely = sorted({lab for _, labels in several for lab in labels if len(combos[lab]) < 2})
+    line, cells = by_file[several[0][0]][0]
+    example = f"row {line}: {_cell(cells, col)!r}"
+    # Class names hold spaces, not "|" or ",": a cell split on another separator is meant so.
+    deliberate = delim is not None and not delim.isspace() and any(
+        len(_split_labels(_cell(cells, col), delim)) > 1 for entries in by_file.values()
+        for _, cells in entries)
+    if deliberate or (len(several) >= 2 and not lonely):
+        return True, (f"multi-label detected: {len(several)} files have several labels (e.g. "
+                      f"{example}), each of which also occurs on its own or in other "
+                      "combinations; pass --single-label if class names contain spaces")
+    in_one_cell = [(line, cells) for key, _ in several for line, cells in by_file[key]
+                   if len(_split_labels(_cell(cells, col), delim)) > 1]
+    if not in_one_cell:
+        # Only rows repeating a file with another label: a single-label conflict, which
+        # the caller reports row by row.
+        return False, None
+    line, cells = in_one_cell[0]
+    example = f"row {line}: {_cell(cells, col)!r}"
+    raise DataError(
+        f"{table.name}: cannot tell whether {example} is one class or several labels "
+        f"({len(several)} files have several; {', '.join(map(repr, lonely[:4])) or 'too few'} "
+        "occur in no other combination): pass "
+        "--single-label if class names contain spaces, or --multi-label if images carry several "
+        "labels (and check that the first row is not an unrecognised header)")
 
 
 def _split_labels(cell: str, delim: str | None) -> tuple[str, ...]:
@@ -323,6 +417,22 @@ def _resolve_rows(
             group = _cell(cells, group_col) or None
             samples.append(Sample(path, labels, splits.get(line, TRAIN), group))
     return samples, skipped
+
+
+def _refuse_outside(table: _Csv, allow_outside: bool) -> None:
+    """Refuse rows whose file name leads outside the data folder, before any file is opened."""
+    if allow_outside:
+        return
+    root = str(table.root)
+    outside = [(line, name) for line, cells in table.rows
+               if (name := _cell(cells, table.image_col))
+               and os.path.commonpath([root, str(_join(table.root, name))]) != root]
+    if outside:
+        line, name = outside[0]
+        raise DataError(
+            f"{table.name}: {len(outside)} rows name files outside the data folder "
+            f"{display_path(table.root)} (row {line}: {name!r}): keep the images under the data "
+            "folder and name them relative to it, or pass --allow-outside-data to read them")
 
 
 def _join(root: Path, name: str) -> Path:

@@ -244,7 +244,8 @@ def load_table(cfg: TrainConfig) -> SampleTable:
         label_col=cfg.label_col, split_col=cfg.split_col,
         label_delim=cfg.label_delim if cfg.csv else None,
         label_cols=label_cols, multi_label=cfg.multi_label, group_col=cfg.group_col,
-        group_pattern=cfg.group_pattern, valid_pct=cfg.valid_pct, seed=cfg.seed)
+        group_pattern=cfg.group_pattern, valid_pct=cfg.valid_pct, seed=cfg.seed,
+        allow_outside=cfg.allow_outside_data or None)
     if cfg.folds:
         table = fold_table(table, cfg.folds, cfg.fold, cfg.seed)
     return table

@@ -478,3 +478,21 @@ def test_random_csvs_give_what_their_rows_say_or_stop_with_a_message(flat):
         assert table.classes == sorted({c for labels in truth.values() for c in labels}), case
         assert {f"img/{s.path.name}": s.labels for s in table.samples} == truth, case
     assert loaded >= 120  # stopping is for the ambiguous files only
+
+
+def test_training_and_testing_folders_are_the_split(tmp_path, make_dataset):
+    make_dataset(tmp_path, {"training/cat": 4, "training/dog": 4, "testing/cat": 2, "testing/dog": 2})
+    table = from_folder(tmp_path)
+    assert table.classes == ["cat", "dog"]
+    assert Counter(s.split for s in table.samples) == {"train": 8, "valid": 4}
+    assert any("'testing/' is used for validation" in n for n in table.notes)
+
+
+def test_folders_of_folders_never_become_classes_silently(tmp_path, make_dataset):
+    make_dataset(tmp_path / "folds", {"fold1/cat": 3, "fold1/dog": 3, "fold2/cat": 3, "fold2/dog": 3})
+    with pytest.raises(DataError, match="'fold1', 'fold2' each hold the same folders \\(cat, dog\\)"):
+        from_folder(tmp_path / "folds")
+    make_dataset(tmp_path / "nested", {"cat/2019": 3, "cat/2020": 3, "dog": 4})
+    table = from_folder(tmp_path / "nested")
+    assert table.classes == ["cat", "dog"]
+    assert "class folder 'cat' holds only folders (2019, 2020): all their images are labelled 'cat'" in table.notes

@@ -26,7 +26,9 @@ from imgclf.errors import DataError, display_path
 
 __all__ = ["from_folder", "from_pattern", "from_csv", "random_split", "load_source", "load_table"]
 
-_VALID_DIR_NAMES = ("valid", "val", "validation")
+_TRAIN_DIR_NAMES = ("train", "training", "trn")
+_VALID_DIR_NAMES = ("valid", "val", "validation", "dev")
+_TEST_DIR_NAMES = ("test", "testing")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,6 +75,7 @@ def from_folder(
         if per_class[name] == 0:
             shown = ", ".join(f"'{display_path(_rel(d, root))}'" for d in class_dirs[name])
             notes.append(f"class folder {shown} has no images: ignored")
+    notes += _folders_of_folders(root, class_dirs)
     table = SampleTable(samples, sorted(c for c in per_class if per_class[c]), False, root, notes, skipped)
     _apply_groups(table, group_pattern)
     if set(layout) == {TRAIN}:
@@ -83,12 +86,12 @@ def from_folder(
 def _split_layout(root: Path) -> tuple[dict[str, Path], list[str]]:
     """{split: folder} to read, and notes on how the split folders were understood."""
     subdirs = {p.name.lower(): p for p in _subdirs(root)}
-    train = subdirs.get("train")
+    train = next((subdirs[n] for n in _TRAIN_DIR_NAMES if n in subdirs), None)
     # A class that happens to be called "train" holds images, not class folders.
     if train is None or not any(True for _ in _subdirs(train)):
         return {TRAIN: root}, []
     valid = next((subdirs[n] for n in _VALID_DIR_NAMES if n in subdirs), None)
-    test = subdirs.get("test")
+    test = next((subdirs[n] for n in _TEST_DIR_NAMES if n in subdirs), None)
     layout = {TRAIN: train}
     notes: list[str] = []
     if valid is not None:
@@ -99,11 +102,37 @@ def _split_layout(root: Path) -> tuple[dict[str, Path], list[str]]:
         layout[VALID] = test
         notes.append(f"no valid/ folder: '{test.name}/' is used for validation")
     else:
-        notes.append("only a train/ folder: a random part of it is held out for validation")
+        notes.append(f"only a {train.name}/ folder: a random part of it is held out for validation")
     others = sorted(p.name for p in subdirs.values() if p not in layout.values())
     if others:
         notes.append(f"folders next to the split folders are ignored: {', '.join(map(display_path, others))}")
     return layout, notes
+
+
+def _folders_of_folders(root: Path, class_dirs: dict[str, list[Path]]) -> list[str]:
+    """Notes on class folders that hold only folders; an error when every one does with the
+    same subfolders, which is a level of splits or folds taken for classes."""
+    nested = {}
+    for name, dirs in class_dirs.items():
+        subs = [sorted(p.name for p in _subdirs(d)) for d in dirs]
+        if all(subs) and not any(_has_files(d) for d in dirs):
+            nested[name] = sorted({n for names in subs for n in names})
+    if not nested:
+        return []
+    if len(nested) == len(class_dirs) >= 2 and len({tuple(v) for v in nested.values()}) == 1:
+        inner = next(iter(nested.values()))
+        raise DataError(
+            f"{display_path(root)}: the class folders {', '.join(map(repr, sorted(nested)))} each "
+            f"hold the same folders ({', '.join(inner[:5])}) and no images: they look like "
+            "splits or folds, not classes: name them train/ and valid/, or pass the folder of "
+            "one of them as DATA")
+    return [f"class folder '{name}' holds only folders ({', '.join(subs[:3])}"
+            f"{', ...' if len(subs) > 3 else ''}): all their images are labelled '{name}'"
+            for name, subs in sorted(nested.items())]
+
+
+def _has_files(folder: Path) -> bool:
+    return any(_entry_kind(e, []) == "file" for e in _list_dir(folder, []))
 
 
 def _class_dirs(folder: Path, skipped: list[tuple[Path, str]]) -> list[Path]:

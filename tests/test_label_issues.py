@@ -118,7 +118,7 @@ def test_cli_on_a_run_writes_the_csv_and_refreshes_the_report(tiny_run, tmp_path
     run_dir = tmp_path / "run"  # a copy: the shared run stays as other tests expect it
     shutil.copytree(tiny_run.path, run_dir)
     refreshed = []
-    monkeypatch.setattr(train_cmd, "write_report", lambda folder, console: refreshed.append(folder))
+    monkeypatch.setattr(train_cmd, "write_report", lambda folder: refreshed.append(folder))
     result = CliRunner().invoke(app, ["label-issues", str(run_dir)])
     assert result.exit_code == 0, result.output
     rows = read_label_issues(run_dir / FILENAME)

@@ -53,7 +53,7 @@ def reports(request, monkeypatch) -> list:
 
     calls: list = []
     if "real_report" not in request.fixturenames:
-        monkeypatch.setattr(train_cmd, "write_report", lambda run_dir, console: calls.append(run_dir))
+        monkeypatch.setattr(train_cmd, "write_report", lambda run_dir: calls.append(run_dir))
     return calls
 
 

@@ -21,9 +21,11 @@ from imgclf import cli, evaluation
 from imgclf.deploy.bundle import save_bundle
 from imgclf.config import TrainConfig
 from imgclf.data.transforms import Preprocess
-from imgclf.data.validate import CheckReport, DataSummary, DuplicateSet, FileIssue
+from imgclf.data.summary import DataSummary
+from imgclf.data.validate import CheckReport, DuplicateSet, FileIssue
 from imgclf.io import atomic_write_json, atomic_write_text
 from imgclf.report import html as report_html
+from imgclf.report import html_extras
 from imgclf.commands.run import Run
 from imgclf.rundir import write_rows_csv
 
@@ -174,7 +176,7 @@ def test_galleries_are_capped(single_run):
     assert groups and all(g.count('<figure class="card') <= report_html.WRONG_PER_CLASS for g in groups)
     heat = page.split('id="heatmaps"')[1].split("</section>")[0]
     n_items = heat.count('<div class="item')
-    assert 0 < n_items <= report_html.HEATMAPS_WRONG + report_html.HEATMAPS_RIGHT
+    assert 0 < n_items <= html_extras.HEATMAPS_WRONG + html_extras.HEATMAPS_RIGHT
 
 
 def test_multi_label_report(multi_run):

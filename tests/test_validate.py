@@ -13,10 +13,12 @@ import pytest
 from PIL import Image
 from rich.console import Console
 
+from imgclf.cli.render import data_summary
 from imgclf.data.images import ImageInfo
 from imgclf.data.samples import TRAIN, VALID, Sample, SampleTable
 from imgclf.data.sources import from_folder
-from imgclf.data.validate import check_table, print_summary, scan_images, summarize
+from imgclf.data.summary import summarize
+from imgclf.data.validate import check_table, scan_images
 from imgclf.errors import DataError, ImageError
 
 
@@ -113,8 +115,9 @@ def test_summary_single_label(split_folder, make_image):
     assert summary.images == {TRAIN: 18, VALID: 4}
     assert summary.imbalance_ratio == 3.5 and summary.imbalanced
     json.dumps(summary.to_dict())
+    assert "largest / smallest training class: 3.5 (imbalanced" in summary.lines()[0]
     out = io.StringIO()
-    print_summary(summary, Console(file=out, width=100))
+    data_summary(Console(file=out, width=100), summary, summary.text())
     text = out.getvalue()
     assert "cat" in text and "14" in text and "imbalanced" in text
 
@@ -128,7 +131,8 @@ def test_summary_multi_label_and_groups(tmp_path, make_image):
     assert summary.cooccurrence == [[4, 2], [2, 3]]
     assert summary.empty_label_images == {TRAIN: 1, VALID: 0}
     assert summary.groups == {TRAIN: 3, VALID: 1}
-    print_summary(summary, Console(file=io.StringIO()))
+    assert "most frequent label pairs: a+b (2)" in summary.lines()
+    data_summary(Console(file=io.StringIO()), summary, summary.text())
 
 
 def test_conversion_counts_from_custom_fn(split_folder):
@@ -148,9 +152,10 @@ def test_rgba_counted_as_transparency(tmp_path, make_dataset):
     assert report.conversions == {"with transparency": 1}
 
 
-def test_print_summary_is_safe_with_odd_class_names(tmp_path, make_image):
+def test_the_summary_table_is_safe_with_odd_class_names(tmp_path, make_image):
     odd = ["[bold]x", os.fsdecode(b"caf\xe9")]
     samples = [Sample(make_image(tmp_path / f"{i}.png"), (odd[i % 2],), TRAIN if i < 4 else VALID) for i in range(6)]
     out = io.StringIO()
-    print_summary(summarize(SampleTable(samples, sorted(odd), root=tmp_path)), Console(file=out, width=100))
+    summary = summarize(SampleTable(samples, sorted(odd), root=tmp_path))
+    data_summary(Console(file=out, width=100), summary, summary.text())
     assert "[bold]x" in out.getvalue() and "caf\\xe9" in out.getvalue()

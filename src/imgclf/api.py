@@ -3,11 +3,16 @@
 A thin facade: the public signatures and their documentation, delegating to `imgclf.commands`
 (one module per verb) and to the bundle in `imgclf.deploy`. The CLI is a thin layer over these;
 nothing in the package imports this module.
+
+The functions print nothing: they log to the "imgclf" logger (`logging.basicConfig(level="INFO")`
+shows the messages) and report progress through `imgclf.progress`; `imgclf` on the command line
+draws both. Their `console` argument is accepted for compatibility and ignored.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 
 from imgclf.commands import cv as _cv
@@ -24,6 +29,13 @@ from imgclf.deploy.bundle import load as load_bundle
 __all__ = ["train", "evaluate", "predict", "load", "cross_validate", "mine", "Run"]
 
 
+def _ignore_console(console) -> None:
+    """The deprecated `console` argument: accepted, ignored, with a DeprecationWarning."""
+    if console is not None:
+        warnings.warn("console= is deprecated and ignored: imgclf logs to the 'imgclf' logger "
+                      "(configure logging to see the messages)", DeprecationWarning, stacklevel=3)
+
+
 def train(data: str | Path | None = None, *, config: TrainConfig | None = None,
           resume: str | Path | None = None, console=None, **options) -> Run | None:
     """Train a classifier and write a run directory.
@@ -32,7 +44,7 @@ def train(data: str | Path | None = None, *, config: TrainConfig | None = None,
         data: Image folder (class folders, or the root of a CSV's file names).
         config: Full settings; `options` override its fields.
         resume: A run directory to continue after an interruption (its config is reused).
-        console: rich Console for progress and summaries (default: stderr).
+        console: Deprecated and ignored (messages go to the "imgclf" logger).
         **options: Any `TrainConfig` field, e.g. `epochs=3, model="resnet18"`.
 
     Returns:
@@ -43,13 +55,14 @@ def train(data: str | Path | None = None, *, config: TrainConfig | None = None,
         ImgclfError: An unknown option (naming the closest one) or a bad value, before
             anything is read or written.
     """
+    _ignore_console(console)
     if resume is None:  # a resumed run reuses its config.yaml, checked when it was written
         config = with_options(config, **options)
         if data is not None:
             config = dataclasses.replace(config, data=str(data))
         config.check()
         data, options = None, {}
-    return _train.train(data, config=config, resume=resume, console=console, **options)
+    return _train.train(data, config=config, resume=resume, **options)
 
 
 def load(path: str | Path) -> Bundle:
@@ -76,14 +89,15 @@ def evaluate(target: str | Path, data: str | Path | None = None, *, out: str | P
             when > 0 the plain score is reported next to the TTA score.
         tta_reduce: "mean" or "max" over the views (None: the bundle's setting, else mean).
         batch_size: Images per forward pass.
-        console: rich Console.
+        console: Deprecated and ignored (messages go to the "imgclf" logger).
         **source_options: Data-source options (csv, label_col, ...) as for `train`.
 
     Returns:
         The metrics dict (also written as metrics.json in the output folder).
     """
+    _ignore_console(console)
     return _evaluate.evaluate(target, data, out=out, tta=tta, tta_reduce=tta_reduce,
-                              batch_size=batch_size, console=console, **source_options)
+                              batch_size=batch_size, **source_options)
 
 
 def cross_validate(data: str | Path | None = None, *, folds: int = 5,
@@ -98,7 +112,7 @@ def cross_validate(data: str | Path | None = None, *, folds: int = 5,
             receives the cross-validation folder, `name` names it.
         resume: A cross-validation folder to finish: finished folds are kept, an interrupted
             fold resumes, missing folds are trained.
-        console: rich Console (default: stderr).
+        console: Deprecated and ignored (messages go to the "imgclf" logger).
         **options: Any `TrainConfig` field.
 
     Returns:
@@ -108,8 +122,8 @@ def cross_validate(data: str | Path | None = None, *, folds: int = 5,
         ImgclfError: An unknown option (naming the closest one) or a bad value, before
             anything is read or written.
     """
-    return _cv.cross_validate(data, folds=folds, config=config, resume=resume, console=console,
-                              **options)
+    _ignore_console(console)
+    return _cv.cross_validate(data, folds=folds, config=config, resume=resume, **options)
 
 
 def mine(run: str | Path, pool: str | Path | None = None, *, per_round: int | None = None,
@@ -143,13 +157,14 @@ def mine(run: str | Path, pool: str | Path | None = None, *, per_round: int | No
         seed: Seed of the split, the round-0 picks and training (default: the run's seed).
         resume: Require an interrupted mining to continue (error when there is none).
         restart: Put the run's files back as they were before mining and start over.
-        console: rich Console for progress and tables (default: stderr).
+        console: Deprecated and ignored (messages go to the "imgclf" logger).
 
     Returns:
         The per-round table, the kept round and why mining stopped.
     """
+    _ignore_console(console)
     return _mine.mine(run, pool, per_round=per_round, rounds=rounds, epochs=epochs,
                       initial=initial, negative_label=negative_label,
                       valid_negatives=valid_negatives, pool_valid_pct=pool_valid_pct,
                       patience=patience, lr=lr, freeze_epochs=freeze_epochs, batch_size=batch_size,
-                      seed=seed, resume=resume, restart=restart, console=console)
+                      seed=seed, resume=resume, restart=restart)

@@ -1,6 +1,8 @@
 """Command line: parses arguments and calls the library (imgclf.api). Nothing else lives here.
 
 The training flags of `train` and `cv` are generated from TrainConfig (imgclf.cli.options).
+While a command runs, the library's log records and progress are drawn on the console
+(imgclf.cli.console), tables included (imgclf.cli.render).
 
 The library's modules are imported inside each command, so that `imgclf --help` and a mistyped
 flag answer at once instead of after importing torch.
@@ -14,20 +16,22 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 
+from imgclf.cli.console import command_output, console
 from imgclf.cli.options import config_from_flags, config_options
 from imgclf.errors import ImgclfError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train, evaluate, explain and deploy image classifiers.")
-console = Console(stderr=True, soft_wrap=True)  # messages stay one line each, even in logs
 _debug = {"on": False}
 
 
 @app.callback()
-def _main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")):
+def _main(ctx: typer.Context,
+          debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")):
     _debug["on"] = debug or bool(os.environ.get("IMGCLF_DEBUG"))
+    # For the command's duration (click closes the context when it ends, however it ends).
+    ctx.with_resource(command_output(console))
 
 
 @app.command()
@@ -38,7 +42,7 @@ def train(resume: Optional[Path] = None, **flags):
 
     if resume is None and flags["data"] is None:
         raise ImgclfError("pass DATA (a folder of images) or --resume RUN")
-    api.train(config=config_from_flags(flags), resume=resume, console=console)
+    api.train(config=config_from_flags(flags), resume=resume)
 
 
 @app.command()
@@ -61,7 +65,7 @@ def evaluate(
                                  "label_pattern": label_pattern, "label_cols": label_cols,
                                  "label_delim": label_delim if csv else None}.items() if v}
     api.evaluate(run, data, out=out_dir, tta=tta, tta_reduce=tta_reduce, batch_size=batch_size,
-                 console=console, **options)
+                 **options)
 
 
 @app.command()
@@ -111,7 +115,7 @@ def demo(
     """Train on a small built-in data set (scikit-learn's digits) and print where the report is."""
     from imgclf.commands.demo import run_demo  # lazy: start-up time (`imgclf --help` imports no torch)
 
-    run_demo(out_dir, epochs=epochs, console=console)
+    run_demo(out_dir, epochs=epochs)
 
 
 @app.command()
@@ -129,8 +133,7 @@ def cv(folds: int = 5, resume: Optional[Path] = None, **flags):
 
     if resume is None and flags["data"] is None:
         raise ImgclfError("pass DATA (a folder of images) or --resume CV_DIR")
-    api.cross_validate(folds=folds, config=config_from_flags(flags), resume=resume,
-                       console=console)
+    api.cross_validate(folds=folds, config=config_from_flags(flags), resume=resume)
 
 
 @app.command("label-issues")
@@ -140,7 +143,7 @@ def label_issues(
     """Rank suspected label errors (out-of-fold or validation predictions) into label_issues.csv."""
     from imgclf.commands.label_issues import find_label_issues  # lazy: start-up time (`imgclf --help` imports no torch)
 
-    find_label_issues(target, console=console)
+    find_label_issues(target, refresh_report=True)
 
 
 @app.command()
@@ -159,8 +162,7 @@ def export(
     from imgclf.deploy.export import export as export_bundle  # lazy: start-up time (`imgclf --help` imports no torch)
 
     export_bundle(model, format=format, out=out_file, opset=opset, dynamic_batch=dynamic_batch,
-                  exporter=exporter, check=check, images=images, max_images=max_images,
-                  console=console)
+                  exporter=exporter, check=check, images=images, max_images=max_images)
 
 
 @app.command()
@@ -184,7 +186,7 @@ def serve(
                            max_pixels=max_pixels, max_files=max_files, max_batch=max_batch,
                            upload_timeout=upload_timeout, predict_timeout=predict_timeout,
                            threads=threads),
-               host=host, port=port, workers=workers, console=console)
+               host=host, port=port, workers=workers)
 
 
 @app.command()
@@ -212,7 +214,7 @@ def mine(
     api.mine(run, pool, per_round=per_round, rounds=rounds, epochs=epochs, initial=initial,
              negative_label=negative_label, valid_negatives=valid_negatives,
              pool_valid_pct=pool_valid_pct, patience=patience, lr=lr, freeze_epochs=freeze_epochs,
-             batch_size=batch_size, seed=seed, resume=resume, restart=restart, console=console)
+             batch_size=batch_size, seed=seed, resume=resume, restart=restart)
 
 
 @app.command()
@@ -223,7 +225,7 @@ def report(
     """Rebuild report.html and the PNGs in plots/ of a run."""
     from imgclf.report.html import write_report  # lazy: start-up time (`imgclf --help` imports no torch)
 
-    path = write_report(run, console=console, heatmaps=heatmaps)
+    path = write_report(run, heatmaps=heatmaps)
     console.print(f"Report: [bold]{path}[/]")
 
 

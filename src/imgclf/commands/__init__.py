@@ -8,6 +8,9 @@
     demo.py          imgclf demo
     run.py           Run: a run directory with its predictions and bundle
 
-Commands return data and report through the console they are given; `imgclf.api` exposes them.
+Commands return data and log what they do to the "imgclf" logger (progress through
+`imgclf.progress`); a record that carries a table has a `view` (its kind) and `data`, which the
+command line draws (`imgclf.cli.render`); its message is the table's title. `imgclf.api`
+exposes the commands.
 Nothing here is re-exported, so `imgclf.commands.train` is always the module.
 """

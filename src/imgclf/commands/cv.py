@@ -18,6 +18,7 @@ import csv
 import dataclasses
 import io
 import json
+import logging
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ from imgclf.data.split import assign_folds
 from imgclf.errors import ImgclfError
 from imgclf.io import atomic_write_json, atomic_write_text
 from imgclf.rundir import new_run_dir
+
+log = logging.getLogger(__name__)
 
 CV_CONFIG = "cv_config.yaml"
 SUMMARY = "cv_summary.json"
@@ -63,9 +66,8 @@ class CvResult:
 
 def cross_validate(data: str | Path | None = None, *, folds: int = 5,
                    config: TrainConfig | None = None, resume: str | Path | None = None,
-                   console=None, **options) -> CvResult:
+                   **options) -> CvResult:
     """`imgclf.api.cross_validate` (documented there): one run per fold, pooled."""
-    console = train_cmd._console(console)
     if resume is not None:
         cv_dir = Path(resume)
         if not (cv_dir / CV_CONFIG).is_file():
@@ -89,19 +91,18 @@ def cross_validate(data: str | Path | None = None, *, folds: int = 5,
         cv_dir = new_run_dir(cfg.out, cfg.name, cfg.data)
         cfg.name = cv_dir.name
         cfg.to_yaml(cv_dir / CV_CONFIG)
-    console.print(f"Cross-validation folder: [bold]{cv_dir}[/] ({cfg.folds} folds)")
+    log.info("Cross-validation folder: %s (%d folds)", cv_dir, cfg.folds)
     for k in range(cfg.folds):
         fold_dir = cv_dir / f"fold-{k}"
-        console.rule(f"fold {k + 1} of {cfg.folds}")
+        log.info("%s", f"fold {k + 1} of {cfg.folds}", extra={"view": "rule", "data": None})
         if (fold_dir / "model" / "model.json").is_file() and (fold_dir / "metrics.json").is_file():
-            console.print(f"{fold_dir} already finished")
+            log.info("%s already finished", fold_dir)
         elif (fold_dir / "config.yaml").is_file():
-            train_cmd.train(resume=fold_dir, console=console)
+            train_cmd.train(resume=fold_dir)
         else:
-            train_cmd.train(config=dataclasses.replace(cfg, fold=k, out=str(cv_dir), name=f"fold-{k}"),
-                      console=console)
+            train_cmd.train(config=dataclasses.replace(cfg, fold=k, out=str(cv_dir), name=f"fold-{k}"))
     result = summarize(cv_dir, cfg.folds)
-    print_summary(result, console)
+    _log_summary(result)
     return result
 
 
@@ -209,34 +210,14 @@ def read_oof(path: str | Path) -> tuple[evaluation.Predictions, list[int]]:
     return preds, folds
 
 
-def print_summary(result: CvResult, console) -> None:
-    """Per-fold metrics, mean ± std and the pooled out-of-fold metrics as a table."""
-    from rich.table import Table
-
+def _log_summary(result: CvResult) -> None:
+    """The per-fold table (view "cv_summary": per-fold metrics, mean ± std, out-of-fold), then
+    where the files are."""
     s = result.summary
-    names = [n for n in HEADLINE[s["task"] == "multi_label"] if n in s["mean"]]
-    table = Table(title=f"Cross-validation: {s['folds']} folds, {s['images']} images",
-                  title_justify="left")
-    short = {"balanced_accuracy": "balanced acc", "zero_one_accuracy": "exact match",
-             "hamming_accuracy": "label acc"}
-    for col in ["fold", "train", "valid", *names]:
-        table.add_column(short.get(col, col), justify="left" if col == "fold" else "right",
-                         no_wrap=True)
-
-    def fmt(v) -> str:
-        return "-" if v is None else f"{v:.4f}"
-
-    for r in s["per_fold"]:
-        table.add_row(str(r["fold"]), str(r["train_images"]), str(r["valid_images"]),
-                      *(fmt(r.get(n)) for n in names))
-    table.add_section()
-    table.add_row("mean", "", "", *(fmt(s["mean"][n]) for n in names), style="bold")
-    table.add_row("± std", "", "", *(fmt(s["std"].get(n)) for n in names))
-    if "out_of_fold" in s:
-        table.add_row("out-of-fold", "", str(s["images"]),
-                      *(fmt(s["out_of_fold"].get(n)) for n in names))
-    console.print(table)
-    console.print(f"Summary: {result.path / SUMMARY}")
-    console.print(f"Out-of-fold predictions: {result.path / OOF}")
+    columns = [n for n in HEADLINE[s["task"] == "multi_label"] if n in s["mean"]]
+    log.info("Cross-validation: %d folds, %d images", s["folds"], s["images"],
+             extra={"view": "cv_summary", "data": {"summary": s, "columns": columns}})
+    log.info("Summary: %s", result.path / SUMMARY)
+    log.info("Out-of-fold predictions: %s", result.path / OOF)
     if s["task"] != "multi_label":
-        console.print(f"Suspected label errors: `imgclf label-issues {result.path}`")
+        log.info("Suspected label errors: `imgclf label-issues %s`", result.path)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from imgclf.commands import train as train_cmd
+
+log = logging.getLogger(__name__)
 
 
 def make_digits_folder(root: str | Path, per_class: int = 40, side: int = 48, seed: int = 0) -> Path:
@@ -35,16 +38,13 @@ def make_digits_folder(root: str | Path, per_class: int = 40, side: int = 48, se
     return root
 
 
-def run_demo(out: str | Path = "runs", epochs: int = 8, console=None):
-    """Build the digits folder, train a small model from scratch, print where the results are."""
+def run_demo(out: str | Path = "runs", epochs: int = 8):
+    """Build the digits folder, train a small model from scratch, log where the results are."""
     out = Path(out)
     data = make_digits_folder(out / "demo-data", per_class=60)
-    if console is not None:
-        console.print(f"Demo data: {data} (scikit-learn digits as class folders)")
+    log.info("Demo data: %s (scikit-learn digits as class folders)", data)
     run = train_cmd.train(data, out=str(out), name=None, model="resnet10t", pretrained=False,
-                    size=64, epochs=epochs, freeze_epochs=0, lr=3e-3, batch_size=32,
-                    console=console)
-    if console is not None:
-        console.print(f"\nOpen the report in a browser: [bold]{run.report_path}[/]\n"
-                      f"Predict with the bundle:  imgclf predict {run.path} {data}/seven/000.png")
+                          size=64, epochs=epochs, freeze_epochs=0, lr=3e-3, batch_size=32)
+    log.info("\nOpen the report in a browser: %s\nPredict with the bundle:  imgclf predict %s "
+             "%s/seven/000.png", run.report_path, run.path, data)
     return run

@@ -1,9 +1,14 @@
 """`imgclf evaluate`: score a bundle on its run's validation set or on other labelled images
-(the body of `imgclf.api.evaluate`)."""
+(the body of `imgclf.api.evaluate`).
+
+The per-class table is logged as a record whose `view` is "evaluation" (the command line draws
+it); the headline numbers and the most confused pairs are plain log lines.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -22,15 +27,15 @@ from imgclf.errors import DataError, ImgclfError
 from imgclf.io import atomic_write_json, atomic_write_text
 from imgclf.training.task import Task
 
+log = logging.getLogger(__name__)
 
 @train_cmd.uses_all_cores
 def evaluate(target: str | Path, data: str | Path | None = None, *, out: str | Path | None = None,
              tta: int | None = None, tta_reduce: str | None = None, batch_size: int = 32,
-             console=None, **source_options) -> dict:
+             **source_options) -> dict:
     """`imgclf.api.evaluate` (documented there): score a bundle, write metrics and plots."""
     from imgclf.report import plots  # lazy: matplotlib (and its Agg backend) only once plots are drawn
 
-    console = train_cmd._console(console)
     bundle = load_bundle(target)
     tta, tta_reduce = bundle.tta_setting(tta, tta_reduce)
     run_dir = bundle.path.parent if (bundle.path.parent / "config.yaml").is_file() else None
@@ -56,15 +61,15 @@ def evaluate(target: str | Path, data: str | Path | None = None, *, out: str | P
     known = set(bundle.classes)
     unknown = sorted({lab for s in samples for lab in s.labels} - known)
     if unknown:
-        console.print(f"[yellow]Skipping images with labels the model does not know: "
-                      f"{', '.join(unknown[:10])}{' ...' if len(unknown) > 10 else ''}[/]")
+        log.warning("Skipping images with labels the model does not know: %s%s",
+                    ", ".join(unknown[:10]), " ..." if len(unknown) > 10 else "")
         samples = [s for s in samples if set(s.labels) <= known]
     if not samples:
         raise DataError("no images with known labels to evaluate on")
     table = table.with_samples(samples)
     decoded, errors, _ = decode_all([s.path for s in samples], bundle.preprocess, cache)
     for p, reason in errors.items():
-        console.print(f"[yellow]skipped[/] {p}: {reason}")
+        log.warning("skipped %s: %s", p, reason)
     by_path = {s.path: s for s in samples}
     used = [by_path[p] for p in decoded.paths]
     task = Task(tuple(bundle.classes), bundle.multi_label)
@@ -96,10 +101,10 @@ def evaluate(target: str | Path, data: str | Path | None = None, *, out: str | P
         _write_confusion_csv(out_dir / "confusion.csv", cm, bundle.classes)
         plots.save(plots.confusion(cm, bundle.classes), out_dir / "plots" / "confusion.png")
         result["most_confused"] = evaluation.most_confused(preds, min_count=1)[:20]
-    _print_evaluation(result, bundle, console)
+    _log_evaluation(result, bundle)
     if run_dir is not None and out_dir == run_dir:
-        train_cmd.write_report(run_dir, console)
-    console.print(f"Results: {out_dir}")
+        train_cmd.write_report(run_dir)
+    log.info("Results: %s", out_dir)
     return result
 
 
@@ -109,35 +114,22 @@ def _write_confusion_csv(path: Path, cm: np.ndarray, classes: list[str]) -> None
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
-def _print_evaluation(result: dict, bundle: Bundle, console) -> None:
-    from rich.table import Table
-
+def _log_evaluation(result: dict, bundle: Bundle) -> None:
+    """The headline numbers (and with TTA), the per-class table, the most confused pairs."""
     head = (["zero_one_accuracy", "hamming_accuracy", "f1_macro", "map"] if bundle.multi_label
             else ["accuracy", "balanced_accuracy", "f1_macro", "loss"])
     line = "  ".join(f"{k}={result[k]:.4f}" for k in head if result.get(k) is not None)
-    console.print(f"[bold]{result.get('n_samples', '')} images[/]  {line}")
+    log.info("%s images  %s", result.get("n_samples", ""), line)
     if "tta" in result:
         t = result["tta"]
         line = "  ".join(f"{k}={t[k]:.4f}" for k in head if t.get(k) is not None)
-        console.print(f"[bold]with TTA ({t['views']} views)[/]  {line}")
-    per = result.get("per_class") or {}
+        log.info("with TTA (%s views)  %s", t["views"], line)
     title = "Per class"
     if bundle.multi_label:
         title += (" at the bundle's thresholds (tuned on validation)" if bundle.thresholds
                   else " at threshold 0.5 (the bundle has no tuned thresholds)")
-    table = Table(title=title)
-    for col in ["class", "precision", "recall", "f1", "support"] + (
-            ["ap", "threshold"] if bundle.multi_label else []):
-        table.add_column(col, justify="left" if col == "class" else "right")
-    thresholds = result.get("thresholds") or []
-    for j, (c, m) in enumerate(per.items()):
-        cells = [f"{m[k]:.3f}" if isinstance(m.get(k), float) else str(m.get(k))
-                 for k in ["precision", "recall", "f1", "support"] +
-                 (["ap"] if bundle.multi_label else [])]
-        if bundle.multi_label:
-            cells.append(f"{thresholds[j]:.2f}" if j < len(thresholds) else "")
-        table.add_row(c, *cells)
-    if len(per) <= 60:
-        console.print(table)
+    if len(result.get("per_class") or {}) <= 60:
+        log.info("%s", title, extra={"view": "evaluation", "data": {
+            "metrics": result, "multi_label": bundle.multi_label}})
     for a, p, n in result.get("most_confused", [])[:10]:
-        console.print(f"  {a} -> {p}: {n}")
+        log.info("  %s -> %s: %s", a, p, n)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,8 @@ from imgclf.commands.cv import OOF
 from imgclf.errors import ImgclfError
 from imgclf.evaluation import rank_label_issues
 from imgclf.io import atomic_write_text
+
+log = logging.getLogger(__name__)
 
 FILENAME = "label_issues.csv"
 COLUMNS = ("rank", "path", "given", "suggested", "score", "given_prob", "suggested_prob",
@@ -73,13 +76,16 @@ def predictions_file(target: str | Path) -> Path:
                       "(`imgclf cv`) or a finished run directory")
 
 
-def find_label_issues(target: str | Path, console=None) -> LabelIssues:
+def find_label_issues(target: str | Path, refresh_report: bool = False) -> LabelIssues:
     """Rank suspected label errors and write label_issues.csv next to the predictions.
+
+    The count and the top suspects are logged (the table as view "label_issues").
 
     Args:
         target: Cross-validation folder (uses oof_predictions.csv), run directory (uses its
             validation predictions.csv) or a predictions CSV file.
-        console: rich Console for the table of top suspects (None prints nothing).
+        refresh_report: Rebuild the run's report.html so that it shows the suspects (when
+            `target` is a finished run).
 
     Returns:
         The suspects, best first.
@@ -106,9 +112,9 @@ def find_label_issues(target: str | Path, console=None) -> LabelIssues:
     out = source.parent / FILENAME
     _write(out, rows, with_fold=folds is not None)
     result = LabelIssues(out, rows, len(preds.paths), source)
-    if console is not None:
-        _print(result, console)
-        _refresh_report(source.parent, console)
+    _log(result)
+    if refresh_report:
+        _refresh_report(source.parent)
     return result
 
 
@@ -145,24 +151,16 @@ def read_label_issues(path: str | Path) -> list[dict]:
     return rows
 
 
-def _print(result: LabelIssues, console, limit: int = 20) -> None:
-    from rich.markup import escape
-    from rich.table import Table
-
+def _log(result: LabelIssues, limit: int = 20) -> None:
     n = len(result.rows)
     sure = sum(r["confident"] for r in result.rows)
-    console.print(f"{n} suspected label errors among {result.n_images} images "
-                  f"({result.source.name}; {sure} also flagged by confident learning); "
-                  "nothing was relabelled")
+    log.info("%d suspected label errors among %d images (%s; %d also flagged by confident "
+             "learning); nothing was relabelled", n, result.n_images, result.source.name, sure)
     if n:
-        table = Table(title=f"Top {min(n, limit)} (highest score first)", title_justify="left")
-        for col in ("rank", "image", "given", "suggested", "score"):
-            table.add_column(col, justify="right" if col in ("rank", "score") else "left")
-        for r in result.rows[:limit]:
-            table.add_row(str(r["rank"]), escape(_short(r["path"])), escape(r["given"]),
-                          escape(r["suggested"]), f"{r['score']:.3f}")
-        console.print(table)
-    console.print(f"Wrote {result.csv_path}")
+        top = [{**r, "path": _short(r["path"])} for r in result.rows[:limit]]
+        log.info("Top %d (highest score first)", len(top),
+                 extra={"view": "label_issues", "data": top})
+    log.info("Wrote %s", result.csv_path)
 
 
 def _short(path: str, keep: int = 3) -> str:
@@ -170,8 +168,8 @@ def _short(path: str, keep: int = 3) -> str:
     return str(Path(*parts[-keep:])) if len(parts) > keep else path
 
 
-def _refresh_report(folder: Path, console) -> None:
+def _refresh_report(folder: Path) -> None:
     """Rebuild a run's report.html so that it shows the new label_issues.csv."""
     if not (folder / "config.yaml").is_file() or not (folder / "metrics.json").is_file():
         return
-    train_cmd.write_report(folder, console)
+    train_cmd.write_report(folder)

@@ -2,25 +2,30 @@
 
 Also the steps other commands share: `prepare_data` (load, decode, check and summarise the
 data), `finish_run` (predictions, metrics, thresholds, bundle, plots, report) and the small
-helpers `_console`, `_cache_dir`, `uses_all_cores` and `write_report`.
+helpers `_cache_dir`, `uses_all_cores` and `write_report`.
+
+Messages go to the "imgclf" logger; the data summary is logged as a record whose `view` is
+"data_summary" (the command line draws it as a table).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
+import logging
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
-from rich.markup import escape
 
-from imgclf import evaluation
+from imgclf import evaluation, progress
 from imgclf.commands.run import Run
 from imgclf.config import TrainConfig
 from imgclf.data import validate
+from imgclf.data.summary import summarize
 from imgclf.data.cache import decode_all, default_cache_dir
 from imgclf.data.datasets import ImageDataset
 from imgclf.data.samples import TRAIN, VALID, SampleTable
@@ -34,16 +39,11 @@ from imgclf.rundir import new_run_dir, read_rows_csv, write_rows_csv
 from imgclf.training import balance, distributed, models, preflight, recipe
 from imgclf.training.engine import seed_everything
 from imgclf.training.epochs import Best, EpochRow, fine_tuning_check
-from imgclf.training.fine_tune import FitData, FitResult, fine_tune, load_tensors, save_tensors
+from imgclf.training.features import load_tensors, save_tensors
+from imgclf.training.fine_tune import FitData, FitResult, fine_tune
 from imgclf.training.task import Task
 
-
-def _console(console=None):
-    if console is not None:
-        return console
-    from rich.console import Console
-
-    return Console(stderr=True)
+log = logging.getLogger(__name__)
 
 
 def _cache_dir(cfg: TrainConfig) -> Path | None:
@@ -82,9 +82,10 @@ class PreparedData:
     summary: object
 
 
-def prepare_data(cfg: TrainConfig, pre: Preprocess, console, table: SampleTable | None = None,
+def prepare_data(cfg: TrainConfig, pre: Preprocess, table: SampleTable | None = None,
                  task: Task | None = None) -> PreparedData:
-    """Load, decode once (this is also the corrupt-file check), check and summarise the data."""
+    """Load, decode once (this is also the corrupt-file check), check and summarise the data
+    (logged with the view "data_summary")."""
     table = table if table is not None else load_table(cfg)
     decoded, errors, infos = decode_all([s.path for s in table.samples], pre, _cache_dir(cfg))
 
@@ -95,11 +96,11 @@ def prepare_data(cfg: TrainConfig, pre: Preprocess, console, table: SampleTable 
         return infos.get(path)
 
     table, report = validate.check_table(table, fn=decoded_result, progress=False)
-    summary = validate.summarize(table, report)
+    summary = summarize(table, report)
     summary.balance = balance.resolve(cfg.balance, summary.imbalance_ratio, table.multi_label)
     summary.balance_note = balance.describe(cfg.balance, summary.balance, summary.imbalance_ratio,
                                             table.multi_label)
-    validate.print_summary(summary, console)
+    log.info(summary.text(), extra={"view": "data_summary", "data": summary})
     smoothing = 0.0 if table.multi_label else float(getattr(cfg, "label_smoothing", 0) or 0)
     task = task or Task(tuple(table.classes), table.multi_label, smoothing)
     index = {p: i for i, p in enumerate(decoded.paths)}
@@ -141,9 +142,8 @@ def _load_best(run_dir: Path) -> Best:
 
 @uses_all_cores
 def train(data: str | Path | None = None, *, config: TrainConfig | None = None,
-          resume: str | Path | None = None, console=None, **options) -> Run | None:
+          resume: str | Path | None = None, **options) -> Run | None:
     """`imgclf.api.train` (its docstring documents the arguments): train, write the run."""
-    console = _console(console)
     state: dict = {}
     if resume is not None:
         run_dir = Path(resume)
@@ -158,7 +158,7 @@ def train(data: str | Path | None = None, *, config: TrainConfig | None = None,
             raise ImgclfError(f"{state_p} is damaged ({e}): delete it to resume from the "
                               "start of training") from None
         if state.get("stage") == "finished":
-            console.print(f"{run_dir} already finished; nothing to resume")
+            log.info("%s already finished; nothing to resume", run_dir)
             return Run(run_dir)
     else:
         cfg = dataclasses.replace(config or TrainConfig(), **options)
@@ -172,11 +172,27 @@ def train(data: str | Path | None = None, *, config: TrainConfig | None = None,
     distributed.check_strategy(cfg)
     if distributed.wants_several_processes(cfg):
         distributed.share_cores(cfg)
-    if not rank_zero:
-        from rich.console import Console
+    with contextlib.nullcontext() if rank_zero else _other_rank():
+        return _train(cfg, run_dir, resume, state, rank_zero)
 
-        console = Console(stderr=True, quiet=True)  # rank 0 speaks for the run
 
+@contextlib.contextmanager
+def _other_rank():
+    """Rank 0 speaks for the run: in the other processes of a multi-process run, imgclf logs
+    errors only and reports no progress, for the duration of the call."""
+    logger = logging.getLogger("imgclf")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with progress.reporting(None):
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _train(cfg: TrainConfig, run_dir: Path | None, resume, state: dict,
+           rank_zero: bool) -> Run | None:
+    """The body of `train` once the settings are known and checked."""
     seed_everything(cfg.seed, workers=True, verbose=False)
     table = load_table(cfg)
     recipe.check_techniques(cfg, table.multi_label)
@@ -201,13 +217,13 @@ def train(data: str | Path | None = None, *, config: TrainConfig | None = None,
     scratch_run_dir = not rank_zero and run_dir.name.startswith(_SCRATCH_PREFIX)
     if rank_zero and distributed.wants_several_processes(cfg):
         os.environ[distributed.RUN_DIR_ENV] = str(run_dir)
-    console.print(f"Run directory: [bold]{run_dir}[/]")
-    prep = prepare_data(cfg, pre, console, table=table)
-    pre, norm_source = _normalisation(cfg, model, pre, prep, console)
+    log.info("Run directory: %s", run_dir)
+    prep = prepare_data(cfg, pre, table=table)
+    pre, norm_source = _normalisation(cfg, model, pre, prep)
     if rank_zero:
         atomic_write_json(run_dir / "data_summary.json",
                           {"summary": prep.summary.to_dict(), "checks": prep.report.to_dict()})
-    _print_skipped(prep.report, console)
+    _log_skipped(prep.report)
     fit_data = _datasets(prep, pre)
     task = prep.task
 
@@ -225,11 +241,11 @@ def train(data: str | Path | None = None, *, config: TrainConfig | None = None,
         if improved:
             _save_best(run_dir, best)
 
-    console.print(f"Training {cfg.model} on {len(fit_data.train)} images, validating on "
-                  f"{len(fit_data.valid)} ({task.name.replace('_', '-')}, "
-                  f"{len(task.classes)} classes)")
+    log.info("Training %s on %d images, validating on %d (%s, %d classes)", cfg.model,
+             len(fit_data.train), len(fit_data.valid), task.name.replace("_", "-"),
+             len(task.classes))
     result = fine_tune(model, task, pre, fit_data, cfg, run_dir, on_row, rows=rows,
-                                best=best, resume=state, console=console)
+                       best=best, resume=state)
     if not rank_zero:
         if scratch_run_dir:
             import shutil
@@ -239,7 +255,7 @@ def train(data: str | Path | None = None, *, config: TrainConfig | None = None,
     if result.best.probs is None:
         raise ImgclfError("training stopped before any epoch finished: nothing to save; "
                           f"resume with `imgclf train --resume {run_dir}`")
-    finish_run(run_dir, cfg, model, task, pre, prep, result, console,
+    finish_run(run_dir, cfg, model, task, pre, prep, result,
                extra={"normalization": {"mean": list(pre.mean), "std": list(pre.std),
                                         "source": norm_source}})
     # Only now is nothing left to redo: a run killed while writing its report resumes into
@@ -250,9 +266,9 @@ def train(data: str | Path | None = None, *, config: TrainConfig | None = None,
     return Run(run_dir)
 
 
-def _normalisation(cfg: TrainConfig, model, pre: Preprocess, prep: PreparedData,
-                   console) -> tuple[Preprocess, str]:
-    """The run's input mean/std (--norm-stats), printed; they go into the bundle with `pre`."""
+def _normalisation(cfg: TrainConfig, model, pre: Preprocess,
+                   prep: PreparedData) -> tuple[Preprocess, str]:
+    """The run's input mean/std (--norm-stats), logged; they go into the bundle with `pre`."""
     cfg_model = model.pretrained_cfg or {}
     model_stats = (tuple(cfg_model.get("mean", pre.mean)), tuple(cfg_model.get("std", pre.std)))
     train_idx = [prep.index[s.path] for s in prep.table.split(TRAIN)]
@@ -268,18 +284,18 @@ def _normalisation(cfg: TrainConfig, model, pre: Preprocess, prep: PreparedData,
                                                   _TrainImages())
     words = {"model": "the pretrained model's own", "data": "computed from up to 500 training "
              "images", "imagenet": "ImageNet's", "given": "given by --norm-stats"}[source]
-    console.print(f"Normalisation ({words}): mean {', '.join(f'{v:.3f}' for v in mean)}; "
-                  f"std {', '.join(f'{v:.3f}' for v in std)}", highlight=False)
+    log.info("Normalisation (%s): mean %s; std %s", words, ", ".join(f"{v:.3f}" for v in mean),
+             ", ".join(f"{v:.3f}" for v in std))
     return dataclasses.replace(pre, mean=tuple(mean), std=tuple(std)), source
 
 
-def _print_skipped(report: validate.CheckReport, console, limit: int = 20) -> None:
+def _log_skipped(report: validate.CheckReport, limit: int = 20) -> None:
     """Each file left out and why: the first `limit` here, all of them in data_summary.json."""
     issues = report.source_skipped + report.unusable
     for issue in issues[:limit]:
-        console.print(f"  skipped {issue.path}: {issue.reason}", markup=False, highlight=False)
+        log.info("  skipped %s: %s", issue.path, issue.reason)
     if len(issues) > limit:
-        console.print(f"  ... and {len(issues) - limit} more (all listed in data_summary.json)")
+        log.info("  ... and %d more (all listed in data_summary.json)", len(issues) - limit)
 
 
 _SCRATCH_PREFIX = "imgclf-rank-"
@@ -315,8 +331,7 @@ def _save_best(run_dir: Path, best: Best) -> None:
 
 
 def finish_run(run_dir: Path, cfg: TrainConfig, model, task: Task, pre: Preprocess,
-               prep: PreparedData, result: FitResult, console,
-               extra: dict | None = None) -> None:
+               prep: PreparedData, result: FitResult, extra: dict | None = None) -> None:
     """Write predictions, metrics, thresholds, the bundle, plots and the report.
 
     With `cfg.tta` the bundle predicts with test-time augmentation, so the validation numbers,
@@ -346,7 +361,7 @@ def finish_run(run_dir: Path, cfg: TrainConfig, model, task: Task, pre: Preproce
                                               classes=list(task.classes), seed=cfg.seed)
         thresholds = search.thresholds
         preds = dataclasses.replace(preds, thresholds=thresholds)
-        _print_threshold_search(search, list(task.classes), console)
+        _log_threshold_search(search, list(task.classes))
     # Multi-label: every number below is at the tuned thresholds (the best epoch itself was
     # picked at 0.5, before any threshold existed).
     scores = evaluation.metrics(preds)
@@ -387,7 +402,7 @@ def finish_run(run_dir: Path, cfg: TrainConfig, model, task: Task, pre: Preproce
     if check is not None:
         summary["fine_tuning"] = check
         for w in check["warnings"]:
-            console.print(f"[bold yellow]Warning:[/] {escape(w)}", highlight=False)
+            log.warning("Warning: %s", w)
     summary.update(extra or {})
     if plain_scores is not None:
         summary["tta"] = {"views": tta + 1, "reduce": cfg.tta_reduce}
@@ -395,16 +410,16 @@ def finish_run(run_dir: Path, cfg: TrainConfig, model, task: Task, pre: Preproce
                                         if not isinstance(v, (dict, list))}
     if result.lr_find:
         atomic_write_json(run_dir / "lr_find.json", result.lr_find)  # the report plots it
-    write_run_outputs(run_dir, preds, summary, search, console, model=model, arch=cfg.model,
+    write_run_outputs(run_dir, preds, summary, search, model=model, arch=cfg.model,
                       classes=list(task.classes), multi_label=task.multi_label, preprocess=pre,
                       thresholds=None if thresholds is None else [float(t) for t in thresholds],
                       tta={"n": tta, "reduce": cfg.tta_reduce} if tta else None,
                       extra={"trained_on": str(cfg.data)})
-    _print_verdict(summary, task, run_dir, console)
+    _log_verdict(summary, task, run_dir)
 
 
 def write_run_outputs(run_dir: Path, preds: evaluation.Predictions, summary: dict, search,
-                      console, **bundle) -> None:
+                      **bundle) -> None:
     """Write a finished run's outputs: the one writer `train` and `mine` share.
 
     predictions.csv, thresholds.json (multi-label), metrics.json, the bundle in model/ (its
@@ -416,7 +431,6 @@ def write_run_outputs(run_dir: Path, preds: evaluation.Predictions, summary: dic
         preds: Validation predictions, at the tuned thresholds when multi-label.
         summary: Everything metrics.json holds.
         search: The multi-label threshold search (None for single-label).
-        console: Where the report notes progress.
         **bundle: `save_bundle`'s arguments after its folder (model, arch, classes, ...); `extra`
             is completed with "valid_metrics".
     """
@@ -428,48 +442,44 @@ def write_run_outputs(run_dir: Path, preds: evaluation.Predictions, summary: dic
                      if k.startswith("valid_") and not isinstance(v, dict)}
     bundle["extra"] = {**(bundle.get("extra") or {}), "valid_metrics": valid_metrics}
     save_bundle(run_dir / "model", **bundle)
-    write_report(run_dir, console)
+    write_report(run_dir)
 
 
-def _print_threshold_search(search: evaluation.ThresholdSearch, classes: list[str],
-                            console) -> None:
+def _log_threshold_search(search: evaluation.ThresholdSearch, classes: list[str]) -> None:
     """Both candidates of the multi-label threshold search, which was kept and why."""
     words = {"zero_one": "exact-match accuracy", "hamming": "Hamming accuracy",
              "f1_macro": "macro F1"}[search.metric]
     per = ", ".join(f"{c} {t:.2f}" for c, t in zip(classes, search.per_class_thresholds))
-    console.print(f"Decision thresholds maximising validation {words}: global "
-                  f"{search.global_threshold:.2f} -> {search.global_score:.4f}; per-class "
-                  f"({per}) -> {search.per_class_score:.4f} (chosen and scored on the same "
-                  "images)", highlight=False)
-    console.print(search.reason, highlight=False)
+    log.info("Decision thresholds maximising validation %s: global %.2f -> %.4f; per-class "
+             "(%s) -> %.4f (chosen and scored on the same images)", words,
+             search.global_threshold, search.global_score, per, search.per_class_score)
+    log.info(search.reason)
 
 
-def write_report(run_dir: Path, console) -> Path | None:
+def write_report(run_dir: Path) -> Path | None:
     """report.html for a run (skipped with a note when the report module is unavailable)."""
     try:
         from imgclf.report.html import write_report as _write  # lazy: the report is optional
     except ImportError:
         return None
-    return _write(Run(run_dir), console=console)
+    return _write(Run(run_dir))
 
 
-def _print_verdict(summary: dict, task: Task, run_dir: Path, console) -> None:
+def _log_verdict(summary: dict, task: Task, run_dir: Path) -> None:
     keys = (["valid_zero_one_accuracy", "valid_hamming_accuracy", "valid_f1_macro", "valid_map"]
             if task.multi_label else ["valid_accuracy", "valid_balanced_accuracy",
                                       "valid_f1_macro"])
     shown = "  ".join(f"{k[6:]}={summary[k]:.4f}" for k in keys if summary.get(k) is not None)
     if summary.get("interrupted"):
-        console.print(f"[bold yellow]Stopped early[/] after {summary['train_seconds']:.1f}s; kept "
-                      f"the best epoch so far: {shown}\nContinue with: imgclf train --resume "
-                      f"{run_dir}")
+        log.warning("Stopped early after %.1fs; kept the best epoch so far: %s\nContinue with: "
+                    "imgclf train --resume %s", summary["train_seconds"], shown, run_dir)
     else:
-        console.print(f"[bold green]Done[/] in {summary['train_seconds']:.1f}s: {shown}")
+        log.info("Done in %.1fs: %s", summary["train_seconds"], shown)
     if summary.get("valid_without_tta"):
         plain = summary["valid_without_tta"]
-        console.print(f"  (with TTA, {summary['tta']['views']} views combined by "
-                      f"{summary['tta']['reduce']}; without TTA: " + "  ".join(
-                          f"{k[6:]}={plain[k[6:]]:.4f}" for k in keys
-                          if plain.get(k[6:]) is not None) + ")", highlight=False)
-    console.print(f"Bundle: {run_dir / 'model'}")
+        log.info("  (with TTA, %d views combined by %s; without TTA: %s)",
+                 summary["tta"]["views"], summary["tta"]["reduce"], "  ".join(
+                     f"{k[6:]}={plain[k[6:]]:.4f}" for k in keys if plain.get(k[6:]) is not None))
+    log.info("Bundle: %s", run_dir / "model")
     if (run_dir / "report.html").is_file():
-        console.print(f"Report: {run_dir / 'report.html'}")
+        log.info("Report: %s", run_dir / "report.html")

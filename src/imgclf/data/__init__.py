@@ -2,7 +2,7 @@
 
     sources.py (csv_source.py, files.py)  the data sources, read into a SampleTable; load_table
     split.py        train/valid split and cross-validation folds
-    samples.py images.py presize.py cache.py validate.py transforms.py datasets.py
+    samples.py images.py presize.py cache.py validate.py summary.py transforms.py datasets.py
 
 Kept free of imports: `imgclf.data.images` and `imgclf.data.presize` must import without torch
 (the ONNX predictor uses them).

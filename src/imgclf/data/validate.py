@@ -1,9 +1,9 @@
-"""Checks before training, and the data summary shown to the user and saved in the run directory.
+"""Checks before training: what is wrong with the images, found before it costs a run.
 
 `check_table` opens every image once (in threads), drops the ones that cannot be used, counts
 colour conversions and finds identical files across splits (leakage) and within them, and
 nearly identical images across splits (a perceptual hash: resized or re-encoded copies).
-`summarize` turns the checked table into the per-class counts, imbalance and label statistics.
+`imgclf.data.summary.summarize` then turns the checked table into the data summary.
 """
 
 from __future__ import annotations
@@ -18,17 +18,14 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from rich.console import Console
-from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
-
 from imgclf.data.images import ImageInfo, file_digest, open_rgb_with_info
-from imgclf.data.samples import SPLITS, TEST, TRAIN, VALID, Sample, SampleTable
+from imgclf.data.samples import TEST, TRAIN, VALID, Sample, SampleTable
+# DataSummary and summarize lived here; benchmarks/report_scale.py still imports them from here.
+from imgclf.data.summary import DataSummary, summarize  # noqa: F401
 from imgclf.errors import DataError, ImageError, display_path
+from imgclf.progress import task as progress_task
 
 PROGRESS_THRESHOLD = 200  # smaller scans finish before a bar would help
-IMBALANCE_FLAG = 3.0
 # Hashes of training and validation images this many bits apart (of 64) are near-duplicates. On
 # Imagenette's 1000 train x 1000 val distinct photos no pair is within 4 bits (the closest is 5);
 # Caltech-101's known near-copies across train/test (the same drawing re-saved) are within 0-3.
@@ -56,7 +53,7 @@ def scan_images(
     progress: bool | None = None,
     description: str = "Checking images",
 ) -> tuple[dict[Path, object], dict[Path, str]]:
-    """Run `fn` on every distinct file, in a thread pool, with a progress bar on large sets.
+    """Run `fn` on every distinct file, in a thread pool, reporting progress on large sets.
 
     Args:
         samples: Samples or paths.
@@ -65,8 +62,8 @@ def scan_images(
             propagates.
         workers: Threads (default: `default_workers()`). Pillow and NumPy release the GIL while
             decoding, so threads use several cores.
-        progress: Show a progress bar; None shows one for more than 200 files.
-        description: Label of the progress bar.
+        progress: Report progress (`imgclf.progress`); None: for more than 200 files.
+        description: What the progress report calls the work.
 
     Returns:
         {path: fn(path)} for the files that worked, and {path: reason} for those that raised.
@@ -85,26 +82,18 @@ def scan_images(
     show = len(paths) > PROGRESS_THRESHOLD if progress is None else progress
     pool = ThreadPoolExecutor(max_workers=workers or default_workers())
     try:
-        with _progress(show) as bar:
-            task = bar.add_task(description, total=len(paths))
+        with progress_task(description, total=len(paths), show=show) as advance:
             for path, value, reason in pool.map(one, paths):
                 if reason is None:
                     results[path] = value
                 else:
                     errors[path] = reason
-                bar.advance(task)
+                advance()
     finally:
         # On a bug in fn (or Ctrl-C) do not decode the remaining thousands of files first.
         pool.shutdown(wait=True, cancel_futures=True)
     # pool.map yields in input order, so both dicts follow the order of `samples`.
     return results, errors
-
-
-def _progress(show: bool) -> Progress:
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        transient=True, disable=not show,
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,128 +404,3 @@ def _check_classes(report: CheckReport, table: SampleTable, before: SampleTable)
 def _names(classes: list[str], limit: int = 5) -> str:
     shown = ", ".join(f"'{c}'" for c in classes[:limit])
     return shown + (f" and {len(classes) - limit} more" if len(classes) > limit else "")
-
-
-# ---------------------------------------------------------------------------------------------
-# The summary
-
-
-@dataclass
-class DataSummary:
-    """The data set at a glance; saved as JSON in the run directory.
-
-    Attributes:
-        classes: Class names, in model output order.
-        multi_label: True when an image may carry zero or several labels.
-        images: Number of images per split.
-        counts: Per split, images per class (multi-label: each label counts).
-        imbalance_ratio: Largest over smallest training class; None without training images.
-        imbalanced: The ratio is over 3: consider class weights or more images of small classes.
-        empty_label_images: Multi-label: images without any label, per split.
-        cooccurrence: Multi-label: [i][j] = images carrying classes i and j (diagonal: class i).
-        groups: Number of distinct groups per split, when samples have groups.
-        skipped: Files found but not used.
-        notes: Remarks from the source and the checks.
-        balance: What training does about imbalance ("none", "weights", "sampler"), once
-            decided from the settings (see imgclf.training.balance); None before that.
-        balance_note: That decision in words, printed under the imbalance ratio.
-    """
-
-    classes: list[str]
-    multi_label: bool
-    images: dict[str, int]
-    counts: dict[str, dict[str, int]]
-    imbalance_ratio: float | None
-    imbalanced: bool
-    empty_label_images: dict[str, int] = field(default_factory=dict)
-    cooccurrence: list[list[int]] | None = None
-    groups: dict[str, int] | None = None
-    skipped: int = 0
-    notes: list[str] = field(default_factory=list)
-    balance: str | None = None
-    balance_note: str | None = None
-
-    def to_dict(self) -> dict:
-        """Plain data for JSON."""
-        return asdict(self)
-
-
-def summarize(table: SampleTable, report: CheckReport | None = None) -> DataSummary:
-    """Per-class counts, imbalance and label statistics of a (checked) table.
-
-    Args:
-        table: The table, normally as returned by `check_table`.
-        report: The check's findings, added to the notes.
-    """
-    splits = [s for s in SPLITS if table.split(s)]
-    counts = table.counts()
-    per_split = {s: {c: counts.get(s, Counter())[c] for c in table.classes} for s in splits}
-    train = [n for n in per_split.get(TRAIN, {}).values() if n > 0]
-    ratio = max(train) / min(train) if train else None
-    summary = DataSummary(
-        classes=list(table.classes),
-        multi_label=table.multi_label,
-        images={s: len(table.split(s)) for s in splits},
-        counts=per_split,
-        imbalance_ratio=round(ratio, 2) if ratio is not None else None,
-        imbalanced=ratio is not None and ratio > IMBALANCE_FLAG,
-        skipped=len(table.skipped),
-        notes=list(table.notes) + (report.lines() if report else []),
-    )
-    if table.multi_label:
-        summary.empty_label_images = {s: sum(not x.labels for x in table.split(s)) for s in splits}
-        summary.cooccurrence = _cooccurrence(table)
-    if any(s.group is not None for s in table.samples):
-        summary.groups = {s: len({x.group for x in table.split(s) if x.group is not None}) for s in splits}
-    return summary
-
-
-def _cooccurrence(table: SampleTable) -> list[list[int]]:
-    index = {c: i for i, c in enumerate(table.classes)}
-    matrix = [[0] * len(index) for _ in index]
-    for s in table.samples:
-        ids = [index[lab] for lab in s.labels if lab in index]
-        for i in ids:
-            for j in ids:
-                matrix[i][j] += 1
-    return matrix
-
-
-def print_summary(summary: DataSummary, console: Console | None = None) -> None:
-    """Print the summary as rich tables: counts per class and split, then the findings."""
-    console = console or Console()
-    splits = list(summary.counts)
-    task = "multi-label" if summary.multi_label else "single-label"
-    table = Table(title=f"Data: {len(summary.classes)} classes, {task}", title_justify="left")
-    # Class names come from folder names, which need not be valid UTF-8.
-    table.add_column("class")
-    for s in splits:
-        table.add_column(s, justify="right")
-    for c in summary.classes:
-        table.add_row(escape(display_path(c)), *(str(summary.counts[s][c]) for s in splits))
-    if summary.multi_label:
-        table.add_row("(no label)", *(str(summary.empty_label_images.get(s, 0)) for s in splits), style="dim")
-    table.add_section()
-    table.add_row("images", *(str(summary.images[s]) for s in splits), style="bold")
-    if summary.groups:
-        table.add_row("groups", *(str(summary.groups.get(s, 0)) for s in splits))
-    console.print(table)
-    if summary.imbalance_ratio is not None:
-        flag = " [yellow](imbalanced: small classes may be learned poorly)[/]" if summary.imbalanced else ""
-        console.print(f"largest / smallest training class: {summary.imbalance_ratio:g}{flag}")
-    if summary.balance_note and (summary.imbalanced or summary.balance not in (None, "none")):
-        console.print(summary.balance_note, markup=False, highlight=False)
-    if summary.cooccurrence:
-        pairs = _top_pairs(summary)
-        if pairs:
-            console.print("most frequent label pairs: " + ", ".join(f"{a}+{b} ({n})" for a, b, n in pairs))
-    if summary.skipped:
-        console.print(f"{summary.skipped} files skipped (listed in the run directory)")
-    for note in summary.notes:
-        console.print(f"- {note}", markup=False, highlight=False)
-
-
-def _top_pairs(summary: DataSummary, limit: int = 5) -> list[tuple[str, str, int]]:
-    m, names = summary.cooccurrence or [], summary.classes
-    pairs = [(escape(display_path(names[i])), escape(display_path(names[j])), m[i][j]) for i in range(len(names)) for j in range(i + 1, len(names)) if m[i][j]]
-    return sorted(pairs, key=lambda p: -p[2])[:limit]

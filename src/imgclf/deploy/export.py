@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,8 @@ from imgclf.deploy.bundle import Bundle
 from imgclf.deploy.bundle import load as load_bundle
 from imgclf.errors import ImgclfError
 from imgclf.io import atomic_write_bytes
+
+log = logging.getLogger(__name__)
 
 FORMATS = ("onnx", "torchscript")
 FILENAMES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
@@ -119,7 +122,7 @@ class ExportResult:
 def export(bundle_path: str | Path, format: str = "onnx", out: str | Path | None = None,
            opset: int | None = None, dynamic_batch: bool = True, exporter: str = "torchscript",
            check: bool = True, images: list[str | Path] | None = None, max_images: int = 500,
-           tolerance: float = DEFAULT_TOLERANCE, console=None) -> ExportResult:
+           tolerance: float = DEFAULT_TOLERANCE) -> ExportResult:
     """Export a bundle to ONNX or TorchScript after checking it predicts what the bundle predicts.
 
     Args:
@@ -134,7 +137,8 @@ def export(bundle_path: str | Path, format: str = "onnx", out: str | Path | None
         images: Images for the check (default: the run's validation images).
         max_images: Check at most this many images (evenly spread over the list).
         tolerance: Largest allowed probability difference.
-        console: rich Console for messages.
+
+    The parity numbers and the file written are logged.
 
     Returns:
         The written file, with the parity numbers.
@@ -142,7 +146,6 @@ def export(bundle_path: str | Path, format: str = "onnx", out: str | Path | None
     Raises:
         ImgclfError: Unknown format, a failed export, or a failed parity check (nothing written).
     """
-    say = console.print if console is not None else print
     if format not in FORMATS:
         raise ImgclfError(f"unknown export format '{format}': use one of {', '.join(FORMATS)}")
     if exporter not in EXPORTERS:
@@ -166,14 +169,14 @@ def export(bundle_path: str | Path, format: str = "onnx", out: str | Path | None
         paths, source, recorded = _check_images(bundle, images, max_images)
         parity = compare(bundle, run_probs, paths, source, recorded, tolerance,
                          onnx=format == "onnx")
-        say(parity.summary())
+        log.info(parity.summary())
         if not parity.ok:
             raise ImgclfError(f"the {format} export does not reproduce the bundle ({parity.summary()});"
                               f" nothing written. Mismatched: {', '.join(parity.mismatched[:5])}")
     atomic_write_bytes(out, data)
-    say(f"Wrote {out} ({len(data) / 1e6:.1f} MB, {format}"
-        + (f", opset {opset}, {exporter} exporter" if format == "onnx" else "")
-        + (", dynamic batch" if dynamic_batch else ", batch of 1") + ")")
+    log.info("Wrote %s (%.1f MB, %s%s%s)", out, len(data) / 1e6, format,
+             f", opset {opset}, {exporter} exporter" if format == "onnx" else "",
+             ", dynamic batch" if dynamic_batch else ", batch of 1")
     return ExportResult(out, format, parity, opset, dynamic_batch, exporter)
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +35,8 @@ from imgclf.deploy.bundle import load as load_bundle
 from imgclf.deploy.predict import predict_images
 from imgclf.deploy.results import PredictionResult
 from imgclf.errors import ImageError, ImgclfError
+
+log = logging.getLogger(__name__)
 
 try:
     # At module level: FastAPI resolves the handlers' annotations in this module's namespace.
@@ -371,15 +374,14 @@ def app_from_env():
 
 
 def run_server(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, workers: int = 1,
-               console=None) -> None:
-    """Load the bundle and serve it until interrupted.
+               ) -> None:
+    """Load the bundle and serve it until interrupted (the address is logged first).
 
     Args:
         cfg: Limits and batching settings.
         host: Address to listen on.
         port: Port.
         workers: Server processes; each loads its own copy of the model.
-        console: rich Console for the start-up line.
     """
     import uvicorn
 
@@ -388,10 +390,10 @@ def run_server(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, work
     bundle = load_bundle(cfg.bundle)  # fail here, with the message, not in each worker
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     cfg.threads = cfg.threads or max(1, cores // workers)
-    say = console.print if console is not None else print
-    say(f"Serving {bundle.arch} ({len(bundle.classes)} classes) from {bundle.path} on "
-        f"http://{host}:{port} ({workers} process{'es' if workers > 1 else ''}, "
-        f"{cfg.threads} thread{'s' if cfg.threads > 1 else ''} each): POST /predict, GET /health, GET /model, docs at /docs")
+    log.info(f"Serving {bundle.arch} ({len(bundle.classes)} classes) from {bundle.path} on "
+             f"http://{host}:{port} ({workers} process{'es' if workers > 1 else ''}, "
+             f"{cfg.threads} thread{'s' if cfg.threads > 1 else ''} each): POST /predict, "
+             "GET /health, GET /model, docs at /docs")
     options = dict(host=host, port=port, log_level="warning", timeout_keep_alive=5,
                    limit_concurrency=512, h11_max_incomplete_event_size=64 * 1024)
     if workers == 1:

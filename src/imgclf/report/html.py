@@ -3,7 +3,7 @@
 Everything the page shows is embedded: plots are the PNGs written to `plots/` (so they can also
 be pasted into slides), images are small JPEG thumbnails, both as base64 data URIs. There is no
 script and no external resource, so the page opens without a server or network. Galleries are
-capped (see the constants below) so that a validation set of any size gives a page of a few
+capped (see the constants below and in `imgclf.report.html_extras`) so that a validation set of any size gives a page of a few
 megabytes at most.
 
 The analysis comes from `imgclf.report.interpret.Interpretation`, itself built on `imgclf.evaluation`.
@@ -11,7 +11,8 @@ The analysis comes from `imgclf.report.interpret.Interpretation`, itself built o
 
 from __future__ import annotations
 
-import csv
+import functools
+import logging
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -19,29 +20,25 @@ from pathlib import Path
 
 import numpy as np
 
-from imgclf.errors import ImgclfError
 from imgclf.io import atomic_write_text
-from imgclf.report.html_parts import (_bundle_arch, _confident_right, _counts_figure, _describe,
-                                      _explained, _fmt, _heat, _image_entries, _jpeg_uri,
-                                      _one_torch_thread, _png_uri, _read_json, _read_yaml,
-                                      _resize, _role, _short_path, _stage_name)
+from imgclf.report import html_extras
+from imgclf.report.html_parts import (_bundle_arch, _counts_figure, _describe, _fmt, _heat,
+                                      _jpeg_uri, _png_uri, _read_json, _read_yaml, _short_path,
+                                      _stage_name)
 from imgclf.report.interpret import Example, Interpretation, thumbnail
 from imgclf.rundir import RunDir
 
 THUMB_SIDE = 128  # gallery thumbnails (pixels, longest side)
-HEATMAP_SIDE = 168  # heatmap panels
 TOP_LOSSES = 24  # the first TOP_LOSSES_OPEN are shown, the rest behind "show more"
 TOP_LOSSES_OPEN = 12
 WRONG_PER_CLASS = 6
 WRONG_CLASSES = 24  # classes shown in the per-class gallery (most errors first) ...
 WRONG_CLASSES_OPEN = 6  # ... of which these are open, the rest behind "show more"
 MANY_CLASSES = 30  # from here on, tables scroll, the worst classes come first, plots stack
-HEATMAPS_WRONG = 6
-HEATMAPS_RIGHT = 6
-LABEL_ISSUES = 24
-ROUND_IMAGES = 12
 CONFUSION_TABLE_MAX = 12  # classes up to which the confusion matrix is also an HTML table
 TEMPLATE = "template.html.j2"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -56,14 +53,15 @@ class Section:
     error: str | None = None
 
 
-def write_report(run: RunDir | str | Path, console=None, *, heatmaps: bool = True) -> Path:
+def write_report(run: RunDir | str | Path, *, heatmaps: bool = True) -> Path:
     """Write (or rewrite) `report.html` and the PNGs in `plots/` of a run.
 
     Args:
         run: The run (or its directory).
-        console: rich Console for warnings (a section that fails is reported there and on the
-            page, and the rest of the report is still written).
         heatmaps: Compute Grad-CAM heatmaps (needs the bundle; a few seconds on a CPU).
+
+    A section that fails is shown as failed on the page and logged as a warning; the rest of
+    the report is still written.
 
     Returns:
         The path of report.html.
@@ -73,7 +71,7 @@ def write_report(run: RunDir | str | Path, console=None, *, heatmaps: bool = Tru
     """
     run = run if isinstance(run, RunDir) else RunDir(run)
     interp = Interpretation.from_run(run.path)
-    page = _Builder(run, interp, console, heatmaps).build()
+    page = _Builder(run, interp, heatmaps).build()
     atomic_write_text(run.report_path, render(page))
     return run.report_path
 
@@ -93,8 +91,8 @@ def render(page: dict) -> str:
 class _Builder:
     """Collects the sections of one report; each `_section_*` method fills one."""
 
-    def __init__(self, run: RunDir, interp: Interpretation, console, heatmaps: bool):
-        self.run, self.interp, self.console, self.want_heatmaps = run, interp, console, heatmaps
+    def __init__(self, run: RunDir, interp: Interpretation, heatmaps: bool):
+        self.run, self.interp, self.want_heatmaps = run, interp, heatmaps
         self.p = interp.predictions
         self.plots_dir = run.path / "plots"
         self.metrics_json = run.metrics()
@@ -122,11 +120,12 @@ class _Builder:
         ]
         if ml:
             plan.append(("thresholds", "Decision thresholds", self._section_thresholds))
-        plan.append(("heatmaps", "Where the model looked", self._section_heatmaps))
-        if self.rounds_file() is not None:
-            plan.append(("rounds", "Hard negative mining", self._section_rounds))
+        plan.append(("heatmaps", "Where the model looked", functools.partial(html_extras.heatmaps, self)))
+        if html_extras.rounds_file(self.run.path) is not None:
+            plan.append(("rounds", "Hard negative mining", functools.partial(html_extras.rounds, self)))
         if (self.run.path / "label_issues.csv").is_file():
-            plan.append(("label-issues", "Suspected label errors", self._section_label_issues))
+            plan.append(("label-issues", "Suspected label errors",
+                         functools.partial(html_extras.label_issues, self)))
         sections = []
         for sid, title, fn in plan:
             section = Section(sid, title, kind=sid.replace("-", "_"))
@@ -135,11 +134,7 @@ class _Builder:
             except Exception as e:  # noqa: BLE001 - one failing part must not cost the report
                 section.error = f"{type(e).__name__}: {e}"
                 section.data = {"traceback": traceback.format_exc(limit=-3)}
-                if self.console is not None:
-                    from rich.markup import escape
-
-                    self.console.print(f"[yellow]report: section '{title}' failed: "
-                                       f"{escape(section.error)}[/]", highlight=False)
+                log.warning("report: section '%s' failed: %s", title, section.error)
             sections.append(section)
         return {
             "title": f"{self.run.path.name}: imgclf report",
@@ -451,114 +446,3 @@ class _Builder:
                   "metric": search.get("metric"), "kept": search.get("kept"),
                   "global": search.get("global_threshold"),
                   "fresh": self.interp.threshold_search is None}
-
-    def _section_heatmaps(self, s: Section) -> None:
-        if not self.want_heatmaps:
-            s.note = "Heatmaps were not requested (--no-heatmaps)."
-            return
-        if self.interp.bundle_path is None:
-            s.note = "The run has no model bundle, so there are no heatmaps."
-            return
-        with _one_torch_thread():
-            self._heatmaps(s)
-
-    def _heatmaps(self, s: Section) -> None:
-        p = self.p
-        wrong = [i for i in np.argsort(-p.losses, kind="stable") if not p.correct[i]][:HEATMAPS_WRONG]
-        right = _confident_right(p, HEATMAPS_RIGHT)
-        groups = []
-        right_title = ("Correct predictions (the most confident)" if p.multi_label else
-                       "Correct predictions (the most confident of each class)")
-        unreadable = []
-        for title, idx in (("Top losses (wrong predictions)", wrong), (right_title, right)):
-            items = []
-            for i in idx:
-                ex = self.interp.example(int(i))
-                try:
-                    maps = self.interp.heatmap(int(i), classes=_explained(ex)[:3])
-                except (ImgclfError, OSError) as e:
-                    unreadable.append(f"{_short_path(ex.path)} ({e})")
-                    continue
-                panels = [{"src": _jpeg_uri(_resize(maps[0].view, HEATMAP_SIDE)),
-                           "label": "what the model saw"}]
-                for m in maps:
-                    panels.append({"src": _jpeg_uri(_resize(m.overlay(), HEATMAP_SIDE)),
-                                   "label": f"{_role(ex, m.class_name)}: {m.class_name} "
-                                            f"({m.probability:.2f})"})
-                items.append({"name": _short_path(ex.path), "path": ex.path, "ok": ex.correct,
-                              "caption": ex.caption(), "panels": panels})
-            if items:
-                groups.append({"title": title, "entries": items})
-        if unreadable:
-            s.note = (f"{len(unreadable)} images could not be read, so have no heatmap: "
-                      + "; ".join(unreadable[:3]) + (" …" if len(unreadable) > 3 else ""))
-        elif not groups:
-            s.note = "No validation images to explain."
-        s.data = {"groups": groups}
-
-    def _section_rounds(self, s: Section) -> None:
-        from imgclf.report import plots  # lazy: matplotlib, only when a figure is drawn
-
-        path = self.rounds_file()
-        raw = _read_json(path)
-        rows = raw.get("rounds", []) if isinstance(raw, dict) else raw
-        rows = [r for r in rows if isinstance(r, dict)] if isinstance(rows, list) else []
-        facts = []
-        if isinstance(raw, dict):
-            facts = [(k.replace("_", " "), _fmt(v)) for k, v in raw.items()
-                     if k != "rounds" and v is not None and not isinstance(v, (list, dict))]
-        cols: list[str] = []
-        for r in rows:
-            cols += [k for k, v in r.items() if k not in cols and not isinstance(v, (list, dict))]
-        table = [[_fmt(r.get(c)) for c in cols] for r in rows]
-        baseline = raw.get("baseline") if isinstance(raw, dict) else None
-        if cols and isinstance(baseline, dict):
-            table.insert(0, ["before" if c == "round" else _fmt(baseline.get(c)) for c in cols])
-        keys = ("round", "fp_rate_V", "positive_accuracy", "overall_accuracy")
-        chart = None
-        if rows and all(k in r for r in rows for k in keys):
-            chart = self.plot(plots.mining_rounds(rows, baseline), "mining")
-        elif (self.plots_dir / "mining.png").is_file():  # a run mined before the report drew it
-            chart = _png_uri(self.plots_dir / "mining.png")
-        galleries = []
-        for n, r in enumerate(rows):
-            for key, value in r.items():
-                images = _image_entries(value)
-                if not images:
-                    continue
-                cards = [{"src": self.thumb(pth), "name": _short_path(pth), "path": pth,
-                          "lines": lines, "ok": False} for pth, lines in images[:ROUND_IMAGES]]
-                galleries.append({"title": f"Round {r.get('round', n)}: {key.replace('_', ' ')}",
-                                  "cards": cards, "more": max(0, len(images) - ROUND_IMAGES)})
-        s.data = {"facts": facts, "cols": cols, "rows": table, "chart": chart,
-                  "galleries": galleries, "source": str(path.relative_to(self.run.path))}
-        if not rows:
-            s.note = f"{path.name} lists no finished rounds."
-
-    def rounds_file(self) -> Path | None:
-        """rounds.json of hard negative mining, in the run or its mining/ folder."""
-        for p in (self.run.path / "rounds.json", self.run.path / "mining" / "rounds.json"):
-            if p.is_file():
-                return p
-        return None
-
-    def _section_label_issues(self, s: Section) -> None:
-        with open(self.run.path / "label_issues.csv", newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-        cards = []
-        for r in rows[:LABEL_ISSUES]:
-            path = r.get("path") or ""
-            if not path and r.get("index", "").isdigit() and int(r["index"]) < len(self.p.paths):
-                path = self.p.paths[int(r["index"])]
-            lines = [f"given: {r.get('given', '?')}", f"suggested: {r.get('suggested', '?')}"]
-            if r.get("score"):
-                lines.append(f"score {float(r['score']):.3f}")
-            cards.append({"src": self.thumb(path) if path else None, "name": _short_path(path),
-                          "path": path, "lines": lines, "ok": False})
-        s.data = {"cards": cards, "total": len(rows)}
-        if not rows:
-            s.note = "label_issues.csv lists no suspects."
-
-
-# ---------------------------------------------------------------------------------------------
-# Small helpers

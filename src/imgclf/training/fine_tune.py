@@ -9,12 +9,12 @@ and discriminative learning rates (earlier layer groups get smaller rates), as i
 probabilities, which become predictions.csv unchanged.
 
 The Lightning side (module, callbacks, Trainer, checkpoints) is `imgclf.training.engine`; this
-module does not import Lightning.
+module does not import Lightning. Feature caching, BatchNorm adaptation and the saved start state
+are `imgclf.training.features`. Messages go to the "imgclf" logger.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -26,16 +26,18 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from imgclf.data.datasets import make_loader, with_transform
-from imgclf.data.transforms import (Preprocess, normalize, resized_eval_transform,
-                                    train_transform)
-from imgclf.errors import ImgclfError
-from imgclf.io import atomic_write_bytes, atomic_write_json
+from imgclf.data.transforms import Preprocess, resized_eval_transform, train_transform
+from imgclf.io import atomic_write_json
 from imgclf.training import balance, distributed, models, recipe
 from imgclf.training.augment import BatchCrop, MixBatch
 from imgclf.training.engine import (ClassifierModule, History, ModelCheckpoint, ResumeState,
                                     StepCheckpoint, fit_interruptible, load_module_weights,
                                     make_trainer, quiet_lightning)
 from imgclf.training.epochs import Best, EpochRow
+# autocast_context is imported for callers that run passes outside the Trainer (benchmarks).
+from imgclf.training.features import (adapt_batchnorm, autocast_context,  # noqa: F401
+                                      extract_features, load_start_state, load_tensors,
+                                      save_tensors, start_state)
 from imgclf.training.frozen_head import ViewSampler, head_passes, lr_range_test, train_head
 from imgclf.training.resume import ResumableSampler, SeededDataset
 from imgclf.training.task import Task
@@ -61,38 +63,6 @@ def resolve_precision(precision: str, model: nn.Module) -> str:
     return "32-true"
 
 
-def autocast_context(precision: str, device: torch.device):
-    """The autocast matching a Lightning precision string, for passes outside the Trainer."""
-    if precision.startswith("bf16"):
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    if precision.startswith("16"):
-        return torch.autocast(device_type=device.type, dtype=torch.float16)
-    return contextlib.nullcontext()
-
-
-@torch.no_grad()
-def extract_features(model: nn.Module, loader: DataLoader, pre: Preprocess, precision: str,
-                     device: torch.device, desc: str = "Caching features") -> tuple[torch.Tensor, torch.Tensor]:
-    """Pooled body features of every batch (model in eval mode): ([N, F] float32, targets)."""
-    from rich.progress import Progress
-
-    model.eval()
-    feats, targets = [], []
-    with Progress(transient=True) as bar:
-        task = bar.add_task(desc, total=len(loader.dataset))
-        for x, y in loader:
-            x = normalize(x.to(device), pre.mean, pre.std).contiguous(memory_format=torch.channels_last)
-            with autocast_context(precision, device):
-                f = models.pre_logits(model, x)
-            feats.append(f.float().cpu())
-            targets.append(y)
-            bar.advance(task, len(x))
-    return torch.cat(feats), torch.cat(targets)
-
-
-ADAPT_IMAGES = 1024
-
-
 def batchnorm_mode(cfg) -> str:
     """How BatchNorm layers behave when the body trains ("train" whenever not pretrained).
 
@@ -110,88 +80,7 @@ def batchnorm_mode(cfg) -> str:
     return mode if cfg.pretrained else "train"
 
 
-@torch.no_grad()
-def adapt_batchnorm(model: nn.Module, loader: DataLoader, pre: Preprocess, device: torch.device,
-                    max_images: int = ADAPT_IMAGES) -> int:
-    """Re-estimate every BatchNorm layer's running statistics on (augmented) training images.
-
-    A cumulative average over up to `max_images` images (momentum None), as
-    `torch.optim.swa_utils.update_bn` computes it; written here because that helper runs the
-    whole loader and cannot normalise uint8 batches. Returns the number of images used.
-    """
-    from rich.progress import Progress
-
-    layers = models.batchnorm_layers(model)
-    if not layers:
-        return 0
-    was_training = model.training
-    momenta = [m.momentum for m in layers]
-    for m in layers:
-        m.reset_running_stats()
-        m.momentum = None
-    model.eval()
-    for m in layers:
-        m.train()
-    seen = 0
-    try:
-        with Progress(transient=True) as bar:
-            task = bar.add_task("Adapting BatchNorm statistics",
-                                total=min(max_images, len(loader.dataset)))
-            for x, _ in loader:
-                x = x[: max_images - seen]
-                x = normalize(x.to(device), pre.mean, pre.std).contiguous(
-                    memory_format=torch.channels_last)
-                models.pre_logits(model, x)
-                seen += len(x)
-                bar.advance(task, len(x))
-                if seen >= max_images:
-                    break
-    finally:
-        for m, momentum in zip(layers, momenta):
-            m.momentum = momentum
-        model.train(was_training)
-    return seen
-
-
 HEAD_FILE = "head.safetensors"
-
-
-def start_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """What the unfrozen stage starts from besides the pretrained body: the trained head and
-    the BatchNorm statistics (re-estimated on the training data with --batchnorm adapt)."""
-    head = {f"head.{k}": v for k, v in models.classifier(model).state_dict().items()}
-    bn_ids = {id(m) for m in models.batchnorm_layers(model)}
-    stats = {f"body.{name}.{b}": buf for name, m in model.named_modules() if id(m) in bn_ids
-             for b, buf in m.named_buffers(recurse=False)}
-    return {**head, **stats}
-
-
-def load_start_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Inverse of `start_state` (a file of head weights alone, as older runs wrote, works too)."""
-    head = {k[5:]: v for k, v in state.items() if k.startswith("head.")}
-    models.classifier(model).load_state_dict(head or state)
-    body = {k[5:]: v for k, v in state.items() if k.startswith("body.")}
-    if body:
-        model.load_state_dict(body, strict=False)
-
-
-def save_tensors(path: Path, state: dict[str, torch.Tensor]) -> None:
-    """A state dict as safetensors, atomically."""
-    from safetensors.torch import save
-
-    atomic_write_bytes(path, save({k: v.detach().cpu().contiguous() for k, v in state.items()}))
-
-
-def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """A safetensors state dict, or an ImgclfError naming the damaged file and the fix."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise ImgclfError(f"{path}: damaged or not a safetensors file ({e}): delete the run's "
-                          "checkpoints/ folder and train again") from None
 
 
 @dataclass
@@ -278,7 +167,6 @@ class _Fit:
     rows: list[EpochRow]
     best: Best
     resume: dict
-    say: Callable[[str], None]
     precision: str
     device: torch.device
     lr: float | None
@@ -315,7 +203,6 @@ def fine_tune(
     rows: list[EpochRow] | None = None,
     best: Best | None = None,
     resume: dict | None = None,
-    console=None,
 ) -> FitResult:
     """Train `model` with the fine-tune recipe; on return it holds the best epoch's weights.
 
@@ -330,7 +217,6 @@ def fine_tune(
         rows: Rows of an interrupted run being resumed.
         best: Best epoch of an interrupted run being resumed.
         resume: State of an interrupted run: {"stage", "lr", "lr_find", "size_stage"}.
-        console: rich Console for messages (None: they are logged).
     """
     resume = resume or {}
     precision = resolve_precision(cfg.precision, model)
@@ -339,7 +225,7 @@ def fine_tune(
     t_start = time.perf_counter()
     fit = _Fit(
         model, task, pre, data, cfg, run_dir, on_row, rows if rows is not None else [],
-        best or Best(), resume, console.print if console is not None else log.info, precision,
+        best or Best(), resume, precision,
         device, lr=resume.get("lr") if resume.get("lr") is not None else (
             None if cfg.lr == "auto" else float(cfg.lr)),
         lr_find=resume.get("lr_find"), frozen=cfg.pretrained and cfg.freeze_epochs > 0,
@@ -358,8 +244,8 @@ def fine_tune(
         _adapt_batchnorm(fit)
     if fit.lr is None:
         fit.lr, fit.lr_find = (3e-3 if not cfg.pretrained else 1e-3), None
-        fit.say(f"lr = {fit.lr:.1e} (default for "
-                f"{'random init' if not cfg.pretrained else 'fine-tuning'})")
+        log.info(f"lr = {fit.lr:.1e} (default for "
+                 f"{'random init' if not cfg.pretrained else 'fine-tuning'})")
     stages = recipe.size_schedule(getattr(cfg, "sizes", None), cfg.epochs,
                                   getattr(cfg, "stage_epochs", None), pre.size)
     if not interrupted and cfg.epochs > 0 and resume.get("stage") != "done":
@@ -410,7 +296,7 @@ def _frozen_stage(fit: _Fit) -> bool:
             head, fit.task, torch.cat(feats), torch.cat(ys), cfg.batch_size, cfg.seed)
         fit.lr_find = {"lrs": lrs_curve.tolist(), "losses": loss_curve.tolist(),
                        "suggestion": fit.lr, "rule": "valley", "on": "frozen-body features"}
-        fit.say(f"Learning-rate finder (valley rule on cached features): lr = {fit.lr:.2e}")
+        log.info(f"Learning-rate finder (valley rule on cached features): lr = {fit.lr:.2e}")
     n = len(data.train)
     # ViewSampler walks the cached augmented views epoch by epoch; weighting the loss gives
     # balanced sampling's expected gradient without breaking that walk, so both modes use it.
@@ -461,7 +347,7 @@ def _unfrozen_stages(fit: _Fit, stages: list) -> bool:
     epoch_offset = (cfg.freeze_epochs if fit.frozen else 0) + sum(
         st.epochs for st in stages[:first])
     if len(stages) > 1:
-        fit.say("Progressive resizing: " + ", then ".join(
+        log.info("Progressive resizing: " + ", then ".join(
             f"{st.epochs} epoch{'s' if st.epochs != 1 else ''} at {st.size}px"
             for st in stages) + " (the best epoch is chosen among the last stage's)")
     for k in range(first, len(stages)):

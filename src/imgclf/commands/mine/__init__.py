@@ -30,9 +30,9 @@ only read, never copied, moved or written.
 from imgclf.commands.mine.command import mine
 from imgclf.commands.mine.pool import (better, false_positive_scores, score_pool, split_pool,
                                        top_false_positives)
-from imgclf.commands.mine.rounds import print_rounds, round_metrics
+from imgclf.commands.mine.rounds import round_metrics
 from imgclf.commands.mine.state import MINING_DIR, MineOptions, MiningResult
 
 __all__ = ["mine", "MineOptions", "MiningResult", "MINING_DIR", "split_pool",
            "false_positive_scores", "top_false_positives", "better", "score_pool",
-           "round_metrics", "print_rounds"]
+           "round_metrics"]

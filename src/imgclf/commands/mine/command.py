@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import shutil
 import time
@@ -15,8 +16,7 @@ from imgclf.commands import train as train_cmd
 from imgclf.commands.mine.pool import _list_images, better, score_pool, split_pool
 from imgclf.commands.mine.rounds import (_decode_negatives, _draw_seeds, _epoch_rows, _evaluate,
                                          _predictions, _round_lr, _rounds_table, _Setup,
-                                         _train_round, _validation_probs, print_rounds,
-                                         round_metrics)
+                                         _train_round, _validation_probs, round_metrics)
 from imgclf.commands.mine.state import (MANIFEST_VERSION, MineOptions, MiningResult,
                                         _load_weights, _mining_dir, _prune_weights, _read_json,
                                         _resolve_options, _restore_original, _save_manifest,
@@ -33,10 +33,11 @@ from imgclf.rundir import read_rows_csv, write_rows_csv
 from imgclf.training import models
 from imgclf.training.task import Task
 
+log = logging.getLogger(__name__)
 
 @train_cmd.uses_all_cores
 def mine(run: str | Path, pool: str | Path | None = None, *, resume: bool = False,
-         restart: bool = False, console=None, **options) -> MiningResult:
+         restart: bool = False, **options) -> MiningResult:
     """Hard negative mining on a trained run; the best round's model becomes its bundle.
 
     `imgclf.api.mine` documents the arguments; `options` are fields of `MineOptions` (a
@@ -50,7 +51,6 @@ def mine(run: str | Path, pool: str | Path | None = None, *, resume: bool = Fals
     unknown = sorted(set(options) - {f.name for f in dataclasses.fields(MineOptions)})
     if unknown:
         raise TypeError(f"mine() got unexpected keyword arguments: {', '.join(unknown)}")
-    console = train_cmd._console(console)
     run_dir = Path(run)
     Run(run_dir)
     mdir = _mining_dir(run_dir)
@@ -78,7 +78,7 @@ def mine(run: str | Path, pool: str | Path | None = None, *, resume: bool = Fals
                                 "of images that contain none of the classes")
         _snapshot_original(run_dir)
         (mdir / "pool.json").unlink(missing_ok=True)  # from a start that never got a manifest
-    s = _setup(run_dir, cfg, opts, console)
+    s = _setup(run_dir, cfg, opts)
     if manifest is None:
         manifest = {"version": MANIFEST_VERSION, "options": dataclasses.asdict(opts),
                     "classes": list(s.task.classes),
@@ -105,10 +105,10 @@ def mine(run: str | Path, pool: str | Path | None = None, *, resume: bool = Fals
     _save_manifest(mdir, manifest)
     if s.added_class:
         models.grow_classifier(model)
-    return _run_rounds(run_dir, s, model, manifest, _round_lr(run_dir, cfg, opts), console)
+    return _run_rounds(run_dir, s, model, manifest, _round_lr(run_dir, cfg, opts))
 
 
-def _setup(run_dir: Path, cfg: TrainConfig, opts: MineOptions, console) -> _Setup:
+def _setup(run_dir: Path, cfg: TrainConfig, opts: MineOptions) -> _Setup:
     """The original model, the checked labelled images, the pool split and V."""
     mdir = _mining_dir(run_dir)
     original = load_bundle(mdir / "original" / "model")
@@ -121,8 +121,8 @@ def _setup(run_dir: Path, cfg: TrainConfig, opts: MineOptions, console) -> _Setu
     added = not multi and opts.negative_label not in original.classes
     classes = list(original.classes) + ([opts.negative_label] if added else [])
     task = Task(tuple(classes), multi)
-    prep = train_cmd.prepare_data(cfg, original.preprocess, console, table=table,
-                            task=Task(tuple(original.classes), multi))
+    prep = train_cmd.prepare_data(cfg, original.preprocess, table=table,
+                                  task=Task(tuple(original.classes), multi))
     cache_dir = train_cmd._cache_dir(cfg)
 
     split = _read_json(mdir / "pool.json")
@@ -147,12 +147,12 @@ def _setup(run_dir: Path, cfg: TrainConfig, opts: MineOptions, console) -> _Setu
     valid_neg, errors, _ = decode_all([Path(p) for p in split["valid"]], original.preprocess,
                                       cache_dir, progress=False)
     for p, why in errors.items():
-        console.print(f"[yellow]skipped[/] {display_path(p)}: {why}")
+        log.warning("skipped %s: %s", display_path(p), why)
     # A held-out negative identical to a labelled image would be scored against two labels.
     usable = [i for i, d in enumerate(valid_neg.digests) if d not in positive_digests]
     if len(usable) < len(valid_neg):
-        console.print(f"[yellow]{len(valid_neg) - len(usable)} held-out pool images are copies "
-                      "of labelled images; they are left out[/]")
+        log.warning("%d held-out pool images are copies of labelled images; they are left out",
+                    len(valid_neg) - len(usable))
     valid_neg = valid_neg.subset(usable)
     if not len(valid_neg):
         raise DataError("no usable held-out negatives (V): pass --valid-negatives DIR or a "
@@ -172,7 +172,7 @@ def _has_negatives(s: _Setup) -> bool:
     return not s.added_class and any(x.labels == (s.opts.negative_label,) for x in train)
 
 
-def _mine_round(s: _Setup, model, manifest: dict, k: int, thresholds, console) -> dict | str:
+def _mine_round(s: _Setup, model, manifest: dict, k: int, thresholds) -> dict | str:
     """Score what is left of U and record the round's picks; or why mining stops."""
     unreadable = set(manifest.get("unreadable", {}))
     taken = {x["path"] for r in manifest["rounds"] for x in r["mined"]}
@@ -183,7 +183,7 @@ def _mine_round(s: _Setup, model, manifest: dict, k: int, thresholds, console) -
     score = score_pool(model, s.pre, remaining, s.task.multi_label, s.negative_index,
                        thresholds, list(s.task.classes), s.opts.per_round,
                        s.known_digests | set(train_neg.digests), s.cache_dir, s.opts.batch_size,
-                       console, description=f"Round {k}: scoring {len(remaining)} pool images")
+                       description=f"Round {k}: scoring {len(remaining)} pool images")
     manifest.setdefault("unreadable", {}).update(score.unreadable)
     if not score.picks:
         return "no false positives left in the mining pool"
@@ -191,8 +191,7 @@ def _mine_round(s: _Setup, model, manifest: dict, k: int, thresholds, console) -
             "pool_false_positives": score.false_positives}
 
 
-def _run_rounds(run_dir: Path, s: _Setup, model, manifest: dict, lr: float,
-                console) -> MiningResult:
+def _run_rounds(run_dir: Path, s: _Setup, model, manifest: dict, lr: float) -> MiningResult:
     mdir = _mining_dir(run_dir)
     opts = s.opts
     done = [r for r in manifest["rounds"] if r["status"] == "done"]
@@ -200,10 +199,10 @@ def _run_rounds(run_dir: Path, s: _Setup, model, manifest: dict, lr: float,
     more_rounds = bool(reason) and reason.startswith("reached") and len(done) - 1 < opts.rounds
     if reason and not more_rounds:
         if manifest.get("finished"):
-            console.print(f"Mining of {run_dir} already finished: {reason} "
-                          "(--restart mines again from the start)")
+            log.info("Mining of %s already finished: %s (--restart mines again from the start)",
+                     run_dir, reason)
         else:  # stopped, but interrupted while writing the results
-            _finish(run_dir, s, model, manifest, console)
+            _finish(run_dir, s, model, manifest)
         return _result(run_dir, manifest)
     manifest["stop_reason"], manifest["finished"] = None, False
     thresholds = None
@@ -220,7 +219,7 @@ def _run_rounds(run_dir: Path, s: _Setup, model, manifest: dict, lr: float,
             if k > opts.rounds:
                 manifest["stop_reason"] = f"reached --rounds {opts.rounds}"
                 break
-            entry = _mine_round(s, model, manifest, k, thresholds, console)
+            entry = _mine_round(s, model, manifest, k, thresholds)
             if isinstance(entry, str):
                 manifest["stop_reason"] = entry
                 break
@@ -232,14 +231,14 @@ def _run_rounds(run_dir: Path, s: _Setup, model, manifest: dict, lr: float,
         negatives = [x["path"] for r in manifest["rounds"][:k + 1] for x in r["mined"]]
         train_neg, errors = _decode_negatives(s, negatives)
         for p, why in errors.items():
-            console.print(f"[yellow]skipped[/] {display_path(p)}: {why}")
-        console.print(f"[bold]Round {k}[/]: {len(pending['mined'])} new negatives, "
-                      f"{len(train_neg)} in training")
+            log.warning("skipped %s: %s", display_path(p), why)
+        log.info("Round %d: %d new negatives, %d in training", k, len(pending["mined"]),
+                 len(train_neg))
         epochs: list[dict] = []
         if pending["mined"]:
-            epochs, interrupted = _train_round(s, model, train_neg, lr, k, mdir / "work", console)
+            epochs, interrupted = _train_round(s, model, train_neg, lr, k, mdir / "work")
             if interrupted:
-                console.print(f"Interrupted in round {k}: rerun the same command to continue")
+                log.warning("Interrupted in round %d: rerun the same command to continue", k)
                 raise KeyboardInterrupt
         metrics, _, search = _evaluate(s, model)
         thresholds = None if search is None else search.thresholds
@@ -255,10 +254,9 @@ def _run_rounds(run_dir: Path, s: _Setup, model, manifest: dict, lr: float,
             manifest["best_round"] = k
         _save_manifest(mdir, manifest)
         _prune_weights(mdir, {weights, manifest["rounds"][manifest["best_round"]]["weights"]})
-        console.print(f"Round {k}: false-positive rate on held-out negatives "
-                      f"{metrics['fp_rate_V']:.3f}, positive accuracy "
-                      f"{metrics['positive_accuracy']:.3f}, overall "
-                      f"{metrics['overall_accuracy']:.3f}{'  (best so far)' if improved else ''}")
+        log.info("Round %d: false-positive rate on held-out negatives %.3f, positive accuracy "
+                 "%.3f, overall %.3f%s", k, metrics["fp_rate_V"], metrics["positive_accuracy"],
+                 metrics["overall_accuracy"], "  (best so far)" if improved else "")
         since_best = k - manifest["best_round"]
         if since_best >= opts.patience:
             manifest["stop_reason"] = (f"no better validation score for {since_best} "
@@ -268,7 +266,7 @@ def _run_rounds(run_dir: Path, s: _Setup, model, manifest: dict, lr: float,
         k += 1
 
     _save_manifest(mdir, manifest)
-    _finish(run_dir, s, model, manifest, console)
+    _finish(run_dir, s, model, manifest)
     return _result(run_dir, manifest)
 
 
@@ -278,7 +276,7 @@ def _result(run_dir: Path, manifest: dict) -> MiningResult:
                         baseline=manifest.get("baseline", {}))
 
 
-def _finish(run_dir: Path, s: _Setup, model, manifest: dict, console) -> None:
+def _finish(run_dir: Path, s: _Setup, model, manifest: dict) -> None:
     """The best round's model becomes the run's bundle; metrics, predictions, plots, report."""
     mdir = _mining_dir(run_dir)
     best = manifest["rounds"][manifest["best_round"]]
@@ -323,16 +321,18 @@ def _finish(run_dir: Path, s: _Setup, model, manifest: dict, console) -> None:
     write_rows_csv(run_dir / "metrics.csv", rows)
     original_meta = s.original.meta
     train_cmd.write_run_outputs(
-        run_dir, preds, summary, search, console, model=model, arch=s.cfg.model,
+        run_dir, preds, summary, search, model=model, arch=s.cfg.model,
         classes=list(s.task.classes), multi_label=s.task.multi_label, preprocess=s.pre,
         thresholds=None if thresholds is None else [float(t) for t in thresholds],
         tta=s.original.tta,
         extra={"trained_on": original_meta.get("trained_on", str(s.cfg.data)),
                "negatives": {"pool": s.opts.pool, "best_round": best["round"],
                              "label": None if s.task.multi_label else s.opts.negative_label}})
-    print_rounds(rounds, manifest.get("baseline"), best["round"], console)
-    console.print(f"Stopped: {manifest['stop_reason']}. Kept round {best['round']} as "
-                  f"{run_dir / 'model'} (classes: {', '.join(s.task.classes)})")
+    log.info("Hard negative mining", extra={"view": "mining_rounds", "data": {
+        "rounds": rounds, "baseline": manifest.get("baseline"), "best_round": best["round"]}})
+    log.info("* kept: round %d", best["round"])
+    log.info("Stopped: %s. Kept round %d as %s (classes: %s)", manifest["stop_reason"],
+             best["round"], run_dir / "model", ", ".join(s.task.classes))
     # Only after the report: interrupted before this, a rerun finishes again.
     manifest["finished"] = True
     _save_manifest(mdir, manifest)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from imgclf import progress
 from imgclf.commands.mine.state import SCORE_CHUNK
 from imgclf.data.cache import DecodedImages, decode_all
 from imgclf.data.files import list_images
@@ -111,7 +112,7 @@ class _PoolScore:
 def score_pool(model, pre, paths: list[Path], multi_label: bool, negative_index: int | None,
                thresholds: np.ndarray | None, classes: list[str], k: int,
                skip_digests: set[str], cache_dir: Path | None, batch_size: int = 64,
-               console=None, description: str = "Scoring the pool") -> _PoolScore:
+               description: str = "Scoring the pool") -> _PoolScore:
     """Score pool images chunk by chunk and return the k most confident false positives.
 
     Only three numbers per image are kept (predicted class, confidence, false positive or not),
@@ -119,17 +120,11 @@ def score_pool(model, pre, paths: list[Path], multi_label: bool, negative_index:
     Images whose content equals one in `skip_digests` (a training or validation image, or an
     earlier copy in the pool) are not scored.
     """
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeRemainingColumn)
-
     seen = set(skip_digests)
     kept: list[Path] = []
     predicted, confidence, is_fp = [], [], []
     unreadable: dict[str, str] = {}
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=True) as bar:
-        task = bar.add_task(description, total=len(paths))
+    with progress.task(description, total=len(paths)) as advance:
         for start in range(0, len(paths), SCORE_CHUNK):
             chunk = paths[start:start + SCORE_CHUNK]
             decoded, errors, _ = decode_all(chunk, pre, cache_dir, progress=False)
@@ -147,7 +142,7 @@ def score_pool(model, pre, paths: list[Path], multi_label: bool, negative_index:
                 predicted.append(p)
                 confidence.append(c)
                 is_fp.append(f)
-            bar.advance(task, len(chunk))
+            advance(len(chunk))
     if not kept:
         return _PoolScore([], 0, 0, unreadable)
     predicted_a, confidence_a, fp_a = (np.concatenate(predicted), np.concatenate(confidence),

@@ -1,9 +1,9 @@
-"""One mining round: its training data, its fine-tuning, its evaluation, and the rounds table."""
+"""One mining round: its training data, its fine-tuning, its evaluation, and the rounds table
+(as data: the command line draws it)."""
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,8 +154,8 @@ def _round_lr(run_dir: Path, cfg: TrainConfig, opts: MineOptions) -> float:
     return whole_network * 2 if cfg.pretrained and opts.freeze_epochs > 0 else whole_network
 
 
-def _train_round(s: _Setup, model, train_neg: DecodedImages, lr: float, k: int, work: Path,
-                 console) -> tuple[list[dict], bool]:
+def _train_round(s: _Setup, model, train_neg: DecodedImages, lr: float, k: int,
+                 work: Path) -> tuple[list[dict], bool]:
     """Fine-tune from the model's current weights; it ends holding the round's best epoch.
 
     Returns:
@@ -175,7 +175,7 @@ def _train_round(s: _Setup, model, train_neg: DecodedImages, lr: float, k: int, 
     # Checkpoints go to a scratch folder in mining/, never over the run's own resume state.
     result = fine_tune.fine_tune(model, s.task, s.pre, _fit_data(s, train_neg), cfg, work,
                                 lambda row, improved: None, rows=[], best=Best(),
-                                resume={}, console=console)
+                                resume={})
     shutil.rmtree(work, ignore_errors=True)
     return [r.to_dict() for r in result.rows], result.interrupted
 
@@ -250,31 +250,3 @@ def _rounds_table(manifest: dict) -> list[dict]:
             n_neg += len(r["mined"])
             rows.append(_round_row(r, n_neg))
     return rows
-
-
-def _pct(v: float | None) -> str:
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}%"
-
-
-def print_rounds(rounds: list[dict], baseline: dict | None, best_round: int | None,
-                 console) -> None:
-    """The per-round table: held-out false-positive rate, accuracies, what was mined."""
-    from rich.table import Table
-
-    table = Table(title="Hard negative mining")
-    for col in ("round", "mined", "negatives in train", "pool FP", "FP rate V",
-                "positive acc", "overall acc"):
-        table.add_column(col, justify="right")
-    if baseline:
-        table.add_row("before", "-", "0", "-", _pct(baseline["fp_rate_V"]),
-                      _pct(baseline["positive_accuracy"]), _pct(baseline.get("overall_accuracy")))
-    for r in rounds:
-        scored = r.get("pool_scored")
-        fp = "-" if scored is None else f"{r['pool_false_positives']}/{scored}"
-        mark = " *" if r["round"] == best_round else ""
-        table.add_row(f"{r['round']}{mark}", str(r["n_mined"]), str(r["n_train_negatives"]), fp,
-                      _pct(r["fp_rate_V"]), _pct(r["positive_accuracy"]),
-                      _pct(r["overall_accuracy"]))
-    console.print(table)
-    if best_round is not None:
-        console.print(f"* kept: round {best_round}")

@@ -1,0 +1,128 @@
+"""What the recipe computes outside the Trainer: cached body features, BatchNorm statistics
+re-estimated on training images, and the state the unfrozen stage starts from (head weights and
+BatchNorm buffers), kept as safetensors.
+
+Split from `imgclf.training.fine_tune`, whose stages use these.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from imgclf import progress
+from imgclf.data.transforms import Preprocess, normalize
+from imgclf.errors import ImgclfError
+from imgclf.io import atomic_write_bytes
+from imgclf.training import models
+
+
+def autocast_context(precision: str, device: torch.device):
+    """The autocast matching a Lightning precision string, for passes outside the Trainer."""
+    if precision.startswith("bf16"):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    if precision.startswith("16"):
+        return torch.autocast(device_type=device.type, dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def extract_features(model: nn.Module, loader: DataLoader, pre: Preprocess, precision: str,
+                     device: torch.device, desc: str = "Caching features") -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled body features of every batch (model in eval mode): ([N, F] float32, targets)."""
+    model.eval()
+    feats, targets = [], []
+    with progress.task(desc, total=len(loader.dataset)) as advance:
+        for x, y in loader:
+            x = normalize(x.to(device), pre.mean, pre.std).contiguous(memory_format=torch.channels_last)
+            with autocast_context(precision, device):
+                f = models.pre_logits(model, x)
+            feats.append(f.float().cpu())
+            targets.append(y)
+            advance(len(x))
+    return torch.cat(feats), torch.cat(targets)
+
+
+ADAPT_IMAGES = 1024
+
+
+@torch.no_grad()
+def adapt_batchnorm(model: nn.Module, loader: DataLoader, pre: Preprocess, device: torch.device,
+                    max_images: int = ADAPT_IMAGES) -> int:
+    """Re-estimate every BatchNorm layer's running statistics on (augmented) training images.
+
+    A cumulative average over up to `max_images` images (momentum None), as
+    `torch.optim.swa_utils.update_bn` computes it; written here because that helper runs the
+    whole loader and cannot normalise uint8 batches. Returns the number of images used.
+    """
+    layers = models.batchnorm_layers(model)
+    if not layers:
+        return 0
+    was_training = model.training
+    momenta = [m.momentum for m in layers]
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None
+    model.eval()
+    for m in layers:
+        m.train()
+    seen = 0
+    try:
+        with progress.task("Adapting BatchNorm statistics",
+                           total=min(max_images, len(loader.dataset))) as advance:
+            for x, _ in loader:
+                x = x[: max_images - seen]
+                x = normalize(x.to(device), pre.mean, pre.std).contiguous(
+                    memory_format=torch.channels_last)
+                models.pre_logits(model, x)
+                seen += len(x)
+                advance(len(x))
+                if seen >= max_images:
+                    break
+    finally:
+        for m, momentum in zip(layers, momenta):
+            m.momentum = momentum
+        model.train(was_training)
+    return seen
+
+
+def start_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What the unfrozen stage starts from besides the pretrained body: the trained head and
+    the BatchNorm statistics (re-estimated on the training data with --batchnorm adapt)."""
+    head = {f"head.{k}": v for k, v in models.classifier(model).state_dict().items()}
+    bn_ids = {id(m) for m in models.batchnorm_layers(model)}
+    stats = {f"body.{name}.{b}": buf for name, m in model.named_modules() if id(m) in bn_ids
+             for b, buf in m.named_buffers(recurse=False)}
+    return {**head, **stats}
+
+
+def load_start_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Inverse of `start_state` (a file of head weights alone, as older runs wrote, works too)."""
+    head = {k[5:]: v for k, v in state.items() if k.startswith("head.")}
+    models.classifier(model).load_state_dict(head or state)
+    body = {k[5:]: v for k, v in state.items() if k.startswith("body.")}
+    if body:
+        model.load_state_dict(body, strict=False)
+
+
+def save_tensors(path: Path, state: dict[str, torch.Tensor]) -> None:
+    """A state dict as safetensors, atomically."""
+    from safetensors.torch import save
+
+    atomic_write_bytes(path, save({k: v.detach().cpu().contiguous() for k, v in state.items()}))
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors state dict, or an ImgclfError naming the damaged file and the fix."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ImgclfError(f"{path}: damaged or not a safetensors file ({e}): delete the run's "
+                          "checkpoints/ folder and train again") from None

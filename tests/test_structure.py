@@ -1,12 +1,14 @@
-"""The package's layout: the dependency rule of DESIGN.md ("Layout") and short modules.
+"""The package's layout: the dependency rule of DESIGN.md ("Layout"), short modules, and
+"only cli/ prints".
 
 The rule lives in pyproject.toml ([tool.importlinter]): cli > api > commands > report >
-(deploy | training) > evaluation > data > (config | rundir | io | errors), and only
+(deploy | training) > evaluation > data > (config | rundir | io | errors | progress), and only
 imgclf.training.engine imports Lightning.
 """
 
 from __future__ import annotations
 
+import ast
 import os
 import shutil
 import subprocess
@@ -60,3 +62,67 @@ def test_public_names_are_the_api_not_submodules():
         assert callable(getattr(imgclf, name)), name
     importlib.import_module("imgclf.deploy.predict")  # once loaded, it must not shadow the API
     assert imgclf.predict is importlib.import_module("imgclf.api").predict
+
+
+# Where a module outside cli/ may print: the torch-free `python -m imgclf.deploy.onnx_predict`
+# of the README, a program of its own that must run with numpy, Pillow and onnxruntime alone
+# (no typer, no rich), so it cannot live in cli/. {module: functions}
+PRINTS_ALLOWED = {"deploy/onnx_predict.py": {"main"}}
+# The public API keeps accepting a (deprecated, ignored) console argument.
+CONSOLE_ALLOWED = {"api.py"}
+
+
+def _library_modules():
+    for p in sorted(PACKAGE.rglob("*.py")):
+        rel = p.relative_to(PACKAGE).as_posix()
+        if not rel.startswith("cli/"):
+            yield rel, ast.parse(p.read_text(encoding="utf-8"), filename=str(p))
+
+
+def _outputs(tree: ast.AST) -> list[tuple[int, str, str | None]]:
+    """(line, what, enclosing top-level function) for each rich import, print() call and
+    `console` parameter."""
+    found = []
+
+    def visit(node, function):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            function = function or node.name
+            args = node.args
+            for a in [*args.posonlyargs, *args.args, *args.kwonlyargs]:
+                if a.arg == "console":
+                    found.append((node.lineno, "console parameter", function))
+        elif isinstance(node, ast.Import):
+            found.extend((node.lineno, f"import {a.name}", function) for a in node.names
+                         if a.name.split(".")[0] == "rich")
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "rich":
+            found.append((node.lineno, f"from {node.module} import", function))
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+              and node.func.id == "print"):
+            found.append((node.lineno, "print()", function))
+        for child in ast.iter_child_nodes(node):
+            visit(child, function)
+
+    visit(tree, None)
+    return found
+
+
+def test_only_cli_prints():
+    """Library code logs and returns data: outside cli/ nothing imports rich, calls print() or
+    takes a console."""
+    bad = []
+    for rel, tree in _library_modules():
+        for line, what, function in _outputs(tree):
+            if what == "print()" and function in PRINTS_ALLOWED.get(rel, ()):
+                continue
+            if what == "console parameter" and rel in CONSOLE_ALLOWED:
+                continue
+            bad.append(f"{rel}:{line}: {what}" + (f" in {function}()" if function else ""))
+    assert not bad, "library code that prints (log instead; cli/ draws):\n" + "\n".join(bad)
+
+
+def test_the_print_check_finds_what_it_looks_for():
+    tree = ast.parse("import rich.table\nfrom rich import print as p\n"
+                     "def f(x, console=None):\n    def g():\n        print(x)\n")
+    assert _outputs(tree) == [
+        (1, "import rich.table", None), (2, "from rich import", None),
+        (3, "console parameter", "f"), (5, "print()", "f")]

@@ -374,6 +374,22 @@ def test_bundle_of_another_architecture(bundle_copy, corpus, capsys):
     assert code == 2 and "does not fit architecture 'resnet10t'" in line
 
 
+@pytest.mark.parametrize("field, value, says", [
+    ("std", [0, 0.5, 0.5], "preprocess.std must be 3 positive numbers"),
+    ("size", -5, "preprocess.size must be a whole number of pixels"),
+    ("size", 100000, "preprocess.size must be a whole number of pixels"),
+    ("interpolation", "smooth", "preprocess.interpolation must be one of bicubic"),
+    ("mean", "grey", "preprocess.mean must be 3 numbers"),
+])
+def test_hand_edited_bundle_settings(bundle_copy, corpus, capsys, field, value, says):
+    meta = json.loads((bundle_copy / "model.json").read_text())
+    meta["preprocess"][field] = value
+    (bundle_copy / "model.json").write_text(json.dumps(meta))
+    code, _, err = run_cli(["predict", bundle_copy, corpus / "valid"], capsys)
+    line = one_error_line(err)
+    assert code == 2 and "model.json is damaged" in line and says in line
+
+
 def test_damaged_bundle_metadata(bundle_copy, corpus, capsys):
     (bundle_copy / "model.json").write_text('{"arch": "test_efficientnet", "classes": [')
     code, _, err = run_cli(["predict", bundle_copy, corpus / "valid"], capsys)

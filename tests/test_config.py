@@ -168,5 +168,5 @@ def test_choices_match_the_modules_that_act_on_them():
     from imgclf.training import balance
 
     assert set(config.THRESHOLD_METRICS) == set(evaluation.THRESHOLD_METRICS)
-    assert set(config.RESIZE_METHODS) == set(presize.RESIZE_METHODS)
+    assert set(config.RESIZE_METHODS) == set(presize.RESIZE_METHODS)  # one declaration
     assert set(config.BALANCE_MODES) == set(balance.MODES)

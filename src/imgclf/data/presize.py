@@ -7,7 +7,7 @@ import math
 import numpy as np
 from PIL import Image
 
-from imgclf.config import RESIZE_METHODS  # noqa: F401 (re-exported; declared with the option)
+from imgclf.config import MIN_SIZE, RESIZE_METHODS
 
 PIL_INTERPOLATION = {
     "bicubic": Image.Resampling.BICUBIC,
@@ -15,6 +15,46 @@ PIL_INTERPOLATION = {
     "nearest": Image.Resampling.NEAREST,
     "lanczos": Image.Resampling.LANCZOS,
 }
+
+
+MAX_SIZE = 4096  # a larger square per image would exhaust memory, not improve a classifier
+
+
+def check_preprocess(d: dict) -> dict:
+    """The preprocessing settings of a model.json, refused with a ValueError naming the field.
+
+    A hand-edited or damaged file must not reach the predictors: std 0 would give NaN
+    probabilities with exit code 0, and an absurd size an allocation deep inside a decoder.
+    """
+    def number(key, positive=False):
+        v = d.get(key)
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        if not ok or (positive and v <= 0):
+            raise ValueError(f"preprocess.{key} must be a {'positive ' if positive else ''}"
+                             f"number, not {v!r}")
+        return v
+
+    for key in ("size", "presize"):
+        v = number(key)
+        if int(v) != v or not MIN_SIZE <= v <= MAX_SIZE:
+            raise ValueError(f"preprocess.{key} must be a whole number of pixels from {MIN_SIZE} "
+                             f"to {MAX_SIZE}, not {v!r}")
+    if d["presize"] < d["size"]:
+        raise ValueError(f"preprocess.presize ({d['presize']}) is smaller than preprocess.size "
+                         f"({d['size']})")
+    for key in ("mean", "std"):
+        v = d.get(key)
+        if (not isinstance(v, (list, tuple)) or len(v) != 3 or not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+                and (key == "mean" or x > 0) for x in v)):
+            kind = "positive numbers" if key == "std" else "numbers"
+            raise ValueError(f"preprocess.{key} must be 3 {kind}, one per channel, not {v!r}")
+    for key, allowed, default in (("interpolation", tuple(PIL_INTERPOLATION), "bicubic"),
+                                  ("resize", RESIZE_METHODS, "crop")):
+        if d.get(key, default) not in allowed:
+            raise ValueError(f"preprocess.{key} must be one of {' | '.join(allowed)}, "
+                             f"not {d.get(key)!r}")
+    return d
 
 
 # "auto" crops an image no further from square than this and squishes a longer one: photos

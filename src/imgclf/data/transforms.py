@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torchvision.transforms import v2
 
-from imgclf.data.presize import PIL_INTERPOLATION, presize_image  # noqa: F401 (re-exported)
+from imgclf.data.presize import PIL_INTERPOLATION, check_preprocess, presize_image  # noqa: F401 (re-exported)
 
 
 
@@ -67,6 +67,8 @@ class Preprocess:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocess":
+        """The settings of a model.json; ValueError naming the field if they cannot be used."""
+        check_preprocess(d)
         return cls(
             size=int(d["size"]),
             presize=int(d["presize"]),

@@ -27,7 +27,8 @@ from PIL import Image
 
 from imgclf.data.files import list_images  # torch-free, the walker `train` and `predict` use
 from imgclf.data.images import open_rgb
-from imgclf.data.presize import presize_image, reduce_views, tta_views  # torch-free, as training
+from imgclf.data.presize import (check_preprocess, presize_image, reduce_views,  # torch-free,
+                                 tta_views)  # as training
 from imgclf.deploy.results import PredictionResult
 from imgclf.errors import ImageError, ImgclfError
 
@@ -191,6 +192,11 @@ def load(path: str | Path | bytes, providers: list[str] | None = None,
                           f"{str(e)[:200]}): export it again with `imgclf export`") from e
     raw = session.get_modelmeta().custom_metadata_map.get(META_KEY)
     meta = json.loads(raw) if raw else _sidecar_meta(source)
+    try:
+        check_preprocess(meta["preprocess"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ImgclfError(f"{source if isinstance(source, str) else 'the model'}: its model.json "
+                          f"settings are damaged ({e}): export it again with `imgclf export`") from e
     names = [o.name for o in session.get_outputs()]
     if "probabilities" not in names:
         raise ImgclfError(f"{source if isinstance(source, str) else 'the model'}: not an imgclf "

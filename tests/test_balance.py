@@ -95,58 +95,115 @@ def test_describe_says_what_happens_and_how_to_change_it():
 
 
 @pytest.mark.slow
-def test_training_applies_the_resolved_mode(tmp_path, make_dataset, monkeypatch):
-    """auto on 10:1 data picks AUTO_MODE; weights weight the loss of both stages, the sampler
-    draws balanced batches in the unfrozen stage (and weights the frozen head's loss)."""
-    import timm
-    from safetensors.torch import save_file
-
+def test_training_records_the_resolved_mode(tmp_path, make_dataset, monkeypatch):
+    """auto on 10:1 data resolves to AUTO_MODE; the mode a run used is in its metrics.json and
+    data_summary.json."""
     from imgclf import api
     from imgclf.commands import train as train_cmd
-    from imgclf.training import fine_tune
-    from imgclf.training.engine import ClassifierModule
 
-    # The frozen stage needs "pretrained" weights: a random test_resnet saved locally.
-    weights = tmp_path / "w.safetensors"
-    save_file({k: v.contiguous() for k, v in timm.create_model("test_resnet").state_dict().items()},
-              str(weights))
+    monkeypatch.setattr(train_cmd, "write_report", lambda run_dir: None)  # not under test; slow
+
     data = make_dataset(tmp_path / "data", {"train/a": 20, "train/b": 2, "valid/a": 3, "valid/b": 3})
-    stage_weights, samplers = [], []
-    init = ClassifierModule.__init__
-    train_head = fine_tune.train_head
-
-    def spy_head(*args, **kw):  # the frozen stage
-        stage_weights.append(kw.get("class_weight"))
-        return train_head(*args, **kw)
-
-    def spy_module(self, *args, **kw):  # the unfrozen stage
-        stage_weights.append(kw.get("class_weight"))
-        init(self, *args, **kw)
-
-    make_loader = fine_tune.make_loader
-
-    def spy_loader(dataset, batch_size, train, **kw):
-        if train:
-            samplers.append(getattr(kw.get("sampler"), "inner", kw.get("sampler")))
-        return make_loader(dataset, batch_size, train, **kw)
-
-    monkeypatch.setattr(ClassifierModule, "__init__", spy_module)
-    monkeypatch.setattr(fine_tune, "train_head", spy_head)
-    monkeypatch.setattr(fine_tune, "make_loader", spy_loader)
-    monkeypatch.setattr(train_cmd, "write_report", lambda *a, **k: None)
-    common = dict(model="test_resnet", weights=str(weights), size=32, epochs=1, freeze_epochs=1,
-                  batch_size=8, lr=1e-3, out=str(tmp_path / "runs"), workers=0)
     other = "sampler" if balance.AUTO_MODE == "weights" else "weights"
     for requested, mode in (("auto", balance.AUTO_MODE), (other, other)):
-        stage_weights.clear()
-        samplers.clear()
-        run = api.train(data, balance=requested, name=requested, **common)
+        run = api.train(data, balance=requested, name=requested, model="test_resnet",
+                        pretrained=False, size=32, epochs=1, freeze_epochs=0, batch_size=8,
+                        lr=1e-3, out=str(tmp_path / "runs"), workers=0)
         assert run.metrics()["balance"] == mode
         assert f'"balance": "{mode}"' in (run.path / "data_summary.json").read_text()
-        frozen_w, unfrozen_w = stage_weights
-        assert torch.allclose(frozen_w, torch.tensor([22 / 40, 22 / 4]))
-        balanced = [isinstance(s, torch.utils.data.WeightedRandomSampler) for s in samplers]
-        if mode == "weights":
-            assert torch.equal(unfrozen_w, frozen_w) and not any(balanced)
+
+
+class CountingDataset(torch.utils.data.Dataset):
+    """A training set that counts how often each of its images is read."""
+
+    def __init__(self, inner):
+        self.inner, self.reads = inner, torch.zeros(len(inner), dtype=torch.long)
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, i):
+        self.reads[i] += 1
+        return self.inner[i]
+
+
+@pytest.fixture(scope="module")
+def imbalanced(tmp_path_factory):
+    """20:2 training images, a test_resnet with local "pretrained" weights (so that the frozen
+    stage runs), its preprocessing and the decoded images."""
+    import timm
+    from conftest import make_dataset
+    from safetensors.torch import save_file
+
+    from imgclf.data.cache import decode_all
+    from imgclf.data.sources import from_folder
+    from imgclf.data.transforms import Preprocess
+    from imgclf.training import models
+
+    tmp = tmp_path_factory.mktemp("imbalanced")
+    weights = tmp / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in timm.create_model("test_resnet").state_dict().items()},
+              str(weights))
+    table = from_folder(make_dataset(tmp / "data", {"train/a": 20, "train/b": 2, "valid/a": 3,
+                                                    "valid/b": 3}))
+    model = models.create_model("test_resnet", 2, pretrained=True, weights=str(weights))
+    pre = Preprocess.from_model_cfg(model.pretrained_cfg, size=32)
+    decoded, errors, _ = decode_all([s.path for s in table.samples], pre, None, progress=False)
+    assert not errors
+    return table, model, pre, decoded, str(weights)
+
+
+def _fit(imbalanced, mode: str, freeze_epochs: int):
+    """fine_tune on the imbalanced set; the epoch rows and, per stage, the reads of each
+    training image."""
+    import copy
+
+    from imgclf.config import TrainConfig
+    from imgclf.data.datasets import ImageDataset
+    from imgclf.data.samples import TRAIN, VALID
+    from imgclf.data.transforms import eval_transform, train_transform
+    from imgclf.training.fine_tune import FitData, fine_tune
+
+    table, model, pre, decoded, weights = imbalanced
+    task = Task(tuple(table.classes))
+    index = {p: i for i, p in enumerate(decoded.paths)}
+    tr, va = table.split(TRAIN), table.split(VALID)
+    y_tr, y_va = task.encode(tr), task.encode(va)
+    train = CountingDataset(ImageDataset(decoded, [index[s.path] for s in tr], y_tr,
+                                         train_transform(pre.size)))
+    valid = ImageDataset(decoded, [index[s.path] for s in va], y_va, eval_transform(pre.size))
+    cfg = TrainConfig(data="unused", model="test_resnet", weights=weights, size=32, epochs=1,
+                      freeze_epochs=freeze_epochs, batch_size=8, lr=1e-3, workers=0,
+                      augment_on="loader", precision="32-true", balance=mode)
+    reads = {}
+
+    def on_row(row, improved):
+        reads[row.stage] = train.reads.clone() - sum(reads.values(), torch.zeros_like(train.reads))
+
+    result = fine_tune(copy.deepcopy(model), task, pre,
+                       FitData(train, valid, y_tr, y_va, balance=mode), cfg, None, on_row)
+    return result.rows, reads, y_tr
+
+
+@pytest.mark.slow
+def test_weights_weight_both_stages_and_the_sampler_balances_the_unfrozen_one(imbalanced):
+    """"weights" weights the loss of both stages; "sampler" weights the frozen head's loss the
+    same way and draws class-balanced batches in the unfrozen stage; "none" does neither."""
+    runs = {mode: _fit(imbalanced, mode, freeze_epochs=1) for mode in ("none", "weights", "sampler")}
+    frozen = {mode: [(r.train_loss, r.valid_loss, r.metrics) for r in rows if r.stage == "frozen"]
+              for mode, (rows, _, _) in runs.items()}
+    assert frozen["weights"] == frozen["sampler"] != frozen["none"]
+    for mode, (_, reads, y) in runs.items():
+        unfrozen = reads["unfrozen"]
+        share_b = float(unfrozen[y == 1].sum() / unfrozen.sum())
+        if mode == "sampler":
+            assert share_b > 0.3, share_b  # about half the draws, against 2 of 22 without
         else:
-            assert unfrozen_w is None and any(balanced)
+            assert unfrozen.max() == 1 and share_b <= 2 / 16  # a shuffle: each image at most once
+
+    # Without a frozen stage both runs start from the same model and read the same images in
+    # the same order: what differs is the weighted loss.
+    (rows_w, reads_w, _), (rows_n, reads_n, _) = (_fit(imbalanced, m, freeze_epochs=0)
+                                                  for m in ("weights", "none"))
+    assert torch.equal(reads_w["unfrozen"], reads_n["unfrozen"])
+    assert rows_w[0].train_loss != pytest.approx(rows_n[0].train_loss)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import os
 import subprocess
 import sys
@@ -43,6 +44,19 @@ def test_from_yaml_refuses_unknown_keys_with_a_suggestion(tmp_path):
     p.write_text(yaml.safe_dump({"data": "x", "lr_mul": 5}))
     with pytest.raises(ImgclfError, match=r"config.yaml: unknown setting 'lr_mul'; did you mean 'lr_mult'\?"):
         TrainConfig.from_yaml(p)
+
+
+@pytest.mark.parametrize("text, says", [
+    ("data: x\nepochs: !!python/object/apply:os.system ['echo pwned']\n",
+     "not a readable settings file at line 2"),
+    ("data: x\nepochs: [1\n", "not a readable settings file"),
+    ("data: x\nepochs: five\n", "--epochs takes a number, not 'five'"),
+])
+def test_damaged_config_yaml_is_one_clear_error(tmp_path, text, says):
+    p = tmp_path / "config.yaml"
+    p.write_text(text)
+    with pytest.raises(ImgclfError, match=re.escape(says)):
+        TrainConfig.from_yaml(p).check()
 
 
 def test_yaml_round_trip_and_old_runs_with_empty_extra(tmp_path):

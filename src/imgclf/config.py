@@ -163,7 +163,15 @@ class TrainConfig:
     @classmethod
     def from_yaml(cls, path: Path) -> "TrainConfig":
         """The settings saved in a config.yaml; unknown keys are refused with the closest name."""
-        raw = yaml.safe_load(Path(path).read_text()) or {}
+        try:
+            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            # safe_load refuses python/object tags; the user needs the line, not the traceback.
+            where = getattr(e, "problem_mark", None)
+            at = f" at line {where.line + 1}" if where is not None else ""
+            problem = getattr(e, "problem", None) or type(e).__name__
+            raise ImgclfError(f"{path}: not a readable settings file{at} ({problem}): fix that "
+                              "line, or start a new run instead of resuming") from None
         if not isinstance(raw, dict):
             raise ImgclfError(f"{path}: expected settings as `name: value` lines")
         # Runs written before the dead `extra` field was removed carry `extra: {}`.

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.text import Text
 
 from imgclf.cli.console import command_output, console
 from imgclf.cli.options import config_from_flags, config_options
@@ -90,7 +91,8 @@ def predict(
 
         console.print(describe_thresholds(bundle, threshold), highlight=False)
     for p, reason in result.errors.items():
-        console.print(f"[yellow]skipped[/] {reason if str(p) in reason else f'{p}: {reason}'}")
+        console.print(Text.assemble(("skipped", "yellow"),
+                                    f" {reason if str(p) in reason else f'{p}: {reason}'}"))
     tops = result.top_k(top_k)
     for p, labs, top in zip(result.paths, result.labels(), tops):
         shown = "  ".join(f"{c} {v:.3f}" for c, v in top)
@@ -226,7 +228,7 @@ def report(
     from imgclf.report.html import write_report  # lazy: start-up time (`imgclf --help` imports no torch)
 
     path = write_report(run, heatmaps=heatmaps)
-    console.print(f"Report: [bold]{path}[/]")
+    console.print(Text.assemble("Report: ", (str(path), "bold")))
 
 
 def main() -> None:
@@ -236,7 +238,8 @@ def main() -> None:
     except ImgclfError as e:
         if _debug["on"]:
             raise
-        console.print(f"[bold red]error:[/] {e}", highlight=False)
+        # Text, not markup: messages name files and classes, which may hold brackets.
+        console.print(Text.assemble(("error:", "bold red"), f" {e}"))
         sys.exit(2)
     except KeyboardInterrupt:
         console.print("interrupted")
@@ -244,9 +247,9 @@ def main() -> None:
     except Exception as e:  # noqa: BLE001 - the user gets one line; --debug shows the rest
         if _debug["on"]:
             raise
-        console.print(f"[bold red]internal error:[/] {type(e).__name__}: {e} "
-                      "(run again with --debug for the traceback, and please report it)",
-                      highlight=False)
+        console.print(Text.assemble(("internal error:", "bold red"), f" {type(e).__name__}: {e} "
+                                    "(run again with --debug for the traceback, and please "
+                                    "report it)"))
         sys.exit(1)
 
 

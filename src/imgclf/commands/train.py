@@ -82,7 +82,7 @@ class PreparedData:
     summary: object
 
 
-def prepare_data(cfg: TrainConfig, pre: Preprocess, table: SampleTable | None = None,
+def prepare_data(cfg: TrainConfig, pre: Preprocess, *, table: SampleTable | None = None,
                  task: Task | None = None) -> PreparedData:
     """Load, decode once (this is also the corrupt-file check), check and summarise the data
     (logged with the view "data_summary")."""

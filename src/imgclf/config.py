@@ -81,6 +81,12 @@ class TrainConfig:
     group_col: str | None = option(None, "CSV column of groups kept on one side of the split.")
     group_pattern: str | None = option(
         None, "Regex; its first group on the relative path is the group.")
+    corrections: str | None = option(
+        None, "Corrections CSV (`imgclf review` writes RUN/corrections.csv): relabel, exclude or "
+        "mark images negative as it says; the data itself is not changed.", path=True)
+    corrections_sha256: str | None = option(
+        None, "sha256 the --corrections file must have (recorded in config.yaml when the run "
+        "starts, so a changed file is refused on --resume).")
     valid_pct: float = option(0.2, "Validation fraction when the data has no split.",
                               above=0, below=1)
     folds: int = option(0, "Cross-validation: folds the images are dealt into (stratified, "
@@ -206,6 +212,8 @@ class TrainConfig:
                               "disagree: the last of --sizes is the final size; drop --size")
         if self.stage_epochs and not self.sizes and len(self.stage_epochs) != 1:
             raise ImgclfError("--stage-epochs needs --sizes with as many sizes as stages")
+        if self.corrections_sha256 and not self.corrections:
+            raise ImgclfError("--corrections-sha256 pins a --corrections file, and none is given")
         parse_norm_stats(self.norm_stats)
 
 

@@ -29,6 +29,7 @@ import numpy as np
 from imgclf import evaluation
 from imgclf.commands import train as train_cmd
 from imgclf.config import TrainConfig, with_options
+from imgclf.data import corrections
 from imgclf.data.samples import TRAIN, VALID
 from imgclf.data.sources import load_table
 from imgclf.data.split import assign_folds
@@ -85,6 +86,7 @@ def cross_validate(data: str | Path | None = None, *, folds: int = 5,
         cfg.folds, cfg.fold = folds, None
         # Fail on bad settings and impossible folds before creating anything.
         cfg.check()
+        corrections.pin(cfg)  # every fold applies the same file, recorded with its digest
         table = load_table(dataclasses.replace(cfg, folds=0))
         pool = [s for s in table.samples if s.split in (TRAIN, VALID)]
         assign_folds(pool, cfg.folds, cfg.seed, table.multi_label)

@@ -24,7 +24,7 @@ import torch
 from imgclf import evaluation, progress
 from imgclf.commands.run import Run
 from imgclf.config import TrainConfig
-from imgclf.data import validate
+from imgclf.data import corrections, validate
 from imgclf.data.summary import summarize
 from imgclf.data.cache import decode_all, default_cache_dir
 from imgclf.data.datasets import ImageDataset
@@ -194,6 +194,7 @@ def _train(cfg: TrainConfig, run_dir: Path | None, resume, state: dict,
            rank_zero: bool) -> Run | None:
     """The body of `train` once the settings are known and checked."""
     seed_everything(cfg.seed, workers=True, verbose=False)
+    corrections.pin(cfg)  # config.yaml records the file's digest; on --resume it must match
     table = load_table(cfg)
     recipe.check_techniques(cfg, table.multi_label)
     if cfg.sizes:

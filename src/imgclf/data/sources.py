@@ -17,6 +17,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from imgclf.config import TrainConfig
+from imgclf.data.corrections import apply_file as apply_corrections_file
 from imgclf.data.csv_source import from_csv
 from imgclf.data.files import (_compile, _dir_key, _entry_kind, _existing_folder, _list_dir, _rel,
                                _subdirs, _walk)
@@ -264,7 +265,8 @@ def _require_usable(table: SampleTable, kind: str) -> None:
 
 
 def load_table(cfg: TrainConfig) -> SampleTable:
-    """The data source named by a config, as a table of samples."""
+    """The data source named by a config, as a table of samples, with `cfg.corrections`
+    applied (see `imgclf.data.corrections`; a digest in `cfg.corrections_sha256` must match)."""
     label_cols = cfg.label_cols
     if label_cols and label_cols != "auto":
         label_cols = [c.strip() for c in label_cols.split(",") if c.strip()]
@@ -275,6 +277,9 @@ def load_table(cfg: TrainConfig) -> SampleTable:
         label_cols=label_cols, multi_label=cfg.multi_label, group_col=cfg.group_col,
         group_pattern=cfg.group_pattern, valid_pct=cfg.valid_pct, seed=cfg.seed,
         allow_outside=cfg.allow_outside_data or None)
+    if cfg.corrections:
+        # Before the folds, so that cross-validation deals the corrected labels.
+        table, _ = apply_corrections_file(table, cfg.corrections, cfg.corrections_sha256)
     if cfg.folds:
         table = fold_table(table, cfg.folds, cfg.fold, cfg.seed)
     return table

@@ -95,7 +95,7 @@ def diagnose(name: str) -> None:
         table = load_table(cfg)
         model = models.create_model(cfg.model, len(table.classes), weights=cfg.weights)
         pre = Preprocess.from_model_cfg(model.pretrained_cfg, resize=resize)
-        prep = train_cmd.prepare_data(cfg, pre, None, table=table)
+        prep = train_cmd.prepare_data(cfg, pre, table=table)
         data = train_cmd._datasets(prep, pre)
         if prep.task.multi_label:
             print("diagnose: single-label data only")
@@ -157,7 +157,6 @@ def diagnose(name: str) -> None:
 def head_steps(name: str, steps=(60, 200, 500, 1000)) -> None:
     """Accuracy of the frozen stage's head after N steps on the same cached features."""
     import torch
-    from rich.console import Console
     from torch.utils.data import TensorDataset
 
     from imgclf.commands import train as train_cmd
@@ -175,7 +174,7 @@ def head_steps(name: str, steps=(60, 200, 500, 1000)) -> None:
     table = load_table(cfg)
     model = models.create_model(cfg.model, len(table.classes), weights=cfg.weights)
     pre = Preprocess.from_model_cfg(model.pretrained_cfg, resize=cfg.resize)
-    prep = train_cmd.prepare_data(cfg, pre, Console(quiet=True), table=table)
+    prep = train_cmd.prepare_data(cfg, pre, table=table)
     data = train_cmd._datasets(prep, pre)
     torch.manual_seed(0)
     cpu = torch.device("cpu")

@@ -14,7 +14,6 @@ The decode cache is warmed first, so neither side pays for decoding; each side i
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import statistics
 import tempfile
@@ -38,7 +37,6 @@ def main() -> None:
     os.environ.setdefault("IMGCLF_CACHE_DIR", tempfile.mkdtemp(prefix="imgclf-frozen-"))
 
     import torch
-    from rich.console import Console
 
     from imgclf import api
     from imgclf.commands import train as train_cmd
@@ -48,21 +46,20 @@ def main() -> None:
     from imgclf.data.transforms import Preprocess, normalize
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
-    quiet = Console(file=io.StringIO())
     out = tempfile.mkdtemp(prefix="imgclf-frozen-runs-")
     opts = dict(model="tf_efficientnet_lite0", weights=str(WEIGHTS), epochs=0,
                 freeze_epochs=args.freeze_epochs, batch_size=args.batch_size, seed=42)
     # Warm the decode cache (and the process) with a first run; time the next ones.
-    api.train(DATA[args.data], out=out, name="warm", console=quiet, **opts)
+    api.train(DATA[args.data], out=out, name="warm", **opts)
     frozen_times = []
     for r in range(args.repeats):
-        run = api.train(DATA[args.data], out=out, name=f"timed{r}", console=quiet, **opts)
+        run = api.train(DATA[args.data], out=out, name=f"timed{r}", **opts)
         frozen_times.append(run.metrics()["train_seconds"])
 
     cfg = TrainConfig(data=str(DATA[args.data]), **opts)
     model = models.create_model(cfg.model, len(run.metrics()["classes"]), weights=cfg.weights)
     pre = Preprocess.from_model_cfg(model.pretrained_cfg)
-    prep = train_cmd.prepare_data(cfg, pre, quiet)
+    prep = train_cmd.prepare_data(cfg, pre)
     idx = [prep.index[s.path] for s in prep.table.split(TRAIN) + prep.table.split(VALID)]
     precision = fine_tune.resolve_precision("auto", model)
     model = model.eval().to(memory_format=torch.channels_last)

@@ -176,7 +176,7 @@ def test_report_states_a_fine_tuning_warning(tiny_run, tmp_path):
 
 
 def test_weight_average_half_life_is_counted_in_epochs():
-    from imgclf.training.engine import ema_decay
+    from imgclf.training.ema import ema_decay
 
     assert ema_decay(0.5, 20) ** 10 == pytest.approx(0.5)
     assert ema_decay(2.0, 100) ** 200 == pytest.approx(0.5)

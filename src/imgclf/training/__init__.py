@@ -6,6 +6,8 @@
     frozen_head.py  the frozen stage: the head trained on cached body features, LR finder
     schedule.py     one_cycle(step): the learning rate and momentum as a pure function
     fine_tune.py    the fine-tune recipe (frozen stage, then the whole network)
+    features.py     the frozen body's cached features, BatchNorm adaptation, the start state
+    ema.py          the moving average of the weights that the unfrozen stage validates
     engine.py       everything that touches Lightning (the only module that imports it)
     epochs.py       epoch rows, the best-epoch tracker, the fine-tuning check
     resume.py       seeded order and augmentation, so a killed run resumes exactly

@@ -11,7 +11,6 @@ one file.
 from __future__ import annotations
 
 import contextlib
-from copy import deepcopy
 import logging
 import math
 import re
@@ -32,6 +31,7 @@ from imgclf.errors import ImgclfError
 from imgclf.io import atomic_write
 from imgclf.training import models
 from imgclf.training.distributed import restore_order
+from imgclf.training.ema import ema_decay, frozen_copy, update_average
 from imgclf.training.epochs import Best, EpochRow, score_validation
 from imgclf.training.resume import ResumableSampler, mix_seed, seed_all
 from imgclf.training.schedule import one_cycle
@@ -94,7 +94,7 @@ class ClassifierModule(L.LightningModule):
         self.ema_halflife = float(ema_halflife)
         # A registered copy, so Lightning checkpoints and restores it with the network and a
         # resumed fit averages exactly as the uninterrupted one.
-        self.ema = _frozen_copy(net) if self.ema_halflife > 0 else None
+        self.ema = frozen_copy(net) if self.ema_halflife > 0 else None
         self._ema_decay = 0.0
         self.freeze_bn = freeze_bn
         self.cycle = cycle
@@ -237,33 +237,9 @@ class ClassifierModule(L.LightningModule):
         self.apply_schedule(self.trainer.optimizers[0], self.trainer.global_step)
 
 
-    @torch.no_grad()
     def update_ema(self) -> None:
         """Move the average towards the current weights by one step's share."""
-        avg = [p for p in self.ema.parameters()]
-        cur = [p.detach() for p in self.net.parameters()]
-        torch._foreach_lerp_(avg, cur, 1.0 - self._ema_decay)
-        # Buffers (BatchNorm statistics) are not averaged: the average uses the current ones.
-        for b_avg, b in zip(self.ema.buffers(), self.net.buffers()):
-            b_avg.copy_(b)
-
-
-def ema_decay(halflife_epochs: float, steps_per_epoch: float) -> float:
-    """Per-step decay of a moving average whose half-life is `halflife_epochs` epochs.
-
-    A half-life in epochs rather than a fixed decay (timm's 0.9998) because imgclf's runs range
-    from ten steps an epoch to thousands: a fixed decay would either average nothing on small
-    data or lag whole runs behind on large data. The half-life is at least one step.
-    """
-    return 0.5 ** (1.0 / max(1.0, halflife_epochs * steps_per_epoch))
-
-
-def _frozen_copy(net: nn.Module) -> nn.Module:
-    """A copy of `net` that no optimizer sees (it only runs in validation, in eval mode)."""
-    copy = deepcopy(net)
-    for p in copy.parameters():
-        p.requires_grad_(False)
-    return copy
+        update_average(self.ema, self.net, self._ema_decay)
 
 
 def _gather_uneven(module: L.LightningModule, t: torch.Tensor) -> torch.Tensor:

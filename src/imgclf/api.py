@@ -25,6 +25,7 @@ from imgclf.commands.run import Run
 from imgclf.config import TrainConfig, with_options
 from imgclf.deploy.bundle import Bundle
 from imgclf.deploy.bundle import load as load_bundle
+from imgclf.errors import ImgclfError
 
 __all__ = ["train", "evaluate", "predict", "load", "cross_validate", "mine", "Run"]
 
@@ -36,13 +37,14 @@ def _ignore_console(console) -> None:
                       "(configure logging to see the messages)", DeprecationWarning, stacklevel=3)
 
 
-def train(data: str | Path | None = None, *, config: TrainConfig | None = None,
+def train(data: str | Path | None = None, *, config: TrainConfig | str | Path | None = None,
           resume: str | Path | None = None, console=None, **options) -> Run | None:
     """Train a classifier and write a run directory.
 
     Args:
         data: Image folder (class folders, or the root of a CSV's file names).
-        config: Full settings; `options` override its fields.
+        config: Full settings, or a YAML file of them (TrainConfig's field names; a run's
+            config.yaml reproduces that run); `data` and `options` override its fields.
         resume: A run directory to continue after an interruption (its config is reused).
         console: Deprecated and ignored (messages go to the "imgclf" logger).
         **options: Any `TrainConfig` field, e.g. `epochs=3, model="resnet18"`.
@@ -57,12 +59,21 @@ def train(data: str | Path | None = None, *, config: TrainConfig | None = None,
     """
     _ignore_console(console)
     if resume is None:  # a resumed run reuses its config.yaml, checked when it was written
-        config = with_options(config, **options)
+        config = with_options(_settings(config), **options)
         if data is not None:
             config = dataclasses.replace(config, data=str(data))
         config.check()
         data, options = None, {}
     return _train.train(data, config=config, resume=resume, **options)
+
+
+def _settings(config: TrainConfig | str | Path | None) -> TrainConfig | None:
+    """`config` as a TrainConfig: a path is read as a settings file (unknown names refused)."""
+    if config is None or isinstance(config, TrainConfig):
+        return config
+    if not Path(config).is_file():
+        raise ImgclfError(f"config={str(config)!r}: no such settings file")
+    return TrainConfig.from_yaml(Path(config))
 
 
 def load(path: str | Path) -> Bundle:
@@ -101,15 +112,16 @@ def evaluate(target: str | Path, data: str | Path | None = None, *, out: str | P
 
 
 def cross_validate(data: str | Path | None = None, *, folds: int = 5,
-                   config: TrainConfig | None = None, resume: str | Path | None = None,
+                   config: TrainConfig | str | Path | None = None,
+                   resume: str | Path | None = None,
                    console=None, **options) -> CvResult:
     """Train one run per fold and pool their validation predictions.
 
     Args:
         data: Image folder (or CSV root), as for `imgclf.api.train`.
         folds: Number of folds.
-        config: Training settings; `options` override its fields. `out` is the folder that
-            receives the cross-validation folder, `name` names it.
+        config: Training settings, or a YAML file of them; `options` override its fields.
+            `out` is the folder that receives the cross-validation folder, `name` names it.
         resume: A cross-validation folder to finish: finished folds are kept, an interrupted
             fold resumes, missing folds are trained.
         console: Deprecated and ignored (messages go to the "imgclf" logger).
@@ -123,7 +135,8 @@ def cross_validate(data: str | Path | None = None, *, folds: int = 5,
             anything is read or written.
     """
     _ignore_console(console)
-    return _cv.cross_validate(data, folds=folds, config=config, resume=resume, **options)
+    return _cv.cross_validate(data, folds=folds, config=_settings(config), resume=resume,
+                              **options)
 
 
 def mine(run: str | Path, pool: str | Path | None = None, *, per_round: int | None = None,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ STAGE_SCHEDULES = ("continue", "restart")
 AUGMENT_ON = ("auto", "loader", "device")
 BATCHNORM_MODES = ("adapt", "frozen", "train")
 RESIZE_METHODS = ("auto", "crop", "squish")
+LOGGERS = ("csv", "tensorboard", "mlflow")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MIN_SIZE = 16  # smaller inputs vanish in the backbones' downsampling
@@ -162,6 +164,12 @@ class TrainConfig:
     resize: str = option(
         "squish", "Images to squares: auto (centre crop up to aspect 1.5, squish longer ones) | "
         "squish (whole image, aspect ignored) | crop (centre square).", choices=RESIZE_METHODS)
+    logger: list[str] | None = option(
+        None, "Experiment tracking: csv | tensorboard | mlflow; several comma-separated or "
+        "repeated (tensorboard and mlflow need the `track` extra).", choices=LOGGERS)
+    mlflow_uri: str | None = option(
+        None, "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else MLflow's default).")
+    experiment: str = option("imgclf", "MLflow experiment the run is logged under.")
 
     def to_yaml(self, path: Path) -> None:
         atomic_write_text(path, yaml.safe_dump(dataclasses.asdict(self), sort_keys=False))
@@ -184,7 +192,8 @@ class TrainConfig:
         if not raw.get("extra", True):
             del raw["extra"]
         refuse_unknown(raw, option_names(), what="setting", where=f"{path}: ")
-        return cls(**raw)
+        hints = typing.get_type_hints(cls)
+        return cls(**{k: _from_yaml_value(hints[k], v, k) for k, v in raw.items()})
 
     def check(self) -> None:
         """Refuse any setting outside its choices or bounds, or at odds with another.
@@ -256,8 +265,9 @@ def _check_field(f: dataclasses.Field, value) -> None:
     meta, flag = f.metadata, flag_name(f.name)
     if value is None or (f.name == "lr" and value == "auto"):
         return
-    if meta.get("choices") and value not in meta["choices"]:
-        raise ImgclfError(f"{flag} {value!r} is not one of {' | '.join(meta['choices'])}")
+    for v in (value if isinstance(value, (list, tuple)) else [value]):
+        if meta.get("choices") and v not in meta["choices"]:
+            raise ImgclfError(f"{flag} {v!r} is not one of {' | '.join(meta['choices'])}")
     bounds = [(meta.get("at_least"), ">=", lambda v, b: v >= b),
               (meta.get("above"), ">", lambda v, b: v > b),
               (meta.get("below"), "<", lambda v, b: v < b)]
@@ -272,6 +282,32 @@ def _check_field(f: dataclasses.Field, value) -> None:
             raise ImgclfError(f"{flag} takes {wanted}, not {v!r}")
         if not all(ok(v, b) for b, _, ok in bounds):
             raise ImgclfError(f"{flag} {_show(value)} must be {rule}")
+
+
+def _from_yaml_value(hint, value, name: str):
+    """A settings-file value as the field takes it: YAML reads `1e-3` as text and a user may
+    write a list as `128,192,224` or a single logger as `tensorboard`."""
+    if not isinstance(value, str):
+        return [value] if hint == (list[int] | None) and isinstance(value, int) else value
+    if hint in (float, float | str) and value.strip() not in ("", "auto"):
+        try:
+            return float(value)
+        except ValueError:
+            return value  # check() names the flag and what it takes
+    if hint == (list[int] | None):
+        return parse_ints(value, flag_name(name))
+    if hint == (list[str] | None):
+        return parse_words(value)
+    return value
+
+
+def parse_words(text: str | Sequence[str] | None) -> list[str] | None:
+    """"csv,mlflow" or ["csv", "mlflow,tensorboard"] as a list of words; empty is None."""
+    if text is None:
+        return None
+    items = [text] if isinstance(text, str) else list(text)
+    words = [w.strip() for item in items for w in str(item).split(",") if w.strip()]
+    return words or None
 
 
 def _show(value) -> str:

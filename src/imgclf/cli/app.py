@@ -19,7 +19,7 @@ import typer
 from rich.text import Text
 
 from imgclf.cli.console import command_output, console
-from imgclf.cli.options import config_from_flags, config_options
+from imgclf.cli.options import config_from_flags, config_options, given_on_command_line
 from imgclf.errors import ImgclfError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -41,8 +41,8 @@ def train(resume: Optional[Path] = None, **flags):
     """Train a classifier on labelled images and write a run directory."""
     from imgclf import api  # lazy: start-up time (`imgclf --help` imports no torch)
 
-    if resume is None and flags["data"] is None:
-        raise ImgclfError("pass DATA (a folder of images) or --resume RUN")
+    if resume is None and flags["data"] is None and flags["config"] is None:
+        raise ImgclfError("pass DATA (a folder of images), --config FILE or --resume RUN")
     api.train(config=config_from_flags(flags), resume=resume)
 
 
@@ -133,9 +133,13 @@ def cv(folds: int = 5, resume: Optional[Path] = None, **flags):
     """Cross-validate: one normal run per fold, a mean ± std summary and out-of-fold predictions."""
     from imgclf import api  # lazy: start-up time (`imgclf --help` imports no torch)
 
-    if resume is None and flags["data"] is None:
-        raise ImgclfError("pass DATA (a folder of images) or --resume CV_DIR")
-    api.cross_validate(folds=folds, config=config_from_flags(flags), resume=resume)
+    if resume is None and flags["data"] is None and flags["config"] is None:
+        raise ImgclfError("pass DATA (a folder of images), --config FILE or --resume CV_DIR")
+    config = config_from_flags(flags)
+    if (flags["config"] is not None and config.folds >= 2
+            and not given_on_command_line(flags["ctx"], "folds")):
+        folds = config.folds  # a cv_config.yaml (or a fold's config.yaml) names its folds
+    api.cross_validate(folds=folds, config=config, resume=resume)
 
 
 @app.command("label-issues")

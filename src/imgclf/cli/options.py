@@ -19,7 +19,7 @@ from typing import Optional
 
 import typer
 
-from imgclf.config import TrainConfig, flag_name, parse_ints
+from imgclf.config import TrainConfig, flag_name, parse_ints, parse_words
 from imgclf.errors import ImgclfError
 
 _HINTS = typing.get_type_hints(TrainConfig)
@@ -33,6 +33,8 @@ def _cli_type(f: dataclasses.Field):
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     optional = type(None) in typing.get_args(hint)
     base = hint if not args else args[0] if len(args) == 1 else None
+    if hint == (list[str] | None):  # a repeatable option (--logger csv --logger mlflow)
+        return Optional[list[str]]
     if base not in _NATIVE:
         base = str
     if f.metadata.get("path"):
@@ -67,8 +69,9 @@ def config_options(*, own: dict | None = None, skip=(), help: dict | None = None
         help: Help text replacing a field's, where the command gives it another meaning.
 
     Returns:
-        A decorator for a function taking the fields as `**flags`; it replaces the function's
-        signature, from which typer builds the command's options.
+        A decorator for a function taking the fields, `config` (--config FILE) and `ctx` (the
+        click context) as `**flags`; it replaces the function's signature, from which typer
+        builds the command's options.
     """
     help = help or {}
     fields = [_parameter(f, help.get(f.name))
@@ -77,6 +80,13 @@ def config_options(*, own: dict | None = None, skip=(), help: dict | None = None
                                annotation=annotation)
              for name, (annotation, spec) in (own or {}).items()]
 
+    extra.append(inspect.Parameter(
+        "config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
+        default=typer.Option(None, "--config", help="Settings file (YAML, TrainConfig's field "
+                             "names; a run's config.yaml reproduces it); flags given override it.")))
+    # The click context, which says which flags were given (typer passes it by annotation).
+    extra.append(inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context))
+
     def wrap(fn):
         fn.__signature__ = inspect.Signature([*fields[:1], *extra, *fields[1:]])  # DATA first
         return fn
@@ -84,12 +94,24 @@ def config_options(*, own: dict | None = None, skip=(), help: dict | None = None
     return wrap
 
 
+def given_on_command_line(ctx: typer.Context | None, name: str) -> bool:
+    """Whether the command's parameter `name` was typed (or set from the environment), rather
+    than left at its default (click's parameter source)."""
+    source = ctx.get_parameter_source(name) if ctx is not None else None
+    return getattr(source, "name", None) in ("COMMANDLINE", "ENVIRONMENT")
+
+
 def config_from_flags(flags: dict) -> TrainConfig:
     """The TrainConfig of the flags typer parsed (fields only; other keys are ignored).
 
+    With `--config FILE` the file's settings are the base and only the flags given on the
+    command line replace them (a flag left at its default does not undo the file).
+
     Raises:
-        ImgclfError: A text option that does not parse (`--lr fast`, `--sizes 128,big`).
+        ImgclfError: A text option that does not parse (`--lr fast`, `--sizes 128,big`), or
+            a settings file that cannot be read or names an unknown setting.
     """
+    config_file, ctx = flags.get("config"), flags.get("ctx")
     values = {}
     for f in dataclasses.fields(TrainConfig):
         if f.name not in flags:
@@ -105,8 +127,16 @@ def config_from_flags(flags: dict) -> TrainConfig:
             value = int(value) if value.isdigit() else value
         elif hint == (list[int] | None):  # a comma list
             value = parse_ints(value, flag_name(f.name))
+        elif hint == (list[str] | None):  # repeated and/or comma-separated words
+            value = parse_words(value)
         values[f.name] = value
-    return TrainConfig(**values)
+    if config_file is None:
+        return TrainConfig(**values)
+    if not Path(config_file).is_file():
+        raise ImgclfError(f"--config {config_file}: no such file")
+    base = TrainConfig.from_yaml(Path(config_file))
+    return dataclasses.replace(base, **{k: v for k, v in values.items()
+                                        if given_on_command_line(ctx, k)})
 
 
 def _number(text: str, flag: str) -> float:

@@ -153,6 +153,18 @@ def label_issues(
 
 
 @app.command()
+def review(
+    target: Path = typer.Argument(..., help="Run directory or cross-validation folder (imgclf cv)."),
+    port: int = typer.Option(8765, help="Port."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),
+):
+    """Review suspected label errors in the browser; decisions go to TARGET/corrections.csv."""
+    from imgclf.commands.review import run_review  # lazy: start-up time (`imgclf --help` imports no torch)
+
+    run_review(target, host=host, port=port)
+
+
+@app.command()
 def export(
     model: Path = typer.Argument(..., help="Run directory or bundle folder."),
     format: str = typer.Option("onnx", "--format", help="onnx | torchscript."),

@@ -85,3 +85,66 @@ def test_no_near_duplicates_between_imagenette_train_and_val():
         pytest.skip("shared data not available")
     _, report = check_table(from_folder(root))
     assert report.near_duplicates == []
+
+
+@pytest.mark.parametrize("max_bits", [0, 2, 4, 7])
+def test_candidate_search_finds_exactly_what_comparing_all_pairs_finds(max_bits):
+    from imgclf.data.near_duplicates import near_pairs
+
+    rng = np.random.default_rng(max_bits)
+    seeds = rng.integers(0, 2**63, 30, dtype=np.int64).astype(np.uint64)
+
+    def near(n):  # copies of the seeds with a few bits flipped, and unrelated hashes
+        out = []
+        for _ in range(n):
+            h = int(seeds[rng.integers(len(seeds))])
+            for bit in rng.choice(64, rng.integers(0, 9), replace=False):
+                h ^= 1 << int(bit)
+            out.append(h)
+        out += [int(x) for x in rng.integers(0, 2**63, n, dtype=np.int64)]
+        return np.array(out, dtype=np.uint64)
+
+    a, b = near(300), near(200)
+    d = hamming_distances(a, b)
+    want = sorted((int(i), int(j), int(d[i, j])) for i, j in zip(*np.nonzero(d <= max_bits)))
+    i, j, dist = near_pairs(a, b, max_bits, chunk=37)  # chunks of b as well
+    assert list(zip(i.tolist(), j.tolist(), dist.tolist())) == want
+    assert len(want) > 0
+
+
+def _tile(path, seed: int, size: int = 160):
+    """A machined surface: the same lighting for every tile, a texture of its own."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size]
+    light = 90 + 80 * np.sin(x / size * 3) * np.cos(y / size * 2)
+    grain = np.repeat(rng.normal(0, 12, (1, size)), size, 0) + rng.normal(0, 6, (size, size))
+    img = Image.fromarray(np.clip(light + grain, 0, 255).astype(np.uint8), "L")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return img
+
+
+def test_texture_photos_sharing_a_hash_are_not_called_copies_but_copies_are(tmp_path):
+    from imgclf.data.near_duplicates import CONFIRM_CORRELATION, pixel_similarity
+
+    tile = _tile(tmp_path / "a.png", seed=1)
+    _tile(tmp_path / "other.png", seed=2)
+    tile.resize((120, 120), Image.Resampling.BILINEAR).save(tmp_path / "copy.jpg", quality=80)
+    ha, ho = perceptual_hash(tmp_path / "a.png"), perceptual_hash(tmp_path / "other.png")
+    assert hamming_distances([ha], [ho])[0, 0] <= NEAR_DUPLICATE_BITS  # the hash cannot tell
+    assert pixel_similarity(tmp_path / "a.png", tmp_path / "other.png") < CONFIRM_CORRELATION
+    assert pixel_similarity(tmp_path / "a.png", tmp_path / "copy.jpg") >= CONFIRM_CORRELATION
+
+
+def test_check_confirms_hash_matches_before_calling_them_leakage(tmp_path):
+    for i in range(6):
+        _tile(tmp_path / "train" / "ok" / f"t{i}.png", seed=i)
+        _tile(tmp_path / "valid" / "ok" / f"v{i}.png", seed=100 + i)
+        _tile(tmp_path / "train" / "bad" / f"t{i}.png", seed=200 + i)
+        _tile(tmp_path / "valid" / "bad" / f"v{i}.png", seed=300 + i)
+    _tile(tmp_path / "train" / "ok" / "t0.png", seed=0).resize((100, 100)).save(
+        tmp_path / "valid" / "ok" / "copy.jpg", quality=85)
+    _, report = check_table(from_folder(tmp_path))
+    assert report.near_duplicate_candidates >= 3  # tiles share hashes...
+    assert [(d.train, d.other) for d in report.near_duplicates] == [
+        ("train/ok/t0.png", "valid/ok/copy.jpg")]  # ...one is a copy

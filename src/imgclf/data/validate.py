@@ -19,6 +19,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from imgclf.data.images import ImageInfo, file_digest, open_rgb_with_info
+from imgclf.data.near_duplicates import (CONFIRM_CORRELATION, NEAR_DUPLICATE_BITS,  # noqa: F401
+                                         hamming_distances, near_pairs, perceptual_hash,
+                                         pixel_similarity)
 from imgclf.data.samples import TEST, TRAIN, VALID, Sample, SampleTable
 # DataSummary and summarize lived here; benchmarks/report_scale.py still imports them from here.
 from imgclf.data.summary import DataSummary, summarize  # noqa: F401
@@ -26,10 +29,10 @@ from imgclf.errors import DataError, ImageError, display_path
 from imgclf.progress import task as progress_task
 
 PROGRESS_THRESHOLD = 200  # smaller scans finish before a bar would help
-# Hashes of training and validation images this many bits apart (of 64) are near-duplicates. On
-# Imagenette's 1000 train x 1000 val distinct photos no pair is within 4 bits (the closest is 5);
-# Caltech-101's known near-copies across train/test (the same drawing re-saved) are within 0-3.
-NEAR_DUPLICATE_BITS = 4
+# Hashes of training and validation images up to NEAR_DUPLICATE_BITS apart (of 64) are
+# near-duplicate candidates. On Imagenette's 1000 train x 1000 val distinct photos no pair is
+# within 4 bits (the closest is 5); Caltech-101's known near-copies across train/test (the same
+# drawing re-saved) are within 0-3.
 
 
 def default_workers() -> int:
@@ -134,40 +137,11 @@ class DuplicateSet:
         return " = ".join(self.files[:2]) + (f" (+{len(self.files) - 2} more)" if len(self.files) > 2 else "")
 
 
-def perceptual_hash(path: str | os.PathLike) -> int | None:
-    """64-bit difference hash (dHash) of an image, or None when it has no structure to compare.
-
-    The image is shrunk to a 9x8 grayscale thumbnail (JPEGs decode directly at reduced scale, so
-    this costs about a millisecond); each bit says whether a pixel is brighter than its left
-    neighbour. Resizing, re-encoding and small colour changes keep most bits; different photos
-    differ in about half of them. A flat thumbnail (a blank image) hashes to None, since any two
-    blank images would otherwise match whatever their colour.
-    """
-    with Image.open(path) as img:
-        img.draft("L", (36, 32))
-        thumb = np.asarray(img.convert("L").resize((9, 8), Image.Resampling.LANCZOS), dtype=np.int16)
-    if int(thumb.max()) - int(thumb.min()) <= 2:
-        return None
-    bits = (thumb[:, 1:] > thumb[:, :-1]).ravel()
-    return int(np.packbits(bits).view(">u8")[0])
-
-
 def _hash_or_none(path: Path) -> int | None:
     try:
         return perceptual_hash(path)
     except Exception:  # noqa: BLE001 - whether a file is usable is decided by the decode check
         return None
-
-
-_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
-
-
-def hamming_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Bit differences [len(a), len(b)] between two arrays of 64-bit hashes."""
-    x = np.asarray(a, dtype=np.uint64)[:, None] ^ np.asarray(b, dtype=np.uint64)[None, :]
-    if hasattr(np, "bitwise_count"):  # numpy >= 2
-        return np.bitwise_count(x).astype(np.int64)
-    return _POPCOUNT[x.view(np.uint8)].reshape(*x.shape, 8).sum(-1, dtype=np.int64)
 
 
 @dataclass
@@ -180,6 +154,8 @@ class NearDuplicate:
         split: The split of `other`.
         distance: Bits (of 64) by which their perceptual hashes differ.
         labels: Labels of `train` and of `other`.
+        similarity: Correlation of their fine structure (`pixel_similarity`), which confirmed
+            the hash match.
     """
 
     train: str
@@ -187,6 +163,7 @@ class NearDuplicate:
     split: str
     distance: int
     labels: list[list[str]]
+    similarity: float = 1.0
 
 
 @dataclass
@@ -204,7 +181,9 @@ class CheckReport:
         duplicates: Other identical files (within a split, or across validation and test).
         label_conflicts: Identical files with different labels (also listed above).
         near_duplicates: Validation/test images nearly identical to a training image but not
-            the same file (closest first), by perceptual hash.
+            the same file (closest first): perceptual hashes within NEAR_DUPLICATE_BITS,
+            confirmed by their fine structure.
+        near_duplicate_candidates: Hash matches examined (confirmed or not).
         classes_without_valid: Classes with training images but no validation image.
         classes_without_train: Classes listed by the source with no usable training image.
     """
@@ -219,6 +198,7 @@ class CheckReport:
     duplicates: list[DuplicateSet] = field(default_factory=list)
     label_conflicts: list[DuplicateSet] = field(default_factory=list)
     near_duplicates: list[NearDuplicate] = field(default_factory=list)
+    near_duplicate_candidates: int = 0
     classes_without_valid: list[str] = field(default_factory=list)
     classes_without_train: list[str] = field(default_factory=list)
 
@@ -241,8 +221,9 @@ class CheckReport:
             d = self.near_duplicates[0]
             n = len({x.other for x in self.near_duplicates})
             out.append(f"LEAKAGE: {n} validation/test images look nearly identical to training images "
-                       f"(e.g. {d.train} ~ {d.other}, perceptual hashes {d.distance} of 64 bits apart): "
-                       "likely resized or re-encoded copies; scores will be optimistic; remove them "
+                       f"(e.g. {d.train} ~ {d.other}: perceptual hashes {d.distance} of 64 bits "
+                       f"apart, fine structure {d.similarity:.2f} correlated): "
+                       "copies, or the same scene photographed again; scores will be optimistic; remove them "
                        "or group them (--group-col/--group-pattern)")
         if self.label_conflicts:
             d = self.label_conflicts[0]
@@ -354,27 +335,32 @@ def _find_duplicates(report: CheckReport, table: SampleTable, digests: dict[Path
 
 
 def _find_near_duplicates(report: CheckReport, table: SampleTable,
-                          hashes: dict[Path, tuple[str, int | None]], block: int = 2048) -> None:
-    """Pairs (training image, validation/test image) whose perceptual hashes nearly match.
+                          hashes: dict[Path, tuple[str, int | None]]) -> None:
+    """Pairs (training image, validation/test image) that are nearly identical.
 
-    All pairs are compared, in blocks, with vectorised XOR and bit counts: about a second per
-    billion pairs. Identical files are left out (they are reported as leakage already).
+    Candidates are pairs whose perceptual hashes differ in at most NEAR_DUPLICATE_BITS bits,
+    found exactly without comparing all pairs (`near_pairs`); each is then confirmed by
+    comparing the two images' fine structure, since on smooth textures different photos share
+    hashes. Identical files are left out (they are reported as leakage already).
     """
     train = [s for s in table.split(TRAIN) if hashes[s.path][1] is not None]
     others = [s for s in table.samples if s.split != TRAIN and hashes[s.path][1] is not None]
-    if not train or not others:
-        return
-    h_train = np.array([hashes[s.path][1] for s in train], dtype=np.uint64)
-    found = []
-    for start in range(0, len(others), block):
-        chunk = others[start:start + block]
-        d = hamming_distances(np.array([hashes[s.path][1] for s in chunk], dtype=np.uint64), h_train)
-        for i, j in zip(*np.nonzero(d <= NEAR_DUPLICATE_BITS)):
-            a, b = train[j], chunk[i]
-            if hashes[a.path][0] != hashes[b.path][0]:
-                found.append(NearDuplicate(display_path(table.relpath(a.path)),
-                                           display_path(table.relpath(b.path)), b.split,
-                                           int(d[i, j]), [list(a.labels), list(b.labels)]))
+    i, j, d = near_pairs(np.array([hashes[s.path][1] for s in train], dtype=np.uint64),
+                         np.array([hashes[s.path][1] for s in others], dtype=np.uint64))
+    found, candidates = [], 0
+    for a, b, dist in zip((train[k] for k in i), (others[k] for k in j), d):
+        if hashes[a.path][0] == hashes[b.path][0]:
+            continue
+        candidates += 1
+        try:
+            similarity = pixel_similarity(a.path, b.path)
+        except Exception:  # noqa: BLE001 - an unreadable file is the decode check's business
+            continue
+        if similarity >= CONFIRM_CORRELATION:
+            found.append(NearDuplicate(display_path(table.relpath(a.path)),
+                                       display_path(table.relpath(b.path)), b.split, int(dist),
+                                       [list(a.labels), list(b.labels)], round(similarity, 4)))
+    report.near_duplicate_candidates = candidates
     report.near_duplicates = sorted(found, key=lambda x: (x.distance, x.other, x.train))
 
 

@@ -175,7 +175,7 @@ def test_load_table_applies_and_checks_the_digest(class_folder, tmp_path):
     write(f, f"path,action\n{class_folder / 'cat/cat_1.jpg'},exclude\n")
     with pytest.raises(DataError, match="changed since the run recorded it"):
         load_table(cfg)
-    with pytest.raises(DataError, match="the file changed"):
+    with pytest.raises(DataError, match="changed since the run recorded it"):
         corr.pin(cfg)
     with pytest.raises(ImgclfError, match="--corrections-sha256 pins"):
         TrainConfig(data="x", corrections_sha256="ab").check()

@@ -287,7 +287,9 @@ def test_train_with_corrections_from_a_review(tiny_run, color_data, tmp_path):
     assert run.load().classes == ["blue", "green", "negative", "red"]
     paths = [r["path"] for r in csv.DictReader(open(run.path / "predictions.csv"))]
     assert valid[0] not in paths and valid[1] in paths
-    # A changed file refuses the resume instead of training on other labels.
+    # A changed file refuses a resume instead of training on other labels (the run is made
+    # to look interrupted: a finished one has nothing to resume).
+    (run.path / "checkpoints" / "state.json").unlink()
     with open(tmp_path / "c.csv", "a", encoding="utf-8") as f:
         f.write(f"{train_imgs[2]},exclude,,,data\n")
     with pytest.raises(DataError, match="changed since the run recorded it"):

@@ -372,7 +372,7 @@ def pin(cfg) -> None:
         raise DataError(f"{display_path(cfg.corrections)}: cannot read the corrections file "
                         f"({e.strerror or e}): check --corrections") from None
     if cfg.corrections_sha256 and cfg.corrections_sha256 != digest:
-        raise DataError(f"{display_path(cfg.corrections)}: sha256 {digest[:12]}... is not the "
-                        f"--corrections-sha256 {cfg.corrections_sha256[:12]}... given: the file "
-                        "changed; pass the new digest or restore the file")
+        raise DataError(f"{display_path(cfg.corrections)}: the corrections file changed since "
+                        f"the run recorded it (sha256 {cfg.corrections_sha256[:12]}..., now "
+                        f"{digest[:12]}...): restore it, or start a new run with the new file")
     cfg.corrections_sha256 = digest

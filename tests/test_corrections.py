@@ -179,3 +179,16 @@ def test_load_table_applies_and_checks_the_digest(class_folder, tmp_path):
         corr.pin(cfg)
     with pytest.raises(ImgclfError, match="--corrections-sha256 pins"):
         TrainConfig(data="x", corrections_sha256="ab").check()
+
+
+def test_pool_rows_checked_against_the_pool_when_given(table, tmp_path):
+    pool = [str(tmp_path / "pool" / f"p{i}.jpg") for i in range(3)]
+    rows = [Correction(pool[0], "exclude", "", "", "pool", 2),
+            Correction(pool[1], "relabel", "cat", "", "pool", 3),
+            Correction(pool[2], "keep", "", "", "pool", 4),
+            Correction("/elsewhere/x.jpg", "exclude", "", "", "pool", 5)]
+    with pytest.raises(DataError, match="line 5: '/elsewhere/x.jpg' is not an image of the mining pool"):
+        apply_corrections(table, rows, pool=pool)
+    out, applied = apply_corrections(table, rows[:3], pool=pool)
+    assert applied.pool_removed == pool[:2] and len(out.samples) == len(table.samples)
+    assert any("2 mining-pool images excluded or relabelled" in n for n in out.notes)

@@ -34,7 +34,7 @@ import hashlib
 import io
 import os
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -92,12 +92,15 @@ class Applied:
         relabelled: (path, old labels, new labels) per relabelled image.
         added_class: The negative class when it was added to the class list, else None.
         pool_rows: Rows about mining-pool images (not applied to the table).
+        pool_removed: Pool images excluded or relabelled (they show a class, or are not to be
+            used), which leave the pool; filled only when `apply_corrections` gets the pool.
     """
 
     counts: Counter
     relabelled: list[tuple[str, tuple[str, ...], tuple[str, ...]]]
     added_class: str | None = None
     pool_rows: int = 0
+    pool_removed: list[str] = field(default_factory=list)
 
 
 def now() -> str:
@@ -216,10 +219,13 @@ def _key(path: str | os.PathLike, root: Path | None) -> str:
 
 def apply_corrections(table: SampleTable, corrections: list[Correction], *,
                       source: str | os.PathLike | None = None, digest: str | None = None,
-                      negative_label: str = NEGATIVE_LABEL) -> tuple[SampleTable, Applied]:
+                      negative_label: str = NEGATIVE_LABEL,
+                      pool: list[str | os.PathLike] | None = None) -> tuple[SampleTable, Applied]:
     """The table with the corrections applied, and what was done (also noted on the table).
 
-    Rows whose source is "pool" are not applied (they are mining's, see `imgclf mine`).
+    Rows whose source is "pool" are not applied to the table: they are mining's. Without `pool`
+    they are skipped (a note says so); with it, each must name one of its images, and those
+    excluded or relabelled are listed in `Applied.pool_removed`.
 
     Args:
         table: The table as the source read it.
@@ -227,6 +233,7 @@ def apply_corrections(table: SampleTable, corrections: list[Correction], *,
         source: The file they came from, named in the messages and the note.
         digest: Its sha256, shown (shortened) in the note.
         negative_label: The negative class of single-label data when a row does not name one.
+        pool: The images of a mining pool (`imgclf mine`).
 
     Raises:
         DataError: Rows naming images not in the table, labels not in its classes, or a
@@ -241,12 +248,20 @@ def apply_corrections(table: SampleTable, corrections: list[Correction], *,
     multi = table.multi_label
     problems: list[str] = []
     changes: dict[int, Correction] = {}
-    pool_rows = 0
+    pool_rows, pool_removed = 0, []
+    in_pool = None if pool is None else {os.path.realpath(p): str(p) for p in pool}
     negative_names: set[str] = set()
     for c in corrections:
         at = f"line {c.line}" if c.line else f"'{display_path(c.path)}'"
         if c.source == "pool":
             pool_rows += 1
+            if in_pool is not None:
+                found = in_pool.get(os.path.realpath(_key(c.path, None)))
+                if found is None:
+                    problems.append(f"{at}: '{display_path(c.path)}' is not an image of the "
+                                    "mining pool")
+                elif c.action in ("exclude", "relabel"):
+                    pool_removed.append(found)
             continue
         i = by_key.get(_key(c.path, table.root))
         if i is None:  # the same file through another name (a symlink, ../)
@@ -306,8 +321,8 @@ def apply_corrections(table: SampleTable, corrections: list[Correction], *,
     used = {x for s in samples for x in s.labels}
     out.classes = sorted(x for x in classes | ({added} if added else set())
                          if x in used or x not in used_before)
-    applied = Applied(counts, relabelled, added, pool_rows)
-    out.notes.extend(_notes(applied, table, out, where, digest))
+    applied = Applied(counts, relabelled, added, pool_rows, pool_removed)
+    out.notes.extend(_notes(applied, table, out, where, digest, pool is not None))
     return out, applied
 
 
@@ -319,7 +334,8 @@ def _unknown(unknown: list[str], classes: set[str]) -> str:
             f"{', '.join(sorted(classes)[:12])}{', ...' if len(classes) > 12 else ''}")
 
 
-def _notes(a: Applied, before: SampleTable, after: SampleTable, where, digest) -> list[str]:
+def _notes(a: Applied, before: SampleTable, after: SampleTable, where, digest,
+           with_pool: bool) -> list[str]:
     name = Path(os.fsdecode(where)).name
     sha = f", sha256 {digest[:12]}" if digest else ""
     parts = [f"{a.counts[k]} {w}" for k, w in (("relabel", "relabelled"), ("exclude", "excluded"),
@@ -333,7 +349,10 @@ def _notes(a: Applied, before: SampleTable, after: SampleTable, where, digest) -
     if dropped:
         notes.append(f"class(es) {', '.join(dropped)} left without images by the corrections: "
                      "removed")
-    if a.pool_rows:
+    if with_pool and a.pool_removed:
+        notes.append(f"{len(a.pool_removed)} mining-pool images excluded or relabelled: they "
+                     "leave the pool")
+    elif a.pool_rows and not with_pool:
         notes.append(f"{a.pool_rows} corrections about mining-pool images apply to "
                      "`imgclf mine` only: not applied here")
     return notes

@@ -40,7 +40,7 @@ BAD = {
     "train/red/pixel.png": "too small",
     "train/green/loop.jpg": "symbolic link loop",
     "train/green/dangling.jpg": "broken symbolic link",
-    "train/green/notes.txt": "not an image file (.txt)",
+    "train/green/notes.docx": "not an image file (.docx)",
     "valid/green/empty.jpg": "file is empty",
     **({} if ROOT_USER else {"train/green/locked.jpg": "permission denied"}),
 }
@@ -99,7 +99,7 @@ def build_corpus(root: Path) -> Path:
     Image.new("RGB", (1, 1), (9, 9, 9)).save(red / "pixel.png")
     os.symlink("loop.jpg", green / "loop.jpg")
     os.symlink("gone.jpg", green / "dangling.jpg")
-    (green / "notes.txt").write_text("photographer's notes")
+    (green / "notes.docx").write_text("photographer's notes")
     (green / "locked.jpg").write_bytes(jpeg_bytes(noise(2)))
     (green / "locked.jpg").chmod(0)
 

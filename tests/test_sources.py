@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -70,7 +71,7 @@ def test_folder_walk_details(tmp_path, make_dataset, make_image):
     make_image(root / ".hidden" / "x.jpg")
     make_image(root / "cat" / ".ipynb_checkpoints" / "x.jpg")
     (root / "cat" / ".DS_Store").write_bytes(b"junk")
-    (root / "cat" / "notes.txt").write_text("hello")
+    (root / "cat" / "notes.docx").write_text("hello")
     (root / "cat" / "IMG_1.HEIC").write_bytes(b"heic")
     make_image(root / "loose.jpg")
     (root / "cat" / "loop").symlink_to(root / "cat")  # a link back to an ancestor
@@ -83,7 +84,7 @@ def test_folder_walk_details(tmp_path, make_dataset, make_image):
     assert all(s.labels == ("dog",) for s in table.samples if "puppies" in s.path.parts)
     assert all(".hidden" not in s.path.parts and ".ipynb_checkpoints" not in s.path.parts for s in table.samples)
     skipped = _skipped(table)
-    assert skipped["notes.txt"] == "not an image file (.txt)"
+    assert skipped["notes.docx"] == "not an image file (.docx)"
     assert "HEIC" in skipped["IMG_1.HEIC"]
     assert "not inside a class folder" in skipped["loose.jpg"]
     assert "symbolic link loop" in skipped["a"]
@@ -496,3 +497,18 @@ def test_folders_of_folders_never_become_classes_silently(tmp_path, make_dataset
     table = from_folder(tmp_path / "nested")
     assert table.classes == ["cat", "dog"]
     assert "class folder 'cat' holds only folders (2019, 2020): all their images are labelled 'cat'" in table.notes
+
+
+def test_a_group_pattern_matching_no_file_is_an_error(tmp_path, make_dataset):
+    make_dataset(tmp_path, {"cat": 4, "dog": 4})
+    with pytest.raises(DataError, match=re.escape("group pattern 'site_(\\d+)' matches none of the 8 files")):
+        from_folder(tmp_path, group_pattern=r"site_(\d+)")
+
+
+def test_notes_beside_the_images_are_not_reported_as_skipped(tmp_path, make_dataset):
+    make_dataset(tmp_path, {"cat": 4, "dog": 4})
+    for name in ("SOURCE.md", "cat/README.txt", "labels.csv"):
+        (tmp_path / name).write_text("notes")
+    (tmp_path / "cat" / "notes.docx").write_text("not an image")
+    table = from_folder(tmp_path)
+    assert [p.name for p, _ in table.skipped] == ["notes.docx"]

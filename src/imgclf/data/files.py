@@ -27,6 +27,10 @@ logger = logging.getLogger(__name__)
 
 # Operating-system clutter that is not hidden by a leading dot.
 _JUNK_NAMES = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini", "__pycache__", "$RECYCLE.BIN"})
+# Notes and label files kept beside the images (SOURCE.md, README.txt, labels.csv): never
+# meant as images, so not reported as skipped on every run.
+_DOC_SUFFIXES = frozenset({".md", ".txt", ".rst", ".csv", ".tsv", ".json", ".yaml", ".yml",
+                           ".pdf", ".html"})
 
 
 @dataclass
@@ -157,7 +161,8 @@ def _subdirs(folder: Path) -> list[Path]:
 
 
 def _hidden(name: str) -> bool:
-    return name.startswith(".") or name in _JUNK_NAMES
+    return (name.startswith(".") or name in _JUNK_NAMES
+            or os.path.splitext(name)[1].lower() in _DOC_SUFFIXES)
 
 
 def _not_image_reason(path: Path) -> str | None:

@@ -142,6 +142,12 @@ def _apply_groups(table: SampleTable, group_pattern: str | None) -> None:
         m = rx.search(_rel(s.path, table.root).as_posix())
         unmatched += not (m and m.group(1))
         out.append(replace(s, group=m.group(1) if m and m.group(1) else None))
+    if unmatched == len(table.samples) and table.samples:
+        example = display_path(_rel(table.samples[0].path, table.root).as_posix())
+        raise DataError(f"the group pattern '{group_pattern}' matches none of the "
+                        f"{unmatched} files (e.g. {example}), so no group would be kept "
+                        "together: fix --group-pattern (its first group is searched in the path "
+                        "relative to the data folder)")
     if unmatched:
         table.notes.append(f"{unmatched} files do not match the group pattern {group_pattern!r}: "
                            "each is its own group")

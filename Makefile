@@ -11,7 +11,7 @@ $(BIN)/python:
 	$(BIN)/pip install --upgrade pip setuptools wheel
 
 $(STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/pip install -e '.[dev,export,serve]'
+	$(BIN)/pip install -e '.[dev,export,serve,track]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -22,7 +22,7 @@ from imgclf.commands.cv import CvResult
 from imgclf.commands.mine import MiningResult
 from imgclf.commands.mine import command as _mine
 from imgclf.commands.run import Run
-from imgclf.config import TrainConfig, with_options
+from imgclf.config import TrainConfig, parse_words, with_options
 from imgclf.deploy.bundle import Bundle
 from imgclf.deploy.bundle import load as load_bundle
 from imgclf.errors import ImgclfError
@@ -145,7 +145,8 @@ def mine(run: str | Path, pool: str | Path | None = None, *, per_round: int | No
          pool_valid_pct: float | None = None, patience: int | None = None,
          lr: float | None = None, freeze_epochs: int | None = None,
          batch_size: int | None = None, seed: int | None = None, resume: bool = False,
-         restart: bool = False, console=None) -> MiningResult:
+         restart: bool = False, logger: str | list[str] | None = None,
+         config: str | Path | None = None, console=None) -> MiningResult:
     """Hard negative mining on a trained run; the best round's model becomes its bundle.
 
     Rerunning on a run that was interrupted continues from its manifest: finished rounds are
@@ -170,6 +171,10 @@ def mine(run: str | Path, pool: str | Path | None = None, *, per_round: int | No
         seed: Seed of the split, the round-0 picks and training (default: the run's seed).
         resume: Require an interrupted mining to continue (error when there is none).
         restart: Put the run's files back as they were before mining and start over.
+        logger: Trackers for the rounds ("csv", "tensorboard", "mlflow"; None: the run's own,
+            which continue its tracked run).
+        config: A YAML file of these settings (`pool`, `per_round`, ...); the arguments that
+            are not None override it.
         console: Deprecated and ignored (messages go to the "imgclf" logger).
 
     Returns:
@@ -180,4 +185,5 @@ def mine(run: str | Path, pool: str | Path | None = None, *, per_round: int | No
                       initial=initial, negative_label=negative_label,
                       valid_negatives=valid_negatives, pool_valid_pct=pool_valid_pct,
                       patience=patience, lr=lr, freeze_epochs=freeze_epochs, batch_size=batch_size,
-                      seed=seed, resume=resume, restart=restart)
+                      seed=seed, resume=resume, restart=restart, config=config,
+                      logger=parse_words(logger))

@@ -171,6 +171,10 @@ class TrainConfig:
         None, "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else MLflow's default).")
     experiment: str = option("imgclf", "MLflow experiment the run is logged under.")
 
+    def __post_init__(self):
+        if isinstance(self.logger, str):  # logger="csv,mlflow" from Python
+            self.logger = parse_words(self.logger)
+
     def to_yaml(self, path: Path) -> None:
         atomic_write_text(path, yaml.safe_dump(dataclasses.asdict(self), sort_keys=False))
 

@@ -225,6 +225,8 @@ def mine(
     seed: Optional[int] = typer.Option(None, help="Seed of the pool split and training [default: the run's]."),
     resume: bool = typer.Option(False, help="Continue an interrupted mining (rerunning the command does too)."),
     restart: bool = typer.Option(False, help="Undo earlier mining of RUN and start over."),
+    logger: Optional[list[str]] = typer.Option(None, help="Trackers for the rounds: csv | tensorboard | mlflow [default: the run's --logger, continuing its tracked run]."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Settings file (YAML, these options' names with underscores); flags given override it."),
 ):
     """Hard negative mining: add a negative class and train on the pool's most confident mistakes."""
     from imgclf import api  # lazy: start-up time (`imgclf --help` imports no torch)
@@ -232,7 +234,8 @@ def mine(
     api.mine(run, pool, per_round=per_round, rounds=rounds, epochs=epochs, initial=initial,
              negative_label=negative_label, valid_negatives=valid_negatives,
              pool_valid_pct=pool_valid_pct, patience=patience, lr=lr, freeze_epochs=freeze_epochs,
-             batch_size=batch_size, seed=seed, resume=resume, restart=restart)
+             batch_size=batch_size, seed=seed, resume=resume, restart=restart,
+             logger=logger or None, config=config)
 
 
 @app.command()

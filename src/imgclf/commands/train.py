@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from imgclf import evaluation, progress
+from imgclf.commands import tracking
 from imgclf.commands.run import Run
 from imgclf.config import TrainConfig
 from imgclf.data import corrections, validate
@@ -172,8 +173,10 @@ def train(data: str | Path | None = None, *, config: TrainConfig | None = None,
     distributed.check_strategy(cfg)
     if distributed.wants_several_processes(cfg):
         distributed.share_cores(cfg)
-    with contextlib.nullcontext() if rank_zero else _other_rank():
-        return _train(cfg, run_dir, resume, state, rank_zero)
+    # Before anything is written: a missing extra or unreachable store stops the run here.
+    with contextlib.nullcontext() if rank_zero else _other_rank(), \
+            tracking.connect(cfg, enabled=rank_zero) as tracker:
+        return _train(cfg, run_dir, resume, state, rank_zero, tracker)
 
 
 @contextlib.contextmanager
@@ -191,7 +194,7 @@ def _other_rank():
 
 
 def _train(cfg: TrainConfig, run_dir: Path | None, resume, state: dict,
-           rank_zero: bool) -> Run | None:
+           rank_zero: bool, tracker: tracking.Tracking) -> Run | None:
     """The body of `train` once the settings are known and checked."""
     seed_everything(cfg.seed, workers=True, verbose=False)
     corrections.pin(cfg)  # config.yaml records the file's digest; on --resume it must match
@@ -219,6 +222,8 @@ def _train(cfg: TrainConfig, run_dir: Path | None, resume, state: dict,
     if rank_zero and distributed.wants_several_processes(cfg):
         os.environ[distributed.RUN_DIR_ENV] = str(run_dir)
     log.info("Run directory: %s", run_dir)
+    tracker.start(run_dir)
+    tracker.params(tracking.run_params(cfg))
     prep = prepare_data(cfg, pre, table=table)
     pre, norm_source = _normalisation(cfg, model, pre, prep)
     if rank_zero:
@@ -239,6 +244,7 @@ def _train(cfg: TrainConfig, run_dir: Path | None, resume, state: dict,
         if not rank_zero:
             return
         write_rows_csv(run_dir / "metrics.csv", [r.to_dict() for r in rows])
+        tracker.row(row.to_dict())
         if improved:
             _save_best(run_dir, best)
 
@@ -264,6 +270,10 @@ def _train(cfg: TrainConfig, run_dir: Path | None, resume, state: dict,
     if not result.interrupted:  # after Ctrl-C, --resume continues from the last checkpoint
         atomic_write_json(run_dir / "checkpoints" / "state.json",
                           {"stage": "finished", "lr": result.lr, "lr_find": result.lr_find})
+        summary = Run(run_dir).metrics()
+        tracker.finish(summary, {k: summary.get(k) for k in ("task", "classes", "precision")})
+    else:
+        tracker.close("KILLED")  # --resume continues the same tracked run
     return Run(run_dir)
 
 

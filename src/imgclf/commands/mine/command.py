@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from imgclf import evaluation
+from imgclf.commands import tracking
 from imgclf.commands import train as train_cmd
 from imgclf.commands.mine.pool import _list_images, better, score_pool, split_pool
 from imgclf.commands.mine.rounds import (_decode_negatives, _draw_seeds, _epoch_rows, _evaluate,
@@ -20,7 +21,7 @@ from imgclf.commands.mine.rounds import (_decode_negatives, _draw_seeds, _epoch_
 from imgclf.commands.mine.state import (MANIFEST_VERSION, MineOptions, MiningResult,
                                         _load_weights, _mining_dir, _prune_weights, _read_json,
                                         _resolve_options, _restore_original, _save_manifest,
-                                        _save_weights, _snapshot_original)
+                                        _save_weights, _snapshot_original, options_from_file)
 from imgclf.commands.run import Run
 from imgclf.config import TrainConfig
 from imgclf.data.cache import decode_all
@@ -37,11 +38,12 @@ log = logging.getLogger(__name__)
 
 @train_cmd.uses_all_cores
 def mine(run: str | Path, pool: str | Path | None = None, *, resume: bool = False,
-         restart: bool = False, **options) -> MiningResult:
+         restart: bool = False, config: str | Path | None = None, **options) -> MiningResult:
     """Hard negative mining on a trained run; the best round's model becomes its bundle.
 
     `imgclf.api.mine` documents the arguments; `options` are fields of `MineOptions` (a
-    path-valued one may be a Path). Rerunning on a run that was interrupted continues from its
+    path-valued one may be a Path); `config` is a YAML file of them, which the options that are
+    not None override. Rerunning on a run that was interrupted continues from its
     manifest: finished rounds are not redone, and a round whose picks were recorded is trained
     on the same picks.
 
@@ -51,6 +53,10 @@ def mine(run: str | Path, pool: str | Path | None = None, *, resume: bool = Fals
     unknown = sorted(set(options) - {f.name for f in dataclasses.fields(MineOptions)})
     if unknown:
         raise TypeError(f"mine() got unexpected keyword arguments: {', '.join(unknown)}")
+    if config is not None:
+        from_file = options_from_file(config)
+        pool = pool if pool is not None else from_file.pop("pool", None)
+        options = {**from_file, **{k: v for k, v in options.items() if v is not None}}
     run_dir = Path(run)
     Run(run_dir)
     mdir = _mining_dir(run_dir)
@@ -71,6 +77,20 @@ def mine(run: str | Path, pool: str | Path | None = None, *, resume: bool = Fals
         given["seed"] = cfg.seed
     opts = _resolve_options(manifest, given)
     opts.check()
+    # The run's trackers (or --logger's) continue the tracked run with the mining rounds.
+    logger = opts.logger if opts.logger is not None else cfg.logger
+    with tracking.connect(dataclasses.replace(cfg, logger=logger)) as tracker:
+        tracker.start(run_dir)
+        tracker.params({f"mine.{k}": v for k, v in dataclasses.asdict(opts).items()})
+        result = _start(run_dir, cfg, opts, manifest)
+        tracking.log_new_rows(tracker, run_dir, stage_prefix="mining")
+    return result
+
+
+def _start(run_dir: Path, cfg: TrainConfig, opts: MineOptions,
+           manifest: dict | None) -> MiningResult:
+    """Set mining up (or pick it up from the manifest) and run the rounds."""
+    mdir = _mining_dir(run_dir)
     if manifest is None:
         for folder, flag in ((opts.pool, "--pool"), (opts.valid_negatives, "--valid-negatives")):
             if folder is not None and not Path(folder).is_dir():

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
 
 from imgclf.commands.run import Run
+from imgclf.config import LOGGERS, parse_words, refuse_unknown
 from imgclf.errors import ImgclfError
 from imgclf.io import atomic_write_bytes, atomic_write_json
 
@@ -47,6 +50,8 @@ class MineOptions:
             benchmarks/mining.py). Both 0: rounds only evaluate.
         batch_size: Images per forward pass when scoring the pool.
         seed: Seed of the U/V split, the round-0 picks and training (None: the run's seed).
+        logger: Experiment trackers the rounds are logged to (None: those of the run's
+            config.yaml, which continue the run's tracked run).
     """
 
     pool: str
@@ -62,6 +67,7 @@ class MineOptions:
     freeze_epochs: int = 1
     batch_size: int = 64
     seed: int = 42
+    logger: list[str] | None = None
 
     def check(self) -> None:
         """Raise ImgclfError on values that cannot work, naming the flag."""
@@ -78,6 +84,9 @@ class MineOptions:
                               f"{self.pool_valid_pct}; or pass --valid-negatives DIR")
         if not self.negative_label.strip():
             raise ImgclfError("--negative-label cannot be empty")
+        for name in self.logger or []:
+            if name not in LOGGERS:
+                raise ImgclfError(f"--logger {name!r} is not one of {' | '.join(LOGGERS)}")
 
 
 @dataclass
@@ -159,6 +168,26 @@ def _prune_weights(mdir: Path, keep: set[str]) -> None:
     for p in mdir.glob("round_*.safetensors"):
         if p.name not in keep:
             p.unlink(missing_ok=True)
+
+
+def options_from_file(path: str | Path) -> dict:
+    """The mining settings of a YAML file (MineOptions' field names), unknown names refused
+    with the closest one."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except OSError as e:
+        raise ImgclfError(f"--config {path}: cannot read it ({e.strerror or e})") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}" if where is not None else ""
+        raise ImgclfError(f"{path}: not a readable settings file{at}") from None
+    if not isinstance(raw, dict):
+        raise ImgclfError(f"{path}: expected settings as `name: value` lines")
+    refuse_unknown(raw, [f.name for f in dataclasses.fields(MineOptions)], what="setting",
+                   where=f"{path}: ")
+    if isinstance(raw.get("logger"), str):
+        raw["logger"] = parse_words(raw["logger"])
+    return raw
 
 
 def _resolve_options(manifest: dict | None, given: dict) -> MineOptions:

@@ -134,3 +134,32 @@ def test_a_runs_config_yaml_reproduces_it(color_data, tmp_path):
     c1 = TrainConfig.from_yaml(first.path / "config.yaml")
     c2 = TrainConfig.from_yaml(second / "config.yaml")
     assert c2.name == "x-2" and {**vars(c1), "name": None} == {**vars(c2), "name": None}
+
+
+def test_mine_takes_a_settings_file(tmp_path, monkeypatch):
+    from imgclf.commands.mine import command as mine_cmd
+    from imgclf.commands.mine.state import options_from_file
+
+    seen = {}
+    monkeypatch.setattr(api, "mine", lambda run, pool, **kw: seen.update(pool=pool, **kw))
+    cfg_file = _write(tmp_path / "m.yaml", "pool: clutter/\nrounds: 5\nper_round: 4\n")
+    r = CliRunner().invoke(app, ["mine", "runs/x", "--config", str(cfg_file), "--rounds", "2"])
+    assert r.exit_code == 0, r.output
+    assert seen["config"] == cfg_file and seen["rounds"] == 2  # the command merges them
+    assert options_from_file(cfg_file) == {"pool": "clutter/", "rounds": 5, "per_round": 4}
+    with pytest.raises(ImgclfError, match="unknown setting 'per_rounds'; did you mean 'per_round'"):
+        options_from_file(_write(tmp_path / "bad.yaml", "per_rounds: 3\n"))
+    # The command: the file's settings, with the arguments that are given on top.
+    got = {}
+
+    def fake_resolve(manifest, given):
+        got.update(given)
+        raise ImgclfError("stop here")
+
+    monkeypatch.setattr(mine_cmd, "_resolve_options", fake_resolve)
+    run = tmp_path / "run"
+    run.mkdir()
+    TrainConfig(data="d").to_yaml(run / "config.yaml")
+    with pytest.raises(ImgclfError, match="stop here"):
+        mine_cmd.mine(run, config=cfg_file, rounds=2, per_round=None)
+    assert (got["pool"], got["rounds"], got["per_round"]) == ("clutter/", 2, 4)

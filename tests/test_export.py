@@ -193,6 +193,18 @@ def test_failed_parity_writes_nothing(tiny_run, tmp_path):
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
+def test_unwritable_output_is_refused_before_the_export(tiny_run, tmp_path):
+    # A bundle away from its run has no validation images for the parity check: had the
+    # export and its check run first, that would be the error.
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    for name in ("model.json", "weights.safetensors"):
+        (lone / name).write_bytes((tiny_run.path / "model" / name).read_bytes())
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ImgclfError, match="cannot write .*a-file/model.onnx.*choose another output"):
+        export(lone, format="onnx", out=tmp_path / "a-file" / "model.onnx")
+
+
 def test_export_errors_name_the_fix(tiny_run, tmp_path):
     with pytest.raises(ImgclfError, match="unknown export format"):
         export(tiny_run.path, format="tflite")

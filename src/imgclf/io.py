@@ -28,6 +28,27 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> None:
         raise
 
 
+def check_writable(path: str | Path) -> None:
+    """Raise ImgclfError now if `path` could not be written, before long work that ends in it.
+
+    Tried for real (a temporary file beside it, removed at once): permissions, read-only
+    mounts and a file where a folder should be all show up, which no os.access check covers.
+    """
+    from imgclf.errors import ImgclfError
+
+    path = Path(path)
+    try:
+        if path.is_dir():
+            raise IsADirectoryError(21, "is a folder")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise ImgclfError(f"cannot write {path} ({e.strerror or e}): choose another output "
+                          "path or fix the folder's permissions") from None
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

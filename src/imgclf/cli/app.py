@@ -250,6 +250,35 @@ def report(
     console.print(Text.assemble("Report: ", (str(path), "bold")))
 
 
+@app.command()
+def runs(
+    folder: Path = typer.Argument(Path("runs"), help="Folder holding run directories (searched recursively)."),
+    sort: str = typer.Option("finished", help="Row order: finished (oldest first) | score (best first) | run (path)."),
+):
+    """List the runs under a folder: data, model, recipe, accuracy, training time, date."""
+    from rich.console import Console
+
+    from imgclf.cli.render import runs as draw_runs
+    from imgclf.commands.runs import list_runs  # lazy: start-up time (`imgclf --help` imports no torch)
+
+    rows = list_runs(folder, sort=sort)
+    if not rows:
+        raise ImgclfError(f"no run directories (folders with a config.yaml) under {folder}")
+    draw_runs(Console(), rows, f"{len(rows)} runs under {folder}")
+
+
+@app.command()
+def compare(
+    runs: list[Path] = typer.Argument(..., help="Two or more run directories."),
+    out_file: Path = typer.Option(Path("compare.html"), "--out", help="The HTML page to write."),
+):
+    """Compare runs on one HTML page: their curves overlaid and the settings that differ."""
+    from imgclf.commands.runs import compare as compare_runs  # lazy: start-up time (`imgclf --help` imports no torch)
+
+    path = compare_runs(runs, out_file)
+    console.print(Text.assemble("Comparison: ", (str(path), "bold")))
+
+
 def main() -> None:
     """Entry point: user-facing errors become one clear line and exit code 2."""
     try:

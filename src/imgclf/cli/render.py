@@ -119,6 +119,25 @@ def mining_rounds(out: Console, data: dict, title: str) -> None:
     out.print(table)
 
 
+def runs(out: Console, rows: list[dict], title: str) -> None:
+    """`imgclf runs`: one line per run directory (`imgclf.commands.runs.run_row`)."""
+    table = Table(title=title, title_justify="left")
+    for col, justify in (("run", "left"), ("data", "left"), ("model", "left"),
+                         ("recipe", "left"), ("score", "right"), ("time", "right"),
+                         ("finished", "left")):
+        table.add_column(col, justify=justify, overflow="fold")
+    for r in rows:
+        score = "-" if r["score"] is None else f"{r['score']:.4f}"
+        if r["score"] is not None and r["metric"] != "accuracy":
+            score += f" ({r['metric']})"
+        seconds = r.get("seconds")
+        table.add_row(Text(r["run"]), Text(r["data"]), Text(str(r["model"])), Text(r["recipe"]),
+                      score, "-" if seconds is None else f"{seconds:.0f} s",
+                      r["finished"] or Text(r["status"], style="yellow"),
+                      style="dim" if r["status"] != "finished" else None)
+    out.print(table)
+
+
 def rule(out: Console, data, title: str) -> None:
     """A horizontal rule with a title (between the folds of a cross-validation)."""
     out.rule(Text(title))

@@ -31,7 +31,7 @@ from imgclf.deploy import onnx_predict
 from imgclf.deploy.bundle import Bundle
 from imgclf.deploy.bundle import load as load_bundle
 from imgclf.errors import ImgclfError
-from imgclf.io import atomic_write_bytes
+from imgclf.io import atomic_write_bytes, check_writable
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +152,7 @@ def export(bundle_path: str | Path, format: str = "onnx", out: str | Path | None
         raise ImgclfError(f"unknown ONNX exporter '{exporter}': use one of {', '.join(EXPORTERS)}")
     bundle = load_bundle(bundle_path)
     out = Path(out) if out else bundle.path / FILENAMES[format]
+    check_writable(out)  # now, not after the export and its parity check
     wrapper = Deployable(bundle.model, bundle.preprocess.mean, bundle.preprocess.std,
                          bundle.multi_label).eval()
     size = bundle.preprocess.size

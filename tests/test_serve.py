@@ -332,3 +332,20 @@ def test_concurrent_single_image_requests_share_forward_passes(tiny_run, images)
     print(f"\n{imgs} single-image requests in {passes} passes; forward batch sizes {sizes}")
     assert imgs / passes > 1.5
     assert sum(sizes) / len(sizes) > 1.5  # images per call of the model's forward
+
+
+def test_a_busy_port_or_no_port_is_one_clear_error_before_serving():
+    import socket
+
+    from imgclf.deploy.serve import check_address
+    from imgclf.errors import ImgclfError
+
+    with pytest.raises(ImgclfError, match="--port 99999 is not a port: use 1 to 65535"):
+        check_address("127.0.0.1", 99999)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(ImgclfError, match=f"cannot listen on 127.0.0.1:{port} .*--port"):
+            check_address("127.0.0.1", port)
+    check_address("127.0.0.1", port)  # free again

@@ -373,6 +373,24 @@ def app_from_env():
     return create_app(ServeConfig(**json.loads(raw)))
 
 
+def check_address(host: str, port: int) -> None:
+    """Refuse a port out of range, or an address that cannot be listened on (in use, not this
+    machine's), before anything says "Serving on"."""
+    import socket
+
+    if not 1 <= int(port) <= 65535:
+        raise ImgclfError(f"--port {port} is not a port: use 1 to 65535")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, _, _, _, address = infos[0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind(address)
+    except OSError as e:
+        raise ImgclfError(f"cannot listen on {host}:{port} ({e.strerror or e}): pass another "
+                          "--port (or --host)") from None
+
+
 def run_server(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, workers: int = 1,
                ) -> None:
     """Load the bundle and serve it until interrupted (the address is logged first).
@@ -387,6 +405,7 @@ def run_server(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, work
 
     if workers < 1:
         raise ImgclfError("--workers must be at least 1")
+    check_address(host, port)
     bundle = load_bundle(cfg.bundle)  # fail here, with the message, not in each worker
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     cfg.threads = cfg.threads or max(1, cores // workers)

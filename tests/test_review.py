@@ -24,6 +24,7 @@ from imgclf import evaluation
 from imgclf.commands.review import ReviewSession
 from imgclf.config import TrainConfig
 from imgclf.data import corrections as corr
+from imgclf.data.corrections import Correction
 from imgclf.data.sources import from_folder
 from imgclf.errors import DataError, ImgclfError
 
@@ -294,6 +295,46 @@ def test_train_with_corrections_from_a_review(tiny_run, color_data, tmp_path):
         f.write(f"{train_imgs[2]},exclude,,,data\n")
     with pytest.raises(DataError, match="changed since the run recorded it"):
         api.train(resume=run.path)
+
+
+@pytest.mark.slow
+def test_mine_with_corrections(tiny_run, color_data, tmp_path, monkeypatch):
+    from imgclf.commands import train as train_cmd
+    from imgclf.commands.mine import mine
+
+    monkeypatch.setattr(train_cmd, "write_report", lambda run_dir: None)  # heatmaps: slow
+    run_dir = Path(shutil.copytree(tiny_run.path, tmp_path / "run"))
+    pool = make_color_dataset(tmp_path / "pool", per_class=6, size=40, classes=("gray",))
+    pool_imgs = sorted(str(p.resolve()) for p in pool.glob("*/*.jpg"))
+    valid = [r["path"] for r in csv.DictReader(open(run_dir / "predictions.csv"))]
+    train_imgs = sorted(set(map(str, color_data.glob("*/*.jpg"))) - set(valid))
+    f = tmp_path / "c.csv"
+    corr.write_corrections(f, [Correction(train_imgs[0], "negative"),
+                               Correction(valid[0], "relabel", "green" if "red" in valid[0] else "red"),
+                               Correction(pool_imgs[0], "exclude", source="pool"),
+                               Correction(str(tmp_path / "nowhere.jpg"), "keep", source="pool")])
+    with pytest.raises(DataError, match="line 5: .*nowhere.jpg' is not an image of the mining pool"):
+        mine(run_dir, pool, rounds=0, epochs=1, per_round=2, initial=2, corrections=str(f))
+    rows = corr.read_corrections(f)[:3]
+    corr.write_corrections(f, rows)
+    mine(run_dir, pool, rounds=0, epochs=1, per_round=2, initial=2, corrections=str(f))
+    split = json.loads((run_dir / "mining" / "pool.json").read_text())
+    state = json.loads((run_dir / "mining" / "manifest.json").read_text())
+    assert split["removed"] == [pool_imgs[0]] and split["corrections_sha256"] == corr.file_digest(f)
+    assert pool_imgs[0] not in split["mining"] + split["valid"]
+    assert split["marked_negatives"] == [train_imgs[0]]
+    mined = state["rounds"][0]["mined"]
+    assert mined[0] == {"path": train_imgs[0], "predicted": None, "confidence": None,
+                        "source": "corrections"} and len(mined) == 3
+    assert state["options"]["corrections"] == str(f.resolve())
+    # The review of the mined run lists the marked image with the mined ones, as a data image.
+    s = ReviewSession(run_dir)
+    assert s.items[train_imgs[0]]["source"] == "data" and s.items[train_imgs[0]]["predicted"] == []
+    assert s.items[mined[1]["path"]]["source"] == "pool"
+    # The file is fixed once mining has started.
+    corr.write_corrections(f, rows[:2])
+    with pytest.raises(DataError, match="not the corrections file this mining started with"):
+        mine(run_dir, corrections=str(f))
 
 
 # ---------------------------------------------------------------------------------------------

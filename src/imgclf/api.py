@@ -146,7 +146,8 @@ def mine(run: str | Path, pool: str | Path | None = None, *, per_round: int | No
          lr: float | None = None, freeze_epochs: int | None = None,
          batch_size: int | None = None, seed: int | None = None, resume: bool = False,
          restart: bool = False, logger: str | list[str] | None = None,
-         config: str | Path | None = None, console=None) -> MiningResult:
+         config: str | Path | None = None, corrections: str | Path | None = None,
+         console=None) -> MiningResult:
     """Hard negative mining on a trained run; the best round's model becomes its bundle.
 
     Rerunning on a run that was interrupted continues from its manifest: finished rounds are
@@ -175,6 +176,10 @@ def mine(run: str | Path, pool: str | Path | None = None, *, per_round: int | No
             which continue its tracked run).
         config: A YAML file of these settings (`pool`, `per_round`, ...); the arguments that
             are not None override it.
+        corrections: A corrections CSV of `imgclf review`, applied when mining starts:
+            relabelled and excluded labelled images as `train --corrections` applies them,
+            images marked negative join the negatives, and pool images excluded or relabelled
+            leave the pool (imgclf.commands.mine.corrected).
         console: Deprecated and ignored (messages go to the "imgclf" logger).
 
     Returns:
@@ -186,4 +191,5 @@ def mine(run: str | Path, pool: str | Path | None = None, *, per_round: int | No
                       valid_negatives=valid_negatives, pool_valid_pct=pool_valid_pct,
                       patience=patience, lr=lr, freeze_epochs=freeze_epochs, batch_size=batch_size,
                       seed=seed, resume=resume, restart=restart, config=config,
-                      logger=parse_words(logger))
+                      logger=parse_words(logger),
+                      corrections=None if corrections is None else str(corrections))

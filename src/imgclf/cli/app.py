@@ -227,6 +227,7 @@ def mine(
     restart: bool = typer.Option(False, help="Undo earlier mining of RUN and start over."),
     logger: Optional[list[str]] = typer.Option(None, help="Trackers for the rounds: csv | tensorboard | mlflow [default: the run's --logger, continuing its tracked run]."),
     config: Optional[Path] = typer.Option(None, "--config", help="Settings file (YAML, these options' names with underscores); flags given override it."),
+    corrections: Optional[Path] = typer.Option(None, help="Corrections CSV (imgclf review): applied to the labelled images and the pool when mining starts."),
 ):
     """Hard negative mining: add a negative class and train on the pool's most confident mistakes."""
     from imgclf import api  # lazy: start-up time (`imgclf --help` imports no torch)
@@ -235,7 +236,7 @@ def mine(
              negative_label=negative_label, valid_negatives=valid_negatives,
              pool_valid_pct=pool_valid_pct, patience=patience, lr=lr, freeze_epochs=freeze_epochs,
              batch_size=batch_size, seed=seed, resume=resume, restart=restart,
-             logger=logger or None, config=config)
+             logger=logger or None, config=config, corrections=corrections)
 
 
 @app.command()

@@ -14,6 +14,7 @@ import numpy as np
 from imgclf import evaluation
 from imgclf.commands import tracking
 from imgclf.commands import train as train_cmd
+from imgclf.commands.mine import corrected
 from imgclf.commands.mine.pool import _list_images, better, score_pool, split_pool
 from imgclf.commands.mine.rounds import (_decode_negatives, _draw_seeds, _epoch_rows, _evaluate,
                                          _predictions, _round_lr, _rounds_table, _Setup,
@@ -120,6 +121,7 @@ def _start(run_dir: Path, cfg: TrainConfig, opts: MineOptions,
         manifest["baseline"] = {k: base[k] for k in ("fp_rate_V", "positive_accuracy",
                                                       "overall_accuracy", "valid_loss")}
         seeds = _draw_seeds(s, model, 0 if _has_negatives(s) else opts.initial)
+        seeds = corrected.seeds(s.marked_negatives) + seeds  # marked negative in a review
         manifest["rounds"].append({"round": 0, "status": "mined", "mined": seeds,
                                    "pool_scored": None, "pool_false_positives": None})
     _save_manifest(mdir, manifest)
@@ -133,6 +135,18 @@ def _setup(run_dir: Path, cfg: TrainConfig, opts: MineOptions) -> _Setup:
     mdir = _mining_dir(run_dir)
     original = load_bundle(mdir / "original" / "model")
     table = load_table(cfg)
+    split = _read_json(mdir / "pool.json")
+    if split is None:
+        in_table = {Path(x.path).resolve() for x in table.samples}
+        pool_paths = [p for p in _list_images(opts.pool, "--pool") if p not in in_table]
+        listed_valid = None if opts.valid_negatives is None else [
+            p for p in _list_images(opts.valid_negatives, "--valid-negatives") if p not in in_table]
+        known = pool_paths + (listed_valid or [])
+    else:
+        known = [Path(p) for k in ("mining", "valid", "removed") for p in split.get(k, [])]
+    fix = corrected.apply(table, opts.corrections, opts.negative_label, original.classes,
+                          known, split)
+    table = fix.table
     if list(table.classes) != list(original.classes):
         raise ImgclfError(
             f"{run_dir}: the data now has classes {table.classes}, but the model was trained on "
@@ -145,13 +159,10 @@ def _setup(run_dir: Path, cfg: TrainConfig, opts: MineOptions) -> _Setup:
                                   task=Task(tuple(original.classes), multi))
     cache_dir = train_cmd._cache_dir(cfg)
 
-    split = _read_json(mdir / "pool.json")
     if split is None:
-        in_table = {Path(x.path).resolve() for x in table.samples}
-        pool_paths = [p for p in _list_images(opts.pool, "--pool") if p not in in_table]
-        if opts.valid_negatives is not None:
-            valid = [p for p in _list_images(opts.valid_negatives, "--valid-negatives")
-                     if p not in in_table]
+        pool_paths = [p for p in pool_paths if str(p) not in fix.pool_removed]
+        if listed_valid is not None:
+            valid = [p for p in listed_valid if str(p) not in fix.pool_removed]
             held = set(valid)
             mining_part = [p for p in pool_paths if p not in held]
         else:
@@ -160,7 +171,10 @@ def _setup(run_dir: Path, cfg: TrainConfig, opts: MineOptions) -> _Setup:
             raise DataError(f"{display_path(opts.pool)} leaves no images to mine after the "
                             "held-out part: add images to the pool or lower --pool-valid-pct")
         split = {"pool": opts.pool, "mining": [str(p) for p in mining_part],
-                 "valid": [str(p) for p in valid]}
+                 "valid": [str(p) for p in valid] + fix.valid_negatives}
+        if opts.corrections:
+            split.update(corrections_sha256=fix.digest, removed=sorted(fix.pool_removed),
+                         marked_negatives=fix.train_negatives)
         atomic_write_json(mdir / "pool.json", split)
 
     positive_digests = set(prep.decoded.digests)
@@ -181,7 +195,8 @@ def _setup(run_dir: Path, cfg: TrainConfig, opts: MineOptions) -> _Setup:
                   negative_index=None if multi else classes.index(opts.negative_label),
                   added_class=added, prep=prep, valid_neg=valid_neg,
                   known_digests=positive_digests | set(valid_neg.digests), cache_dir=cache_dir,
-                  mining_paths=[Path(p) for p in split["mining"]], original=original)
+                  mining_paths=[Path(p) for p in split["mining"]], original=original,
+                  marked_negatives=list(split.get("marked_negatives", [])))
 
 
 def _has_negatives(s: _Setup) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +41,7 @@ class _Setup:
     cache_dir: Path | None
     mining_paths: list[Path]
     original: object
+    marked_negatives: list[str] = field(default_factory=list)  # training images, by a review
 
     def negative_sample(self, path: str | Path, split: str) -> Sample:
         labels = () if self.task.multi_label else (self.opts.negative_label,)

@@ -23,7 +23,10 @@ SCORE_CHUNK = 512
 _RUN_FILES = ("model/model.json", "model/weights.safetensors", "metrics.json", "metrics.csv",
               "predictions.csv", "thresholds.json")
 # Settings that define the pool split and round 0; a rerun must not change them.
-_FIXED = ("pool", "valid_negatives", "pool_valid_pct", "seed", "negative_label", "initial")
+_FIXED = ("pool", "valid_negatives", "pool_valid_pct", "seed", "negative_label", "initial",
+          "corrections")
+# Fixed options that name files: compared as absolute paths.
+_PATHS = ("pool", "valid_negatives", "corrections")
 
 
 @dataclass
@@ -52,6 +55,8 @@ class MineOptions:
         seed: Seed of the U/V split, the round-0 picks and training (None: the run's seed).
         logger: Experiment trackers the rounds are logged to (None: those of the run's
             config.yaml, which continue the run's tracked run).
+        corrections: Corrections CSV of `imgclf review`, applied to the labelled images and
+            the pool when mining starts (see imgclf.commands.mine.corrected).
     """
 
     pool: str
@@ -68,6 +73,7 @@ class MineOptions:
     batch_size: int = 64
     seed: int = 42
     logger: list[str] | None = None
+    corrections: str | None = None
 
     def check(self) -> None:
         """Raise ImgclfError on values that cannot work, naming the flag."""
@@ -194,9 +200,9 @@ def _resolve_options(manifest: dict | None, given: dict) -> MineOptions:
     """Options of this invocation: the manifest's fixed settings, checked against `given`."""
     if manifest is None:
         opts = MineOptions(**{k: v for k, v in given.items() if v is not None})
-        opts.pool = str(Path(opts.pool).resolve())
-        if opts.valid_negatives is not None:
-            opts.valid_negatives = str(Path(opts.valid_negatives).resolve())
+        for key in _PATHS:
+            if getattr(opts, key) is not None:
+                setattr(opts, key, str(Path(getattr(opts, key)).resolve()))
         if opts.initial is None:
             opts.initial = opts.per_round
         return opts
@@ -205,7 +211,7 @@ def _resolve_options(manifest: dict | None, given: dict) -> MineOptions:
         value = given.get(key)
         if value is None:
             continue
-        if key in ("pool", "valid_negatives"):
+        if key in _PATHS:
             value = str(Path(value).resolve())
         if value != saved.get(key):
             raise ImgclfError(

@@ -182,9 +182,11 @@ class ReviewSession:
                     if pick.get("predicted") in self.classes:
                         row[self.classes.index(pick["predicted"])] = float(pick.get("confidence", 0))
                     given = [] if self.multi_label else [self.negative_label]
-                    self.items[path] = self._item(path, given, [pick.get("predicted", "?")],
+                    pred = pick.get("predicted")  # None: marked negative in a review
+                    self.items[path] = self._item(path, given, [pred] if pred else [],
                                                   row, None, None)
-                    self.items[path]["source"] = "pool"
+                    self.items[path]["source"] = ("data" if pick.get("source") == "corrections"
+                                                  else "pool")
                     self.items[path]["round"] = r.get("round")
                 out.append(path)
         return out[: self.limit]

@@ -222,6 +222,29 @@ def test_a_cross_validation_folder(tmp_path):
     assert (cv / "corrections.csv").is_file()
 
 
+def test_multi_label_decisions_are_label_sets(tmp_path):
+    data = make_color_dataset(tmp_path / "data", per_class=2, size=24)
+    run_dir = tmp_path / "ml"
+    run_dir.mkdir()
+    TrainConfig(data=str(data), multi_label=True).to_yaml(run_dir / "config.yaml")
+    paths = sorted(str(p) for p in data.glob("*/*.jpg"))
+    targets = np.array([[i % 3 == j for j in range(3)] for i in range(len(paths))], dtype=int)
+    probs = np.where(targets, 0.7, 0.2)
+    probs[0] = [0.1, 0.9, 0.9]
+    evaluation.Predictions(paths, CLASSES, probs, targets, multi_label=True).to_csv(
+        run_dir / "predictions.csv")
+    (run_dir / "metrics.json").write_text(json.dumps({"task": "multi_label"}))
+    s = ReviewSession(run_dir)
+    assert s.multi_label and "label_issues" not in s.queues and s.negative_label is None
+    assert s.queue("top_losses")[0]["predicted"] == ["green", "red"]
+    assert s.decide(paths[0], "relabel", ["red", "green"])["labels"] == ["green", "red"]
+    assert s.decide(paths[1], "relabel", [])["labels"] == []
+    assert s.decide(paths[2], "negative")["labels"] == []
+    rows = {c.path: (c.action, c.labels) for c in corr.read_corrections(s.corrections_path)}
+    assert rows == {paths[0]: ("relabel", "green red"), paths[1]: ("relabel", ""),
+                    paths[2]: ("negative", "")}
+
+
 def test_damaged_corrections_file_stops_the_session_with_the_lines(run):
     run_dir, _, _ = run
     (run_dir / "corrections.csv").write_text("path,action,labels,time,source\nx.jpg,zap,,,data\n")

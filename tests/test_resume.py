@@ -226,3 +226,25 @@ def test_mix_seed_spreads_neighbours():
     seeds = {mix_seed(0, e, p) for e in range(10) for p in range(100)}
     assert len(seeds) == 1000 and all(0 <= s < 2**63 for s in seeds)
     assert np.std([s / 2**63 for s in seeds]) > 0.25
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_caching_features_says_how_to_resume(setup):
+    """Ctrl-C before any epoch (feature caching, the LR finder): a clear line, then --resume."""
+    import contextlib
+
+    from imgclf import progress
+
+    data, opts, root, reference = setup
+
+    @contextlib.contextmanager
+    def ctrl_c_on_caching(description, total=None):
+        if description.startswith("Caching body features"):
+            raise KeyboardInterrupt
+        yield lambda n=1: None
+
+    with progress.reporting(ctrl_c_on_caching), pytest.raises(ImgclfError, match=(
+            r"training stopped before any epoch finished.*imgclf train --resume")):
+        api.train(data, out=str(root / "runs"), name="ctrl-c", **opts)
+    api.train(resume=root / "runs" / "ctrl-c")
+    assert read_metrics(root / "runs" / "ctrl-c") == read_metrics(reference)

@@ -282,21 +282,27 @@ def _frozen_stage(fit: _Fit) -> bool:
         _adapt_batchnorm(fit)
     train_plain = make_loader(data.train, cfg.batch_size, train=False, workers=cfg.workers)
     feats, ys = [], []
-    for v in range(views):
-        f, y = extract_features(model, train_plain, fit.pre, fit.precision, fit.device,
-                                desc=f"Caching body features (view {v + 1}/{views})")
-        feats.append(f)
-        ys.append(y)
-    f_valid, y_valid = extract_features(model, fit.valid_loader, fit.pre, "32-true", fit.device,
-                                        desc="Caching validation features")
-    fit.seen += views * len(data.train) + len(data.valid)
-    head.to("cpu")  # next to its cached features: a linear layer needs no accelerator
-    if fit.lr is None:
-        fit.lr, lrs_curve, loss_curve = lr_range_test(
-            head, fit.task, torch.cat(feats), torch.cat(ys), cfg.batch_size, cfg.seed)
-        fit.lr_find = {"lrs": lrs_curve.tolist(), "losses": loss_curve.tolist(),
-                       "suggestion": fit.lr, "rule": "valley", "on": "frozen-body features"}
-        log.info(f"Learning-rate finder (valley rule on cached features): lr = {fit.lr:.2e}")
+    try:
+        for v in range(views):
+            f, y = extract_features(model, train_plain, fit.pre, fit.precision, fit.device,
+                                    desc=f"Caching body features (view {v + 1}/{views})")
+            feats.append(f)
+            ys.append(y)
+        f_valid, y_valid = extract_features(model, fit.valid_loader, fit.pre, "32-true",
+                                            fit.device, desc="Caching validation features")
+        fit.seen += views * len(data.train) + len(data.valid)
+        head.to("cpu")  # next to its cached features: a linear layer needs no accelerator
+        if fit.lr is None:
+            fit.lr, lrs_curve, loss_curve = lr_range_test(
+                head, fit.task, torch.cat(feats), torch.cat(ys), cfg.batch_size, cfg.seed)
+            fit.lr_find = {"lrs": lrs_curve.tolist(), "losses": loss_curve.tolist(),
+                           "suggestion": fit.lr, "rule": "valley", "on": "frozen-body features"}
+            log.info(f"Learning-rate finder (valley rule on cached features): lr = {fit.lr:.2e}")
+    except KeyboardInterrupt:
+        # Ctrl-C before the head has trained: the stage reruns whole on --resume, as after a kill.
+        log.warning("Interrupted while caching features or finding the learning rate")
+        model.to(fit.device)
+        return True
     n = len(data.train)
     # ViewSampler walks the cached augmented views epoch by epoch; weighting the loss gives
     # balanced sampling's expected gradient without breaking that walk, so both modes use it.

@@ -372,3 +372,19 @@ def test_report_loads_in_chromium(which, request, tmp_path):
     broken = [i for i in check["images"] if not i["ok"]]
     assert broken == []
     assert check["scrollWidth"] <= 1366  # no sideways scrolling on a laptop screen
+
+
+def test_class_names_the_font_lacks_give_one_log_line_not_a_warning_per_glyph(tmp_path, caplog):
+    import logging
+    import warnings
+
+    from imgclf.report import plots
+
+    fig, ax = plots.subplots(figsize=(3, 2))
+    ax.set_title("猫 犬 鳥")
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO):
+        warnings.simplefilter("always")
+        plots.save(fig, tmp_path / "names.png")
+    assert not [w for w in caught if "Glyph" in str(w.message)]
+    assert "the plot font lacks 3 characters" in caplog.text
+    assert (tmp_path / "names.png").stat().st_size > 0

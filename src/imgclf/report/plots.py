@@ -6,12 +6,16 @@ notebook user's backend and pyplot's figure registry are left as they were.
 
 from __future__ import annotations
 
+import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
 
 from imgclf.io import atomic_write
+
+log = logging.getLogger(__name__)
 
 
 def subplots(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float], **kwargs):
@@ -21,9 +25,26 @@ def subplots(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float], **
 
 
 def save(fig, path: str | Path) -> Path:
-    """Write a figure as PNG atomically."""
+    """Write a figure as PNG atomically.
+
+    Characters the font lacks (emoji or CJK class names) are drawn as boxes; matplotlib warns
+    once per glyph and per draw, which floods a console, so they become one log line per
+    figure instead (the HTML report shows the names in the browser's fonts).
+    """
     path = Path(path)
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
+    glyphs = set()
+    for w in caught:
+        text = str(w.message)
+        if text.startswith("Glyph ") and "missing from font" in text:
+            glyphs.add(text.split("(", 1)[-1].split(")", 1)[0])
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if glyphs:
+        log.info("%s: the plot font lacks %d characters of the labels (%s); they show as boxes",
+                 path.name, len(glyphs), ", ".join(sorted(glyphs)[:3]))
     return path
 
 

@@ -8,7 +8,7 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["train", "evaluate", "predict", "load", "mine", "cross_validate", "Run",
+__all__ = ["train", "evaluate", "predict", "load", "mine", "cross_validate", "show_batch", "Run",
            "Interpretation", "__version__"]
 
 # Imported lazily so that torch-free modules (imgclf.deploy.onnx_predict, imgclf.data.images)
@@ -16,6 +16,7 @@ __all__ = ["train", "evaluate", "predict", "load", "mine", "cross_validate", "Ru
 # these, so `imgclf.predict` is always the function.
 _LAZY = {"train": "imgclf.api", "evaluate": "imgclf.api", "predict": "imgclf.api",
          "load": "imgclf.api", "mine": "imgclf.api", "cross_validate": "imgclf.api",
+         "show_batch": "imgclf.api",
          "Run": "imgclf.api", "Interpretation": "imgclf.report.interpret"}
 
 

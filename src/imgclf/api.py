@@ -27,7 +27,7 @@ from imgclf.deploy.bundle import Bundle
 from imgclf.deploy.bundle import load as load_bundle
 from imgclf.errors import ImgclfError
 
-__all__ = ["train", "evaluate", "predict", "load", "cross_validate", "mine", "Run"]
+__all__ = ["train", "evaluate", "predict", "load", "cross_validate", "mine", "show_batch", "Run"]
 
 
 def _ignore_console(console) -> None:
@@ -74,6 +74,30 @@ def _settings(config: TrainConfig | str | Path | None) -> TrainConfig | None:
     if not Path(config).is_file():
         raise ImgclfError(f"config={str(config)!r}: no such settings file")
     return TrainConfig.from_yaml(Path(config))
+
+
+def show_batch(data: str | Path | None = None, n: int = 12, *, split: str = "train",
+               seed: int = 0, cols: int = 4, config: TrainConfig | str | Path | None = None,
+               **options):
+    """A figure of what the model will see: training images decoded, presized and augmented
+    as training does it (random resized crop and flip), titled with their labels.
+
+    Args:
+        data: Image folder (or the root of a CSV's file names), as for `train`.
+        n: Images shown (a seeded random choice).
+        split: "train" (augmented) or "valid" (the centre crop validation sees).
+        seed: Seed of the choice and the augmentation (the caller's random state is kept).
+        cols: Images per row.
+        config: Settings, or a YAML file of them; `options` (model=, size=, csv=, ...)
+            override its fields.
+
+    Returns:
+        A matplotlib Figure (made without pyplot: no backend is switched).
+    """
+    from imgclf.report.notebook import show_batch as _show_batch  # lazy: matplotlib, timm
+
+    return _show_batch(data, n, split=split, seed=seed, cols=cols, config=_settings(config),
+                       **options)
 
 
 def load(path: str | Path) -> Bundle:

@@ -21,3 +21,16 @@ class Run(RunDir):
     def load(self):
         """The run's bundle (see `imgclf.deploy.bundle.load`)."""
         return load(self.bundle_path)
+
+    def show_results(self, n: int = 12, *, seed: int = 0, wrong_first: bool = False,
+                     cols: int = 4):
+        """A figure of validation images with their given and predicted labels (see
+        `imgclf.report.notebook.show_results`)."""
+        from imgclf.report.notebook import show_results  # lazy: matplotlib
+
+        return show_results(self.path, n, seed=seed, wrong_first=wrong_first, cols=cols)
+
+    def _repr_html_(self) -> str:
+        from imgclf.report.notebook import run_html  # lazy: only Jupyter asks
+
+        return run_html(self)

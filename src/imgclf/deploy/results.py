@@ -54,6 +54,26 @@ class PredictionResult:
         return [[(self.classes[j], float(self.probs[i, j])) for j in row]
                 for i, row in enumerate(order)]
 
+    def _repr_html_(self, max_rows: int = 20, k: int = 3) -> str:
+        """Jupyter's view: a table of the first `max_rows` images, their labels and top `k`
+        probabilities, and how many could not be read."""
+        import html
+
+        head = (f"<b>PredictionResult</b>: {len(self.paths)} images, {len(self.classes)} "
+                f"classes{' (multi-label)' if self.multi_label else ''}")
+        if self.errors:
+            head += f", {len(self.errors)} unreadable"
+        rows = []
+        for name, labs, top in list(zip(self.names, self.labels(), self.top_k(k)))[:max_rows]:
+            shown = ", ".join(f"{html.escape(c)} {p:.3f}" for c, p in top)
+            rows.append(f"<tr><td style='text-align:left'>{html.escape(Path(name).name)}</td>"
+                        f"<td style='text-align:left'><b>{html.escape(', '.join(labs))}</b></td>"
+                        f"<td style='text-align:left'>{shown}</td></tr>")
+        more = (f"<tr><td colspan='3'>... {len(self.paths) - max_rows} more</td></tr>"
+                if len(self.paths) > max_rows else "")
+        return (f"<div>{head}<table><tr><th>image</th><th>label</th><th>top {k}</th></tr>"
+                f"{''.join(rows)}{more}</table></div>")
+
     def to_csv(self, path: str | Path) -> None:
         """path, predicted label(s), a probability column per class."""
         buf = io.StringIO()

@@ -213,6 +213,30 @@ class Interpretation:
             self._bundle = load(self.bundle_path)
         return self._bundle
 
+    def _repr_html_(self) -> str:
+        """Jupyter's view: images, classes, headline numbers and the most confused pairs."""
+        import html
+
+        m = self.metrics()
+        keys = (("zero_one_accuracy", "exact match"), ("hamming_accuracy", "label accuracy"),
+                ("f1_macro", "macro F1")) if self.multi_label else (
+            ("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"),
+            ("f1_macro", "macro F1"))
+        rows = [("images", str(len(self.predictions.paths))),
+                ("classes", f"{len(self.classes)} ({', '.join(self.classes[:8])}"
+                            f"{', ...' if len(self.classes) > 8 else ''})")]
+        rows += [(label, f"{m[k]:.4f}") for k, label in keys if isinstance(m.get(k), float)]
+        if not self.multi_label:
+            pairs = self.most_confused(min_count=1)[:3]
+            if pairs:
+                rows.append(("most confused", "; ".join(f"{a} → {p} ({n})"
+                                                        for a, p, n in pairs)))
+        where = f" of <code>{html.escape(str(self.run_path))}</code>" if self.run_path else ""
+        cells = "".join(f"<tr><th style='text-align:left;padding-right:1em'>{html.escape(k)}"
+                        f"</th><td style='text-align:left'>{html.escape(v)}</td></tr>"
+                        for k, v in rows)
+        return f"<div><b>Interpretation</b>{where}<table>{cells}</table></div>"
+
     def example(self, i: int) -> Example:
         """Image `i` of the predictions as an Example."""
         p = self.predictions

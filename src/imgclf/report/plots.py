@@ -1,7 +1,8 @@
 """Static PNG plots of a run (matplotlib, no display needed).
 
 Figures are made with `matplotlib.figure.Figure`, not pyplot: PNGs need no backend, and a
-notebook user's backend and pyplot's figure registry are left as they were.
+notebook user's backend and pyplot's figure registry are left as they were. Jupyter shows them
+as images (`ShownFigure._repr_png_`).
 """
 
 from __future__ import annotations
@@ -18,9 +19,22 @@ from imgclf.io import atomic_write
 log = logging.getLogger(__name__)
 
 
+class ShownFigure(Figure):
+    """A Figure that Jupyter displays as a PNG whatever the backend: a Figure made outside
+    pyplot otherwise shows as text ("<Figure size ...>") until pyplot's inline backend has been
+    loaded, which matplotlib now does only when pyplot draws something."""
+
+    def _repr_png_(self) -> bytes:
+        import io
+
+        buf = io.BytesIO()
+        self.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+        return buf.getvalue()
+
+
 def subplots(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float], **kwargs):
     """A figure and its axes, as `pyplot.subplots` makes them, outside pyplot."""
-    fig = Figure(figsize=figsize)
+    fig = ShownFigure(figsize=figsize)
     return fig, fig.subplots(nrows, ncols, **kwargs)
 
 

@@ -248,3 +248,10 @@ def test_ctrl_c_while_caching_features_says_how_to_resume(setup):
         api.train(data, out=str(root / "runs"), name="ctrl-c", **opts)
     api.train(resume=root / "runs" / "ctrl-c")
     assert read_metrics(root / "runs" / "ctrl-c") == read_metrics(reference)
+
+
+@pytest.mark.slow
+def test_metrics_count_epochs_as_the_options_do(setup):
+    _, _, _, reference = setup
+    metrics = json.loads((reference / "metrics.json").read_text())
+    assert (metrics["epochs"], metrics["freeze_epochs"]) == (RUN["epochs"], RUN["freeze_epochs"])

@@ -96,7 +96,7 @@ def cross_validate(data: str | Path | None = None, *, folds: int = 5,
     log.info("Cross-validation folder: %s (%d folds)", cv_dir, cfg.folds)
     for k in range(cfg.folds):
         fold_dir = cv_dir / f"fold-{k}"
-        log.info("%s", f"fold {k + 1} of {cfg.folds}", extra={"view": "rule", "data": None})
+        log.info("%s", f"fold {k} ({k + 1} of {cfg.folds})", extra={"view": "rule", "data": None})
         if (fold_dir / "model" / "model.json").is_file() and (fold_dir / "metrics.json").is_file():
             log.info("%s already finished", fold_dir)
         elif (fold_dir / "config.yaml").is_file():

@@ -385,7 +385,9 @@ def finish_run(run_dir: Path, cfg: TrainConfig, model, task: Task, pre: Preproce
         "model": cfg.model,
         "task": task.name,
         "classes": list(task.classes),
-        "epochs": len(result.rows),
+        # As the options count them: --epochs the whole network trained, --freeze-epochs the head.
+        "epochs": sum(r.stage != "frozen" for r in result.rows),
+        "freeze_epochs": sum(r.stage == "frozen" for r in result.rows),
         "best_epoch": result.best.epoch,
         "best_stage": result.best.stage,
         "lr": result.lr,

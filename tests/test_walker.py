@@ -73,3 +73,14 @@ def test_predict_skips_a_fifo_and_a_device_instead_of_hanging(tiny_run, tmp_path
     assert [p.name for p in out["res"].paths] == ["red_000.jpg", "red_001.jpg"]
     # Named directly, a FIFO is skipped too, not opened.
     assert list_images([folder / "pipe.jpg"]).files == []
+
+
+def test_predict_says_which_files_in_a_folder_it_left_out(tiny_run, tmp_path, caplog):
+    folder = make_color_dataset(tmp_path / "data", per_class=2, classes=("red",)) / "red"
+    (folder / "red_000.jpg").rename(folder / "photo.dat")  # an image under a name predict skips
+    bundle = load_bundle(tiny_run.path)
+    res = bundle.predict(folder)
+    assert [p.name for p in res.paths] == ["red_001.jpg"]
+    assert "1 files in the folders given are not named like images" in caplog.text
+    assert "photo.dat" in caplog.text
+    assert [p.name for p in bundle.predict(folder / "photo.dat").paths] == ["photo.dat"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from imgclf.deploy.results import PredictionResult
 from imgclf.errors import ImgclfError
 
 CHUNK_FILES = 1024
+log = logging.getLogger(__name__)
 
 
 def expand_paths(inputs: list[str | Path]) -> list[Path]:
@@ -94,6 +96,12 @@ def predict_files(bundle, paths, batch_size: int = 32, tta: int | None = None,
     # reported with the files that failed to decode; other names were never asked for.
     errors: dict[Path, str] = {p: why for p, why in found.skipped
                                if p.suffix.lower() in IMAGE_EXTENSIONS}
+    others = [p for p, _ in found.skipped if p not in errors]
+    if others:
+        # Said, not silent: a named file is predicted whatever its name, so one in a folder
+        # that is not should not vanish without a word.
+        log.warning("%d files in the folders given are not named like images and were left out "
+                    "(e.g. %s): name them to predict them anyway", len(others), others[0])
     chunks: list[np.ndarray] = []
     # Files are decoded and scored a chunk at a time, so memory stays bounded for any count.
     for start in range(0, len(files), CHUNK_FILES):

@@ -9,6 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+from imgclf.errors import ImgclfError
+
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> None:
     """Call `write(file)` on a temporary file and move it to `path` only once it is complete."""
@@ -34,8 +36,6 @@ def check_writable(path: str | Path) -> None:
     Tried for real (a temporary file beside it, removed at once): permissions, read-only
     mounts and a file where a folder should be all show up, which no os.access check covers.
     """
-    from imgclf.errors import ImgclfError
-
     path = Path(path)
     try:
         if path.is_dir():

@@ -126,3 +126,48 @@ def test_the_print_check_finds_what_it_looks_for():
     assert _outputs(tree) == [
         (1, "import rich.table", None), (2, "from rich import", None),
         (3, "console parameter", "f"), (5, "print()", "f")]
+
+
+def _unexplained_local_imports(source: str) -> list[int]:
+    """Lines of imports of imgclf's own modules inside functions without a `# lazy:` reason
+    (on the line, or in the comment heading the block of imports it belongs to)."""
+    lines = source.splitlines()
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        for imp in ast.walk(node):
+            own = (isinstance(imp, ast.ImportFrom) and (imp.module or "").startswith("imgclf")
+                   or isinstance(imp, ast.Import) and any(a.name.startswith("imgclf")
+                                                          for a in imp.names))
+            if not own:
+                continue
+            k, explained = imp.lineno - 1, "# lazy" in lines[imp.lineno - 1]
+            while not explained and k > 0:
+                k -= 1
+                text = lines[k].strip()
+                if text.startswith("#"):
+                    explained = "lazy" in text
+                elif not (text.startswith(("from ", "import ", ")")) or text.endswith(",")):
+                    break
+            if not explained:
+                found.append(imp.lineno)
+    return found
+
+
+def test_function_local_imports_of_the_package_say_why():
+    """A local import of imgclf's own modules is for an optional extra or start-up time, and
+    says so (`# lazy: ...`); never to hide an import cycle."""
+    bad = [f"{rel}:{line}" for rel, tree in _library_modules()
+           for line in _unexplained_local_imports((PACKAGE / rel).read_text())]
+    bad += [f"cli/{p.name}:{line}" for p in (PACKAGE / "cli").glob("*.py")
+            for line in _unexplained_local_imports(p.read_text())]
+    assert not bad, "function-local imports without a '# lazy:' reason:\n" + "\n".join(bad)
+
+
+def test_the_local_import_check_finds_what_it_looks_for():
+    src = ("def f():\n    from imgclf import io\n"
+           "def g():\n    # lazy: torch is slow to import\n    from imgclf.deploy import bundle\n"
+           "    from imgclf.deploy import predict\n"
+           "def h():\n    import json\n    from imgclf.data import cache  # lazy: start-up\n")
+    assert _unexplained_local_imports(src) == [2]

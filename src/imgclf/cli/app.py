@@ -259,7 +259,7 @@ def runs(
     """List the runs under a folder: data, model, recipe, accuracy, training time, date."""
     from rich.console import Console
 
-    from imgclf.cli.render import runs as draw_runs
+    from imgclf.cli.render import runs as draw_runs  # lazy: start-up time
     from imgclf.commands.runs import list_runs  # lazy: start-up time (`imgclf --help` imports no torch)
 
     rows = list_runs(folder, sort=sort)

@@ -30,7 +30,7 @@ class ConsoleHandler(logging.Handler):
         self.out = out
 
     def emit(self, record: logging.LogRecord) -> None:
-        from imgclf.cli.render import RENDERERS
+        from imgclf.cli.render import RENDERERS  # lazy: start-up time of every command
 
         try:
             render = RENDERERS.get(getattr(record, "view", None))

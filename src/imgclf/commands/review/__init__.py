@@ -13,9 +13,9 @@ __all__ = ["ReviewSession", "QUEUES", "create_app", "run_review"]
 
 
 def __getattr__(name: str):
-    # The server needs FastAPI (the `serve` extra); the session does not.
+    # lazy: the server needs FastAPI (the `serve` extra); the session does not.
     if name in ("create_app", "run_review"):
-        from imgclf.commands.review import server
+        from imgclf.commands.review import server  # lazy: FastAPI
 
         return getattr(server, name)
     raise AttributeError(f"module 'imgclf.commands.review' has no attribute {name!r}")

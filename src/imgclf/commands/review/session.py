@@ -352,7 +352,7 @@ class ReviewSession:
 
         from PIL import Image
 
-        from imgclf.report.gradcam import heatmaps_for
+        from imgclf.report.gradcam import heatmaps_for  # lazy: torch, for a heatmap asked for
 
         item = self.items[path]
         folder = self.folder if item.get("fold") is None else self.folder / f"fold-{item['fold']}"
@@ -369,7 +369,7 @@ class ReviewSession:
         return buf.getvalue()
 
     def _bundle(self, folder: Path):
-        from imgclf.deploy.bundle import load as load_bundle
+        from imgclf.deploy.bundle import load as load_bundle  # lazy: torch, once a model is needed
 
         if folder not in self._models:
             if not (folder / "model" / "model.json").is_file():

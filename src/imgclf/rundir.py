@@ -46,6 +46,17 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-")[:40]
 
 
+def read_json(path: Path, fix: str = "") -> dict | None:
+    """A JSON file of the run directory, None when it is absent; damaged, an ImgclfError that
+    names the file (and the `fix`, when given)."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ImgclfError(f"{path} is damaged ({e})" + (f": {fix}" if fix else "")) from None
+
+
 def write_rows_csv(path: Path, rows: list[dict]) -> None:
     """Rows of dicts as CSV (columns: union of keys, in first-seen order), atomically."""
     cols: list[str] = []

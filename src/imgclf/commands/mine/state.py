@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from imgclf.commands.run import Run
 from imgclf.config import LOGGERS, parse_words, refuse_unknown
 from imgclf.errors import ImgclfError
 from imgclf.io import atomic_write_bytes, atomic_write_json
+from imgclf.rundir import read_json
 
 
 MINING_DIR = "mining"
@@ -119,13 +119,7 @@ def _mining_dir(run_dir: Path) -> Path:
 
 
 def _read_json(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise ImgclfError(f"{path} is damaged ({e}): remove {path.parent} to mine again from "
-                          "the start") from e
+    return read_json(path, fix=f"remove {path.parent} to mine again from the start")
 
 
 def _save_manifest(mdir: Path, manifest: dict) -> None:

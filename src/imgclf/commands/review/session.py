@@ -25,7 +25,6 @@ The web page (server.py) calls exactly these methods; so can a script:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -41,6 +40,7 @@ from imgclf.data.corrections import (ACTIONS, FILENAME, NEGATIVE_LABEL, Correcti
                                      read_corrections, write_corrections)
 from imgclf.errors import ImgclfError, display_path
 from imgclf.report.interpret import Interpretation
+from imgclf.rundir import read_json
 
 log = logging.getLogger(__name__)
 
@@ -386,9 +386,4 @@ def _data_root(cfg: TrainConfig) -> Path | None:
 
 
 def _read_json(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise ImgclfError(f"{path} is damaged ({e})") from None
+    return read_json(path)

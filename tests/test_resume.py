@@ -150,7 +150,7 @@ def test_damaged_best_files_are_a_clear_error(setup, tmp_path):
     best = json.loads((run / "checkpoints" / "best.json").read_text())
     (run / "checkpoints" / best["weights"]).write_bytes(b"\x00" * 100)
     with pytest.raises(ImgclfError, match="safetensors"):
-        train_cmd._load_best(run)
+        train_cmd.load_best(run)
 
 
 def test_best_files_are_replaced_as_a_set(setup):
@@ -159,7 +159,7 @@ def test_best_files_are_replaced_as_a_set(setup):
     ck = reference / "checkpoints"
     best = json.loads((ck / "best.json").read_text())
     assert sorted(p.name for p in ck.glob("best-*")) == sorted([best["weights"], best["probs"]])
-    loaded = train_cmd._load_best(reference)
+    loaded = train_cmd.load_best(reference)
     assert loaded.epoch == best["epoch"] and loaded.state and loaded.probs.ndim == 2
 
 

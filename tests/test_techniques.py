@@ -102,25 +102,13 @@ def test_zoom_view_magnifies_the_center():
 
 def test_continued_stage_schedule_is_one_one_cycle_across_stages():
     """Stage fits with cycle=(first epoch, total epochs) walk one one-cycle between them."""
-    from types import SimpleNamespace
+    from imgclf.training.schedule import cycle_window, one_cycle
 
-    from imgclf.training.engine import ClassifierModule
-
-    net = torch.nn.Linear(2, 2)
     per_epoch, stage_epochs = 5, [2, 1, 3]
 
     def rates(cycle, epochs):
-        m = ClassifierModule(net, Task(("a", "b")), [list(net.parameters())], [1e-2],
-                             pct_start=0.25, cycle=cycle)
-        fake = SimpleNamespace(world_size=1, estimated_stepping_batches=per_epoch * epochs,
-                               max_epochs=epochs)
-        object.__setattr__(m, "_trainer", fake)
-        opt = m.configure_optimizers()
-        out = []
-        for step in range(per_epoch * epochs):
-            m.apply_schedule(opt, step)
-            out.append((opt.param_groups[0]["lr"], opt.param_groups[0]["betas"][0]))
-        return out
+        start, total = cycle_window(per_epoch * epochs, epochs, cycle)
+        return [one_cycle(start + step, total, 1e-2, 0.25) for step in range(per_epoch * epochs)]
 
     staged = []
     for k, e in enumerate(stage_epochs):

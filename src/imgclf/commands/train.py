@@ -122,7 +122,7 @@ def _datasets(prep: PreparedData, pre: Preprocess) -> FitData:
         y_train=y_tr, y_valid=y_va, balance=prep.summary.balance or "none")
 
 
-def _load_best(run_dir: Path) -> Best:
+def load_best(run_dir: Path) -> Best:
     """The best epoch of an interrupted run, from checkpoints/best.json and the files it names."""
     best = Best()
     ck = run_dir / "checkpoints"
@@ -238,7 +238,7 @@ def _train(cfg: TrainConfig, run_dir: Path | None, resume, state: dict,
     resumable = resume is not None and state.get("stage") in ("unfrozen", "done")
     rows = [EpochRow(**_row_fields(r)) for r in read_rows_csv(run_dir / "metrics.csv")] \
         if resumable else []
-    best = _load_best(run_dir) if resumable else Best()
+    best = load_best(run_dir) if resumable else Best()
 
     def on_row(row: EpochRow, improved: bool) -> None:
         if not rank_zero:

@@ -34,7 +34,7 @@ from imgclf.training.distributed import restore_order
 from imgclf.training.ema import ema_decay, frozen_copy, update_average
 from imgclf.training.epochs import Best, EpochRow, score_validation
 from imgclf.training.resume import ResumableSampler, mix_seed, seed_all
-from imgclf.training.schedule import one_cycle
+from imgclf.training.schedule import cycle_window, one_cycle
 from imgclf.training.task import Task
 
 class ClassifierModule(L.LightningModule):
@@ -200,12 +200,8 @@ class ClassifierModule(L.LightningModule):
         opt = torch.optim.AdamW(param_groups, weight_decay=self.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         self._peaks = [g["lr"] for g in param_groups]
-        self._cycle_start, self._cycle_total = 0, total
-        if self.cycle is not None:
-            # This fit is the part of a longer one-cycle from epoch cycle[0] of cycle[1].
-            per_epoch = total // max(1, int(self.trainer.max_epochs))
-            self._cycle_start = per_epoch * self.cycle[0]
-            self._cycle_total = per_epoch * self.cycle[1]
+        self._cycle_start, self._cycle_total = cycle_window(total, self.trainer.max_epochs,
+                                                            self.cycle)
         self.apply_schedule(opt, 0)
         if self.ema is not None:
             self._ema_decay = ema_decay(self.ema_halflife,

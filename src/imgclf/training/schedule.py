@@ -47,3 +47,17 @@ def one_cycle(step: int, total: int, peak: float, pct_start: float = 0.3, div: f
         return _cos(peak / div, peak, pct), _cos(high, low, pct)
     pct = (step - warm_end) / (total - 1 - warm_end)
     return _cos(peak, peak / final_div, pct), _cos(low, high, pct)
+
+
+def cycle_window(fit_steps: int, fit_epochs: int,
+                 cycle: tuple[int, int] | None) -> tuple[int, int]:
+    """(first step, total steps) of the one-cycle a fit walks.
+
+    A fit of its own walks its whole cycle; a fit that is epochs cycle[0] .. of a cycle of
+    cycle[1] epochs (one stage of progressive resizing) starts where the earlier stages ended.
+    """
+    fit_steps = max(1, int(fit_steps))
+    if cycle is None:
+        return 0, fit_steps
+    per_epoch = fit_steps // max(1, int(fit_epochs))
+    return per_epoch * cycle[0], per_epoch * cycle[1]

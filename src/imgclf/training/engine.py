@@ -232,7 +232,6 @@ class ClassifierModule(L.LightningModule):
         # it: History logs it as the epoch's rate.
         self.apply_schedule(self.trainer.optimizers[0], self.trainer.global_step)
 
-
     def update_ema(self) -> None:
         """Move the average towards the current weights by one step's share."""
         update_average(self.ema, self.net, self._ema_decay)

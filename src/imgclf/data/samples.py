@@ -78,9 +78,14 @@ class SampleTable:
 
     def relpath(self, path: Path) -> str:
         """The path as shown to users: relative to the data root when inside it."""
-        if self.root is not None:
-            try:
-                return str(Path(path).relative_to(self.root))
-            except ValueError:
-                pass
-        return str(path)
+        return relative_to_root(path, self.root)
+
+
+def relative_to_root(path: str | Path, root: Path | None) -> str:
+    """`path` relative to `root` when it lies inside it, else as given (as users see paths)."""
+    if root is not None:
+        try:
+            return str(Path(path).relative_to(root))
+        except ValueError:
+            pass
+    return str(path)

@@ -40,6 +40,7 @@ from imgclf.data.corrections import (ACTIONS, FILENAME, NEGATIVE_LABEL, Correcti
                                      read_corrections, write_corrections)
 from imgclf.errors import ImgclfError, display_path
 from imgclf.report.interpret import Interpretation
+from imgclf.data.samples import relative_to_root
 from imgclf.rundir import read_json
 
 log = logging.getLogger(__name__)
@@ -145,12 +146,7 @@ class ReviewSession:
                 "source": "pool" if path in self.pool_paths else "data", "duplicates": []}
 
     def _rel(self, path: str) -> str:
-        if self.root is not None:
-            try:
-                return str(Path(path).relative_to(self.root))
-            except ValueError:
-                pass
-        return path
+        return relative_to_root(path, self.root)
 
     def _build_queues(self) -> None:
         p, limit = self.preds, self.limit

@@ -1,13 +1,18 @@
-"""imgclf vs fastai vs a plain PyTorch + timm loop, side by side (issue 7). Run by hand:
+"""imgclf's defaults against fastai's `fine_tune(3)` (and optionally a plain PyTorch + timm loop).
+
+Run by hand, alone on an idle machine (any other job in another shell halves the speed):
 
     make bench-deps                       # installs benchmarks/requirements.txt (fastai) into .venv
-    .venv/bin/python benchmarks/peers.py [--epochs 5] [--only fridge|caltech] [--skip fastai]
+    .venv/bin/python benchmarks/peers.py [--only fridge|caltech|imagenette] [--with-plain]
+                                         [--fastai-epochs 3] [--imgclf-args "--epochs 5"]
 
-Same model (tf_efficientnet_lite0, local ImageNet weights), same train/valid split (imgclf's
-seeded split, handed to the peers as file lists), same number of epochs (one frozen + E
-unfrozen for imgclf and fastai's `fine_tune(E)`; E + 1 epochs for the plain loop). Each
-framework runs in its own subprocess so peak memory (max RSS) is its own. Prints wall time,
-training images/s, final and best validation accuracy, peak memory and the ratios.
+Same model (tf_efficientnet_lite0, local ImageNet weights) and the same train/valid split
+(imgclf's, handed to the peers as file lists). imgclf runs with its defaults (what a user gets
+from `imgclf train DATA --weights W`); fastai runs its documented recipe, `fine_tune(3)` with
+`aug_transforms` after a 460 px item resize. Each tool runs in its own subprocess, so the wall
+time is the whole process (interpreter start, imports, data, training, imgclf's report) and the
+peak memory (max RSS) is its own. Prints wall time, final and best validation accuracy, peak
+memory and the ratio imgclf / fastai.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ from pathlib import Path
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 WEIGHTS = SHARED / "weights" / "tf_efficientnet_lite0.in1k.safetensors"
 DATA = {"fridge": SHARED / "data" / "fridgeObjects",
-        "caltech": SHARED / "data" / "caltech101_subset"}
+        "caltech": SHARED / "data" / "caltech101_subset",
+        "imagenette": SHARED / "data" / "imagenette2_224_subset"}
 ARCH = "tf_efficientnet_lite0"
 
 
@@ -39,20 +45,30 @@ def split_lists(data: Path) -> tuple[list[tuple[str, str]], list[tuple[str, str]
     return tr, va, list(table.classes)
 
 
-def run_imgclf(data: Path, epochs: int, out: Path) -> dict:
-    from imgclf import api
+def run_imgclf(data: Path, epochs: int, out: Path, extra: list[str]) -> dict:
+    """The command line a user runs, defaults unless `extra` says otherwise."""
+    from imgclf.cli.app import main as cli_main
 
     t0 = time.perf_counter()
-    run = api.train(data, model=ARCH, weights=str(WEIGHTS), epochs=epochs, freeze_epochs=1,
-                    out=str(out), name=f"imgclf-{data.name}", seed=42)
+    argv = ["train", str(data), "--model", ARCH, "--weights", str(WEIGHTS), "--out", str(out),
+            "--name", f"imgclf-{data.name}", "--seed", "42", *extra]
+    sys.argv = ["imgclf", *argv]
+    try:
+        cli_main()
+    except SystemExit as stop:
+        if stop.code:
+            raise
     wall = time.perf_counter() - t0
-    hist = run.history()
-    accs = [r["valid_accuracy"] for r in hist]
-    return {"wall_s": wall, "final_acc": accs[-1], "best_acc": max(accs),
-            "kept_acc": run.metrics()["valid_accuracy"], "epochs_run": len(hist)}
+    run_dir = out / f"imgclf-{data.name}"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    import csv
+    with open(run_dir / "metrics.csv", newline="") as f:
+        accs = [float(r["valid_accuracy"]) for r in csv.DictReader(f) if r.get("valid_accuracy")]
+    return {"wall_s": wall, "final_acc": metrics["valid_accuracy"], "best_acc": max(accs),
+            "epochs_run": len(accs), "plan": metrics.get("plan")}
 
 
-def run_fastai(data: Path, epochs: int, out: Path) -> dict:
+def run_fastai(data: Path, epochs: int, out: Path, extra: list[str]) -> dict:
     import pandas as pd
     from fastai.vision.all import (CategoryBlock, ColReader, ColSplitter, DataBlock, ImageBlock,
                                    Resize, accuracy, aug_transforms, vision_learner)
@@ -75,7 +91,7 @@ def run_fastai(data: Path, epochs: int, out: Path) -> dict:
             "epochs_run": len(accs)}
 
 
-def run_plain(data: Path, epochs: int, out: Path) -> dict:
+def run_plain(data: Path, epochs: int, out: Path, extra: list[str]) -> dict:
     """The PyTorch transfer-learning tutorial's loop with a timm model: SGD, StepLR, PIL."""
     import timm
     import torch
@@ -130,65 +146,70 @@ def run_plain(data: Path, epochs: int, out: Path) -> dict:
 WORKERS = {"imgclf": run_imgclf, "fastai": run_fastai, "plain": run_plain}
 
 
-def worker(name: str, data: str, epochs: int, out: str) -> None:
+def worker(name: str, data: str, epochs: int, out: str, extra: list[str]) -> None:
     import torch
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
-    result = WORKERS[name](DATA[data], epochs, Path(out))
-    tr, _, _ = split_lists(DATA[data])
-    result["images_per_s"] = len(tr) * (epochs + 1) / result["wall_s"]
+    result = WORKERS[name](DATA[data], epochs, Path(out), extra)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(result), flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--epochs", type=int, default=5)
-    ap.add_argument("--only", choices=sorted(DATA))
+    ap.add_argument("--fastai-epochs", type=int, default=3, help="fastai's fine_tune(N)")
+    ap.add_argument("--imgclf-args", default="", help="extra imgclf train flags (default: none)")
+    ap.add_argument("--only", nargs="*", choices=sorted(DATA))
+    ap.add_argument("--with-plain", action="store_true", help="also the plain PyTorch loop")
     ap.add_argument("--skip", nargs="*", default=[], choices=sorted(WORKERS))
     ap.add_argument("--worker", choices=sorted(WORKERS))
     ap.add_argument("--data", choices=sorted(DATA))
+    ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--out", default=None)
-    args = ap.parse_args()
+    args, extra = ap.parse_known_args()
     os.environ.setdefault("IMGCLF_CACHE_DIR", tempfile.mkdtemp(prefix="imgclf-peers-cache-"))
     if args.worker:
-        worker(args.worker, args.data, args.epochs, args.out)
+        worker(args.worker, args.data, args.epochs, args.out, extra)
         return
     out = Path(args.out or tempfile.mkdtemp(prefix="imgclf-peers-"))
+    tools = [t for t in ("imgclf", "fastai", "plain") if t not in args.skip
+             and (t != "plain" or args.with_plain)]
     results: dict[tuple[str, str], dict] = {}
-    for data in sorted(DATA):
-        if args.only and data != args.only:
+    for data in DATA:
+        if args.only and data not in args.only:
             continue
-        for name in ("imgclf", "fastai", "plain"):
-            if name in args.skip:
-                continue
+        for name in tools:
             cmd = [sys.executable, __file__, "--worker", name, "--data", data,
-                   "--epochs", str(args.epochs), "--out", str(out / f"{name}-{data}")]
+                   "--epochs", str(args.fastai_epochs), "--out", str(out / f"{name}-{data}"),
+                   *args.imgclf_args.split()]
+            t0 = time.perf_counter()
             proc = subprocess.run(cmd, capture_output=True, text=True)
+            process_wall = time.perf_counter() - t0
             line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode or not line:
                 print(f"{name} on {data} failed:\n{proc.stderr[-3000:]}")
                 continue
-            results[(name, data)] = json.loads(line[-1][7:])
-            print(f"{name:7} {data:8} done: {results[(name, data)]}", flush=True)
-    print(f"\nepochs: 1 frozen + {args.epochs} (plain loop: {args.epochs + 1} full epochs); "
+            r = json.loads(line[-1][7:])
+            r["process_s"] = process_wall
+            results[(name, data)] = r
+            print(f"{name:7} {data:10} done: {r}", flush=True)
+    print(f"\nfastai fine_tune({args.fastai_epochs}); imgclf defaults {args.imgclf_args or ''}; "
           f"model {ARCH}; cores {len(os.sched_getaffinity(0))}")
-    print(f"{'data':8} {'tool':7} {'wall_s':>7} {'img/s':>6} {'final_acc':>9} {'best_acc':>8} "
-          f"{'peak_MB':>8} {'wall vs imgclf':>14}")
-    for data in sorted(DATA):
-        base = results.get(("imgclf", data))
-        for name in ("imgclf", "fastai", "plain"):
+    print(f"{'data':10} {'tool':7} {'process_s':>9} {'in_call_s':>9} {'final_acc':>9} "
+          f"{'best_acc':>8} {'peak_MB':>8} {'epochs':>6}")
+    for data in DATA:
+        for name in tools:
             r = results.get((name, data))
-            if not r:
-                continue
-            ratio = f"{r['wall_s'] / base['wall_s']:.2f}x" if base else "-"
-            print(f"{data:8} {name:7} {r['wall_s']:7.1f} {r['images_per_s']:6.1f} "
-                  f"{r['final_acc']:9.4f} {r['best_acc']:8.4f} {r['peak_rss_mb']:8.0f} {ratio:>14}")
-        for peer in ("fastai", "plain"):
-            r = results.get((peer, data))
-            if base and r:
-                print(f"{data:8} imgclf/{peer}: wall {base['wall_s'] / r['wall_s']:.2f}, "
-                      f"final accuracy {base['final_acc']:.4f} vs {r['final_acc']:.4f}")
+            if r:
+                print(f"{data:10} {name:7} {r['process_s']:9.1f} {r['wall_s']:9.1f} "
+                      f"{r['final_acc']:9.4f} {r['best_acc']:8.4f} {r['peak_rss_mb']:8.0f} "
+                      f"{r['epochs_run']:6d}")
+        base, peer = results.get(("imgclf", data)), results.get(("fastai", data))
+        if base and peer:
+            ratio = base["process_s"] / peer["process_s"]
+            verdict = "ok" if ratio <= 0.25 and base["final_acc"] >= peer["final_acc"] else "MISS"
+            print(f"{data:10} imgclf/fastai: wall {ratio:.2f}x (bar 0.25), final accuracy "
+                  f"{base['final_acc']:.4f} vs {peer['final_acc']:.4f}  {verdict}")
 
 
 if __name__ == "__main__":

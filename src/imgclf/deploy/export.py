@@ -1,4 +1,5 @@
-"""Export a bundle to ONNX or TorchScript, and prove the export predicts what the bundle predicts.
+"""Export a bundle to ONNX, OpenVINO or TorchScript, and prove the export predicts what the
+bundle predicts.
 
 The exported graph takes uint8 crops [N, 3, S, S] and returns (probabilities, logits): the
 normalisation with the bundle's mean/std and the softmax (single-label) or sigmoid (multi-label)
@@ -7,7 +8,10 @@ The ONNX file embeds model.json, so it is the whole artifact.
 
 Before anything is written, the export is run on the run's validation images (the paths in
 predictions.csv) next to the bundle, and it is only written when every probability matches within
-`tolerance` and every top-1 label (and multi-label decision) is identical.
+`tolerance` and every top-1 label (and multi-label decision) is identical. An int8 export
+(`int8=True`, see `imgclf.deploy.quantize`) cannot match to 1e-4; it is checked by agreement
+instead: at least `min_agreement` (99%) of the top-1 labels and decisions the same as the
+bundle's, and validation accuracy at most `max_accuracy_drop` (0.5 points) below the bundle's.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from torch import nn
 from imgclf.data.cache import decode_all
 from imgclf.data.files import list_images
 from imgclf.data.presize import center_view
-from imgclf.deploy import onnx_predict
+from imgclf.deploy import onnx_predict, openvino_predict, quantize
 from imgclf.deploy.bundle import Bundle
 from imgclf.deploy.bundle import load as load_bundle
 from imgclf.errors import ImgclfError
@@ -35,10 +39,13 @@ from imgclf.io import atomic_write_bytes, check_writable
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("onnx", "torchscript")
-FILENAMES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
+FORMATS = ("onnx", "openvino", "torchscript")
+FILENAMES = {"onnx": "model.onnx", "openvino": "model.xml", "torchscript": "model.torchscript.pt"}
+INT8_FILENAMES = {"onnx": "model.int8.onnx", "openvino": "model.int8.xml"}
 EXPORTERS = ("torchscript", "dynamo")
 DEFAULT_TOLERANCE = 1e-4
+MIN_AGREEMENT = 0.99
+MAX_ACCURACY_DROP = 0.005
 
 
 class Deployable(nn.Module):
@@ -77,6 +84,11 @@ class Parity:
         recorded_max_abs_diff: Largest difference to the probabilities the run recorded at
             validation time (predictions.csv), when those exist for the images.
         mismatched: Images whose top-1 label or decision differs.
+        mode: "exact" (every probability within `tolerance`, every label identical) or
+            "agreement" (int8: `min_agreement` of the labels identical, accuracy at most
+            `max_accuracy_drop` below the bundle's).
+        accuracy_bundle: The bundle's accuracy on the images (those with a recorded target).
+        accuracy_export: The export's accuracy on the same images.
     """
 
     images: int
@@ -88,19 +100,48 @@ class Parity:
     tolerance: float
     recorded_max_abs_diff: float | None = None
     mismatched: list[str] = field(default_factory=list)
+    mode: str = "exact"
+    min_agreement: float = MIN_AGREEMENT
+    max_accuracy_drop: float = MAX_ACCURACY_DROP
+    accuracy_bundle: float | None = None
+    accuracy_export: float | None = None
 
     @property
     def ok(self) -> bool:
-        return (self.images > 0 and self.max_abs_diff <= self.tolerance
+        if self.images == 0:
+            return False
+        if self.mode == "agreement":
+            agree = min(self.top1_agree, self.decisions_agree) / self.images
+            drop = (self.accuracy_bundle - self.accuracy_export
+                    if self.accuracy_bundle is not None and self.accuracy_export is not None else 0.0)
+            # A better score is no defect; only a drop is limited (1e-9: float rounding).
+            return agree >= self.min_agreement and drop <= self.max_accuracy_drop + 1e-9
+        return (self.max_abs_diff <= self.tolerance
                 and self.top1_agree == self.images and self.decisions_agree == self.images)
 
     def summary(self) -> str:
+        if self.mode == "agreement":
+            return self._agreement_summary()
         text = (f"parity on {self.images} {self.source}: max |p_export - p_bundle| = "
                 f"{self.max_abs_diff:.2e} (mean {self.mean_abs_diff:.1e}, limit {self.tolerance:g}), "
                 f"top-1 identical {self.top1_agree}/{self.images}, decisions identical "
                 f"{self.decisions_agree}/{self.images}")
         if self.recorded_max_abs_diff is not None:
             text += f"; vs probabilities recorded at validation: max {self.recorded_max_abs_diff:.2e}"
+        return text + (" -> OK" if self.ok else " -> FAILED")
+
+    def _agreement_summary(self) -> str:
+        n = self.images
+        text = (f"parity on {n} {self.source}: top-1 agreement with the bundle "
+                f"{self.top1_agree / max(n, 1):.1%} ({self.top1_agree}/{n}), decisions "
+                f"{self.decisions_agree}/{n} (need >= {self.min_agreement:.0%}); ")
+        if self.accuracy_bundle is not None and self.accuracy_export is not None:
+            text += (f"accuracy {self.accuracy_export:.4f} vs bundle {self.accuracy_bundle:.4f} "
+                     f"({100 * (self.accuracy_export - self.accuracy_bundle):+.2f} points, "
+                     f"allowed -{100 * self.max_accuracy_drop:.1f})")
+        else:
+            text += "accuracy not compared (no labels for these images)"
+        text += f"; max |p_export - p_bundle| = {self.max_abs_diff:.2e} (mean {self.mean_abs_diff:.1e})"
         return text + (" -> OK" if self.ok else " -> FAILED")
 
     def to_dict(self) -> dict:
@@ -117,18 +158,28 @@ class ExportResult:
     opset: int | None
     dynamic_batch: bool
     exporter: str | None
+    int8: bool = False
+    files: list[Path] = field(default_factory=list)
+    calibration: str | None = None
 
 
 def export(bundle_path: str | Path, format: str = "onnx", out: str | Path | None = None,
            opset: int | None = None, dynamic_batch: bool = True, exporter: str = "torchscript",
            check: bool = True, images: list[str | Path] | None = None, max_images: int = 500,
-           tolerance: float = DEFAULT_TOLERANCE) -> ExportResult:
-    """Export a bundle to ONNX or TorchScript after checking it predicts what the bundle predicts.
+           tolerance: float = DEFAULT_TOLERANCE, int8: bool = False,
+           calibration: list[str | Path] | None = None,
+           calibration_images: int = quantize.CALIBRATION_IMAGES,
+           min_agreement: float = MIN_AGREEMENT,
+           max_accuracy_drop: float = MAX_ACCURACY_DROP) -> ExportResult:
+    """Export a bundle to ONNX, OpenVINO or TorchScript after checking it predicts what the
+    bundle predicts.
 
     Args:
         bundle_path: Run directory or bundle folder.
-        format: "onnx" or "torchscript".
-        out: Output file (default: model.onnx / model.torchscript.pt in the bundle folder).
+        format: "onnx", "openvino" (IR .xml + .bin, converted from the ONNX export; needs the
+            openvino package) or "torchscript".
+        out: Output file (default: model.onnx, model.int8.onnx, model.xml, model.int8.xml or
+            model.torchscript.pt in the bundle folder); an OpenVINO .bin goes beside the .xml.
         opset: ONNX opset (default: 17 with the TorchScript-based exporter, 18 with dynamo).
         dynamic_batch: Accept any batch size; else the graph is fixed to one image per call.
         exporter: ONNX exporter: "torchscript" (torch.onnx's classic exporter; fast, no extra
@@ -136,9 +187,14 @@ def export(bundle_path: str | Path, format: str = "onnx", out: str | Path | None
         check: Run the parity check and refuse to write an export that fails it.
         images: Images for the check (default: the run's validation images).
         max_images: Check at most this many images (evenly spread over the list).
-        tolerance: Largest allowed probability difference.
+        tolerance: Largest allowed probability difference (fp32 exports).
+        int8: Quantize (static int8, calibrated; `imgclf.deploy.quantize`); ONNX and OpenVINO.
+        calibration: Images to calibrate int8 on (default: the run's training images).
+        calibration_images: Calibrate on at most this many images.
+        min_agreement: int8: least fraction of top-1 labels (and decisions) equal to the bundle's.
+        max_accuracy_drop: int8: largest accuracy drop against the bundle (0.005 = 0.5 points).
 
-    The parity numbers and the file written are logged.
+    The parity numbers and the files written are logged.
 
     Returns:
         The written file, with the parity numbers.
@@ -150,35 +206,68 @@ def export(bundle_path: str | Path, format: str = "onnx", out: str | Path | None
         raise ImgclfError(f"unknown export format '{format}': use one of {', '.join(FORMATS)}")
     if exporter not in EXPORTERS:
         raise ImgclfError(f"unknown ONNX exporter '{exporter}': use one of {', '.join(EXPORTERS)}")
+    if int8 and format not in INT8_FILENAMES:
+        raise ImgclfError(f"--int8 works with --format onnx or openvino, not {format}")
     bundle = load_bundle(bundle_path)
-    out = Path(out) if out else bundle.path / FILENAMES[format]
+    out = Path(out) if out else bundle.path / (INT8_FILENAMES if int8 else FILENAMES)[format]
+    if format == "openvino" and out.suffix != ".xml":
+        raise ImgclfError(f"--out {out}: an OpenVINO model is a .xml file (and a .bin beside "
+                          "it): name the output <name>.xml")
     check_writable(out)  # now, not after the export and its parity check
+    check_paths = _check_images(bundle, images, max_images) if check else None
+    calib = None
+    if int8:  # before the export: a missing data folder is said at once
+        calib = quantize.calibration_images(
+            bundle, calibration, calibration_images,
+            fallback=check_paths[0] if check_paths and not images else None)
     wrapper = Deployable(bundle.model, bundle.preprocess.mean, bundle.preprocess.std,
                          bundle.multi_label).eval()
     size = bundle.preprocess.size
     example = torch.zeros(2 if dynamic_batch else 1, 3, size, size, dtype=torch.uint8)
-    if format == "onnx":
+    files: dict[Path, bytes] = {}
+    if format in ("onnx", "openvino"):
         opset = opset or (18 if exporter == "dynamo" else 17)
         data = _onnx_bytes(wrapper, example, opset, dynamic_batch, exporter, bundle.meta)
-        run_probs = onnx_predict.load(data)
+        if int8:
+            data = quantize.quantize_onnx(data, quantize.calibration_crops(data, calib[0]),
+                                          static_batch=not dynamic_batch)
+            log.info("Quantized to int8 (QDQ, per-channel weights), calibrated on %s", calib[1])
+        if format == "onnx":
+            files[out] = data
+            run_probs = onnx_predict.load(data)
+        else:
+            xml, weights = openvino_predict.convert(data, bundle.meta, stem=out.stem)
+            files[out.with_suffix(".bin")] = weights  # first: a complete .xml names a complete .bin
+            files[out] = xml
+            run_probs = openvino_predict.load_ir(xml, weights)
     else:
         opset, exporter = None, None
-        data, module = _torchscript_bytes(wrapper, example)
+        files[out], module = _torchscript_bytes(wrapper, example)
         run_probs = _torchscript_runner(module)
     parity = None
     if check:
-        paths, source, recorded = _check_images(bundle, images, max_images)
-        parity = compare(bundle, run_probs, paths, source, recorded, tolerance,
-                         onnx=format == "onnx")
+        paths, source, recorded, targets = check_paths
+        # int8 cannot match to 1e-4, so it is held to agreement and accuracy. fp32 OpenVINO is
+        # held to the exact check like fp32 ONNX: it is the same float32 graph (compiled with
+        # fp32 precision, see openvino_predict.compile_model), and a 1e-4 limit catches a
+        # conversion error that 99% agreement would let through.
+        parity = compare(bundle, run_probs, paths, source + (" (int8)" if int8 else ""),
+                         recorded, tolerance, onnx=format != "torchscript", targets=targets,
+                         mode="agreement" if int8 else "exact", min_agreement=min_agreement,
+                         max_accuracy_drop=max_accuracy_drop)
         log.info(parity.summary())
         if not parity.ok:
-            raise ImgclfError(f"the {format} export does not reproduce the bundle ({parity.summary()});"
+            what = f"{format}{' int8' if int8 else ''}"
+            raise ImgclfError(f"the {what} export does not reproduce the bundle ({parity.summary()});"
                               f" nothing written. Mismatched: {', '.join(parity.mismatched[:5])}")
-    atomic_write_bytes(out, data)
-    log.info("Wrote %s (%.1f MB, %s%s%s)", out, len(data) / 1e6, format,
-             f", opset {opset}, {exporter} exporter" if format == "onnx" else "",
+    for path, data in files.items():
+        atomic_write_bytes(path, data)
+    log.info("Wrote %s (%.1f MB, %s%s%s%s)", out, sum(map(len, files.values())) / 1e6, format,
+             " int8" if int8 else "",
+             f", opset {opset}, {exporter} exporter" if format != "torchscript" else "",
              ", dynamic batch" if dynamic_batch else ", batch of 1")
-    return ExportResult(out, format, parity, opset, dynamic_batch, exporter)
+    return ExportResult(out, format, parity, opset, dynamic_batch, exporter, int8,
+                        list(files), calib[1] if calib else None)
 
 
 def _onnx_bytes(wrapper: nn.Module, example: torch.Tensor, opset: int, dynamic_batch: bool,
@@ -239,17 +328,18 @@ def _check_images(bundle: Bundle, images, max_images: int):
     """Images for the parity check and the probabilities recorded for them at validation."""
     if images:
         paths = list_images([str(p) for p in images]).files
-        return _spread(paths, max_images), "given images", {}
+        return _spread(paths, max_images), "given images", {}, {}
     pred_csv = bundle.path.parent / "predictions.csv"
     if not pred_csv.is_file():
         raise ImgclfError(f"{bundle.path}: no run around the bundle ({pred_csv} missing) to take "
                           "validation images from: pass images to check with --images")
-    recorded = _recorded_probs(pred_csv, bundle.classes)
+    recorded, targets = _recorded_probs(pred_csv, bundle.classes)
     paths = [p for p in recorded if p.is_file()]
     if not paths:
         raise ImgclfError(f"none of the validation images listed in {pred_csv} exist here: pass "
                           "images to check with --images")
-    return _spread(paths, max_images), f"validation images of {bundle.path.parent.name}", recorded
+    return (_spread(paths, max_images), f"validation images of {bundle.path.parent.name}",
+            recorded, targets)
 
 
 def _spread(paths: list[Path], n: int) -> list[Path]:
@@ -259,38 +349,49 @@ def _spread(paths: list[Path], n: int) -> list[Path]:
     return [paths[i] for i in sorted(set(idx.tolist()))]
 
 
-def _recorded_probs(pred_csv: Path, classes: list[str]) -> dict[Path, np.ndarray]:
-    out = {}
+def _recorded_probs(pred_csv: Path, classes: list[str]):
+    """Probabilities recorded at validation, and the targets (multi-label: space-joined), by path."""
+    out, targets = {}, {}
     with open(pred_csv, newline="", encoding="utf-8") as f:
         for row in csv.DictReader(f):
             try:
                 out[Path(row["path"])] = np.array([float(row[f"prob_{c}"]) for c in classes])
             except (KeyError, ValueError):
                 continue  # an older or edited file: the recorded comparison is informational
-    return out
+            if row.get("target") is not None:
+                targets[Path(row["path"])] = row["target"]
+    return out, targets
 
 
 def compare(bundle: Bundle, export_model, paths: list[Path], source: str,
             recorded: dict[Path, np.ndarray] | None = None,
-            tolerance: float = DEFAULT_TOLERANCE, onnx: bool = True) -> Parity:
+            tolerance: float = DEFAULT_TOLERANCE, onnx: bool = True,
+            targets: dict[Path, str] | None = None, mode: str = "exact",
+            min_agreement: float = MIN_AGREEMENT,
+            max_accuracy_drop: float = MAX_ACCURACY_DROP) -> Parity:
     """Predict `paths` with the bundle and with an export, and measure the differences.
 
     Args:
         bundle: The loaded bundle (the reference, run by torch as `imgclf predict` runs it).
-        export_model: An `onnx_predict.OnnxClassifier` (decodes and presizes with its own
-            torch-free code, as a deployment does) or a crops -> probabilities function.
+        export_model: An `imgclf.deploy.exported.ExportedClassifier` (ONNX or OpenVINO: decodes
+            and presizes with its own torch-free code, as a deployment does) or a crops ->
+            probabilities function.
         paths: Image files.
         source: Description of the images for the summary.
         recorded: Probabilities recorded at validation time, by path.
         tolerance: Largest allowed probability difference.
-        onnx: Whether `export_model` is an OnnxClassifier.
+        onnx: Whether `export_model` is an ExportedClassifier.
+        targets: Target cells by path (predictions.csv's target column), for the accuracies.
+        mode: "exact" or "agreement" (see `Parity`).
+        min_agreement: Least fraction of identical labels ("agreement").
+        max_accuracy_drop: Largest accuracy drop against the bundle ("agreement").
     """
     ref = bundle.predict(paths, tta=0)
     if onnx:
         got = export_model.predict([Path(p) for p in ref.paths], tta=0)
         probs = got.probs
         if got.errors:
-            raise ImgclfError(f"the ONNX predictor could not read images the bundle read: "
+            raise ImgclfError(f"the export's predictor could not read images the bundle read: "
                               f"{next(iter(got.errors.items()))}")
     else:
         decoded, _, _ = decode_all(list(ref.paths), bundle.preprocess, None, progress=False)
@@ -305,6 +406,13 @@ def compare(bundle: Bundle, export_model, paths: list[Path], source: str,
     else:
         same_decision = top_ref == top_got
     bad = ~(same_decision & (top_ref == top_got))
+    acc_ref = acc_got = None
+    known = [(i, targets[Path(p)]) for i, p in enumerate(ref.paths) if Path(p) in (targets or {})]
+    if known:
+        idx = np.array([i for i, _ in known])
+        truth = [t for _, t in known]
+        acc_ref = _accuracy(ref.probs[idx], truth, bundle)
+        acc_got = _accuracy(probs[idx], truth, bundle)
     rec = None
     if recorded:
         rows = [(i, recorded[Path(p)]) for i, p in enumerate(ref.paths) if Path(p) in recorded]
@@ -316,4 +424,18 @@ def compare(bundle: Bundle, export_model, paths: list[Path], source: str,
         mean_abs_diff=float(diff.mean()) if diff.size else 0.0,
         top1_agree=int((top_ref == top_got).sum()), decisions_agree=int(same_decision.sum()),
         tolerance=tolerance, recorded_max_abs_diff=rec,
-        mismatched=[str(ref.paths[i]) for i in np.flatnonzero(bad)])
+        mismatched=[str(ref.paths[i]) for i in np.flatnonzero(bad)], mode=mode,
+        min_agreement=min_agreement, max_accuracy_drop=max_accuracy_drop,
+        accuracy_bundle=acc_ref, accuracy_export=acc_got)
+
+
+def _accuracy(probs: np.ndarray, truth: list[str], bundle: Bundle) -> float:
+    """Top-1 accuracy; multi-label: images whose every class is decided right (as
+    `imgclf.evaluation` scores them)."""
+    classes = np.array(bundle.classes)
+    if bundle.multi_label:
+        decided = probs >= bundle.decision_thresholds()
+        right = [set(classes[row]) == set(t.split()) for row, t in zip(decided, truth)]
+    else:
+        right = [t == classes[j] for j, t in zip(probs.argmax(1), truth)]
+    return float(np.mean(right))

@@ -31,7 +31,10 @@ import numpy as np
 
 from imgclf.data.cache import DecodedImages
 from imgclf.data.images import open_rgb
+from imgclf.data.transforms import Preprocess
+from imgclf.deploy.bundle import Bundle
 from imgclf.deploy.bundle import load as load_bundle
+from imgclf.deploy.exported import is_export_file, load_exported
 from imgclf.deploy.predict import predict_images
 from imgclf.deploy.results import PredictionResult
 from imgclf.errors import ImageError, ImgclfError
@@ -153,6 +156,8 @@ class Batcher:
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         b = self.bundle
+        if not isinstance(b, Bundle):  # an export: its own runtime, the same views and TTA
+            return b.predict_presized(batch, self.max_batch)
         tta = b.tta or {}
         images = DecodedImages([Path("")] * len(batch), [""] * len(batch), batch)
         return predict_images(b.model, b.preprocess, images, b.multi_label,
@@ -162,7 +167,8 @@ class Batcher:
 
 def model_info(bundle) -> dict:
     """What GET /model returns: classes, task, versions and the validated metrics."""
-    weights = Path(bundle.path) / "weights.safetensors"
+    export = not isinstance(bundle, Bundle)
+    weights = Path(bundle.weights_file if export else Path(bundle.path) / "weights.safetensors")
     digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:16] if weights.is_file() else None
     meta = bundle.meta
     return {
@@ -172,7 +178,8 @@ def model_info(bundle) -> dict:
         "version": digest,
         "imgclf_version": meta.get("imgclf_version"),
         "format_version": meta.get("format_version"),
-        "preprocess": bundle.preprocess.to_dict(),
+        "preprocess": dict(bundle.preprocess) if export else bundle.preprocess.to_dict(),
+        "runtime": type(bundle).__name__ if export else "torch",
         "thresholds": (dict(zip(bundle.classes, [float(t) for t in bundle.decision_thresholds()]))
                        if bundle.multi_label else None),
         "tta": bundle.tta,
@@ -194,9 +201,9 @@ def create_app(cfg: ServeConfig, bundle=None):
     from starlette.datastructures import UploadFile
 
     _set_threads(cfg.threads)
-    bundle = bundle if bundle is not None else load_bundle(cfg.bundle)
+    bundle = bundle if bundle is not None else load_model(cfg.bundle, cfg.threads)
     info = model_info(bundle)
-    pre = bundle.preprocess
+    pre = bundle.preprocess if isinstance(bundle, Bundle) else Preprocess.from_dict(bundle.preprocess)
     state: dict = {}
 
     @asynccontextmanager
@@ -365,6 +372,12 @@ def _set_threads(threads: int | None) -> None:
         torch.set_num_threads(int(threads))
 
 
+def load_model(path: str | Path, threads: int | None = None):
+    """A bundle (run directory, bundle folder), or an export file (.onnx, OpenVINO .xml) that
+    is then run by its own runtime."""
+    return load_exported(path, threads) if is_export_file(path) else load_bundle(path)
+
+
 def app_from_env():
     """Application factory for `uvicorn --factory` and for worker processes (reads $IMGCLF_SERVE_CONFIG)."""
     raw = os.environ.get(CONFIG_ENV)
@@ -406,9 +419,9 @@ def run_server(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, work
     if workers < 1:
         raise ImgclfError("--workers must be at least 1")
     check_address(host, port)
-    bundle = load_bundle(cfg.bundle)  # fail here, with the message, not in each worker
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     cfg.threads = cfg.threads or max(1, cores // workers)
+    bundle = load_model(cfg.bundle, cfg.threads)  # fail here, with the message, not in each worker
     log.info(f"Serving {bundle.arch} ({len(bundle.classes)} classes) from {bundle.path} on "
              f"http://{host}:{port} ({workers} process{'es' if workers > 1 else ''}, "
              f"{cfg.threads} thread{'s' if cfg.threads > 1 else ''} each): POST /predict, "

@@ -1,6 +1,8 @@
 """The decode cache is keyed by content: an edited file is decoded again, and training through
 the cache (cold or warm) gives the predictions training without it gives."""
 
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -17,18 +19,26 @@ def entries(cache: Path) -> set[Path]:
     return set(entry_folder(cache, PRE).rglob("*.npy"))
 
 
-def test_changed_image_file_invalidates_its_entry(tmp_path):
+def test_changed_image_file_invalidates_its_entry(tmp_path, monkeypatch):
+    from imgclf.data import cache as cache_mod
+
+    decoded = []
+    decode = cache_mod.open_rgb_with_info
+    monkeypatch.setattr(cache_mod, "open_rgb_with_info",
+                        lambda data, *a, name=None, **kw: decoded.append(name) or decode(
+                            data, *a, name=name, **kw))
     cache = tmp_path / "cache"
     photo = tmp_path / "photo.png"
     make_image(photo, size=(48, 48), color=(200, 30, 30))
+    os.utime(photo, (time.time() - 60, time.time() - 60))  # not "racy": the index records it
     first, errors, _ = decode_all([photo], PRE, cache, progress=False)
     assert not errors and len(entries(cache)) == 1
     again, _, infos = decode_all([photo], PRE, cache, progress=False)
-    assert again.digests == first.digests and photo not in infos  # a hit: not decoded again
+    assert again.digests == first.digests and decoded == [photo]  # a hit: not decoded again
 
     make_image(photo, size=(48, 48), color=(30, 30, 200))  # same name and size, new pixels
     edited, _, infos = decode_all([photo], PRE, cache, progress=False)
-    assert edited.digests != first.digests and photo in infos  # decoded anew
+    assert edited.digests != first.digests and decoded == [photo, photo]  # decoded anew
     assert len(entries(cache)) == 2
     fresh, _, _ = decode_all([photo], PRE, None, progress=False)
     np.testing.assert_array_equal(edited.get(0), fresh.get(0))

@@ -111,6 +111,10 @@ class TrainConfig:
     workers: int | None = option(None, "Loader processes (default: from the core count).",
                                  at_least=0)
     cache_dir: str | None = option(None, "Decode cache folder ('' disables it).")
+    cache_max_gb: float | None = option(
+        None, "Decode cache cap in GB; least recently used images are evicted beyond it "
+        "(default: 20 GB or a quarter of the disk space the cache has, whichever is less).",
+        above=0)
     deterministic: bool = option(False, "Bit-for-bit repeatable training (slower).")
     checkpoint_every: int = option(0, "Also checkpoint every N steps.", at_least=0)
     threshold_metric: str = option("zero_one", "Multi-label: zero_one | hamming | f1_macro.",

@@ -289,6 +289,31 @@ def compare(
     console.print(Text.assemble("Comparison: ", (str(path), "bold")))
 
 
+cache_app = typer.Typer(no_args_is_help=True, help="Show or free the decode cache.")
+app.add_typer(cache_app, name="cache")
+_CACHE_DIR = typer.Option(None, "--cache-dir", help="Cache folder (default: $IMGCLF_CACHE_DIR, "
+                          "else ~/.cache/imgclf).")
+
+
+@cache_app.command("info")
+def cache_info(cache_dir: Optional[Path] = _CACHE_DIR):
+    """Where the decode cache is, how many images and bytes it holds, per presize setting."""
+    from imgclf.cli.render import cache_info as draw  # lazy: start-up time
+    from imgclf.data.cache import cache_info as info  # lazy: start-up time (imports torch)
+
+    draw(console, info(cache_dir, with_max=True))
+
+
+@cache_app.command("clear")
+def cache_clear(cache_dir: Optional[Path] = _CACHE_DIR):
+    """Delete the decode cache's images and index (the next run decodes again)."""
+    from imgclf.data.cache import clear_cache  # lazy: start-up time (imports torch)
+
+    before = clear_cache(cache_dir)
+    console.print(f"Freed {before.bytes / 1e9:.2f} GB ({before.entries} images) in "
+                  f"{before.location}", highlight=False)
+
+
 def main() -> None:
     """Entry point: user-facing errors become one clear line and exit code 2."""
     try:

@@ -145,3 +145,23 @@ def rule(out: Console, data, title: str) -> None:
 
 RENDERERS = {"data_summary": data_summary, "evaluation": evaluation, "cv_summary": cv_summary,
              "label_issues": label_issues, "mining_rounds": mining_rounds, "rule": rule}
+
+
+def cache_info(out: Console, info) -> None:
+    """What the decode cache holds (`imgclf.data.cache.CacheInfo`), per presize setting."""
+    table = Table(title=f"Decode cache: {display_path(info.location)}", title_justify="left")
+    for name in ("presize setting", "images", "size"):
+        table.add_column(name, justify="left" if name == "presize setting" else "right")
+    for f in info.folders:
+        table.add_row(Text(f.name), str(f.entries), _gb(f.bytes))
+    table.add_section()
+    table.add_row("index", f"{info.index_files} files", _gb(info.index_bytes))
+    table.add_row("total", str(info.entries), _gb(info.bytes), style="bold")
+    out.print(table)
+    if info.max_bytes:
+        out.print(f"cap: {_gb(info.max_bytes)} (default: 20 GB or a quarter of the disk space, "
+                  "whichever is less; --cache-max-gb sets it per run)", highlight=False)
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"

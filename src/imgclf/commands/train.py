@@ -27,7 +27,7 @@ from imgclf.commands.run import Run
 from imgclf.config import TrainConfig
 from imgclf.data import corrections, validate
 from imgclf.data.summary import summarize
-from imgclf.data.cache import decode_all, default_cache_dir
+from imgclf.data.cache import decode_all, default_cache_dir, gb_to_bytes
 from imgclf.data.datasets import ImageDataset
 from imgclf.data.samples import TRAIN, VALID, SampleTable
 from imgclf.data.sources import load_table
@@ -88,10 +88,11 @@ def prepare_data(cfg: TrainConfig, pre: Preprocess, *, table: SampleTable | None
     """Load, decode once (this is also the corrupt-file check), check and summarise the data
     (logged with the view "data_summary")."""
     table = table if table is not None else load_table(cfg)
-    decoded, errors, infos = decode_all([s.path for s in table.samples], pre, _cache_dir(cfg))
+    decoded, errors, infos = decode_all([s.path for s in table.samples], pre, _cache_dir(cfg),
+                                        max_bytes=gb_to_bytes(cfg.cache_max_gb))
 
     def decoded_result(path: Path):
-        # The decode pass above already opened every file; the check reuses its verdicts.
+        # The decode pass above opened each file once (or its index knew it): the check reuses it.
         if path in errors:
             raise ImageError(path, errors[path])
         return infos.get(path)

@@ -29,7 +29,21 @@ def perceptual_hash(path: str | os.PathLike) -> int | None:
     """
     with Image.open(path) as img:
         img.draft("L", (36, 32))
-        thumb = np.asarray(img.convert("L").resize((9, 8), Image.Resampling.LANCZOS), dtype=np.int16)
+        return image_hash(img)
+
+
+def image_hash(img: Image.Image) -> int | None:
+    """`perceptual_hash` of an image already decoded (the decode cache's single pass).
+
+    The picture is first reduced by a whole factor to about 36 x 32 (what JPEG's draft decoding
+    gives `perceptual_hash`), so a 12 MP photo is not converted and filtered at full size.
+    """
+    if img.mode not in ("L", "RGB"):
+        img = img.convert("L")  # reduce() does not take every mode (palette, 16-bit)
+    factor = max(1, min(img.size[0] // 36, img.size[1] // 32))
+    if factor > 1:
+        img = img.reduce(factor)
+    thumb = np.asarray(img.convert("L").resize((9, 8), Image.Resampling.LANCZOS), dtype=np.int16)
     if int(thumb.max()) - int(thumb.min()) <= 2:
         return None
     bits = (thumb[:, 1:] > thumb[:, :-1]).ravel()

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from imgclf.data.file_index import FileCheck
 from imgclf.data.images import ImageInfo, file_digest, open_rgb_with_info
 from imgclf.data.near_duplicates import (CONFIRM_CORRELATION, NEAR_DUPLICATE_BITS,  # noqa: F401
                                          hamming_distances, near_pairs, perceptual_hash,
@@ -265,7 +266,8 @@ def check_table(
         table: The table a source produced.
         fn: Per-file work as in `scan_images` (default: decode and describe). Conversions are
             counted when it returns an `ImageInfo`, or an object with an `info` attribute holding
-            one. Each file is also hashed for duplicate detection.
+            one. Each file is also hashed for duplicate detection, unless it returns a
+            `FileCheck`, whose digest and perceptual hash are used instead.
         workers: Threads (default: `default_workers()`).
         progress: As in `scan_images`.
 
@@ -277,8 +279,8 @@ def check_table(
             training image left.
     """
     fn = fn or image_info
-    results, errors = scan_images(table.samples, lambda p: (fn(p), file_digest(p), _hash_or_none(p)),
-                                  workers, progress)
+    results, errors = scan_images(table.samples, lambda p: _with_hashes(fn(p), p), workers,
+                                  progress)
     show = table.relpath
     report = CheckReport(
         checked=len(results) + len(errors),
@@ -293,6 +295,14 @@ def check_table(
     _find_near_duplicates(report, out, {s.path: results[s.path][1:] for s in kept})
     _check_classes(report, out, table)
     return out, report
+
+
+def _with_hashes(value: object, path: Path) -> tuple[object, str, int | None]:
+    """(fn's value, digest, perceptual hash): those of a `FileCheck` (the decode cache's single
+    pass computed them), else read from the file."""
+    if isinstance(value, FileCheck):
+        return value, value.digest, value.phash
+    return value, file_digest(path), _hash_or_none(path)
 
 
 def _info_of(value: object) -> ImageInfo | None:

@@ -13,7 +13,7 @@ from conftest import make_color_dataset
 from imgclf.commands.mine import pool as mining_pool
 from imgclf.data.files import list_images
 from imgclf.data.sources import from_folder
-from imgclf.deploy import onnx_predict
+from imgclf.deploy import exported
 from imgclf.deploy.bundle import load as load_bundle
 
 needs_symlinks = pytest.mark.skipif(not hasattr(os, "symlink") or os.name == "nt",
@@ -40,8 +40,8 @@ def test_every_lister_follows_linked_class_folders(linked_data):
     assert [p.parent.name for p in files] == ["green"] * 3 + ["red"] * 3  # sorted, depth first
     table = from_folder(linked_data)
     assert sorted(s.path for s in table.samples) == sorted(files)
-    # The ONNX command line and the mining pool list the same files.
-    assert onnx_predict._expand([str(linked_data)]) == files
+    # The exported-model predictors (ONNX, OpenVINO) and the mining pool list the same files.
+    assert exported.expand([str(linked_data)]) == files
     pool = mining_pool._list_images(linked_data, "--pool")
     assert sorted(pool) == sorted(p.resolve() for p in files)
 

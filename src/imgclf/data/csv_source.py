@@ -13,6 +13,9 @@ from imgclf.data.images import IMAGE_EXTENSIONS
 from imgclf.data.samples import TEST, TRAIN, VALID, Sample, SampleTable
 from imgclf.data.split import _apply_groups, random_split
 from imgclf.errors import DataError, display_path
+from imgclf.progress import task as progress_task
+
+PROGRESS_THRESHOLD = 200  # rows; as imgclf.data.validate's: fewer finish before a bar helps
 
 _SPLIT_WORDS = {
     "train": TRAIN, "training": TRAIN, "trn": TRAIN,
@@ -402,20 +405,26 @@ def _resolve_rows(
     """Samples for the rows whose file exists; rows naming a missing or repeated file are skipped."""
     samples, skipped = [], []
     seen: dict[Path, int] = {}
-    for line, cells, labels in rows:
-        name = _cell(cells, table.image_col)
-        if not name:
-            skipped.append((Path(table.name), f"{table.name} row {line} has no file name"))
-            continue
-        path = _find_file(table.root, name)
-        if path is None:
-            skipped.append((_join(table.root, name), f"listed in {table.name} row {line} but not found"))
-        elif path in seen:
-            skipped.append((path, f"listed again in {table.name} row {line}: row {seen[path]} is used"))
-        else:
-            seen[path] = line
-            group = _cell(cells, group_col) or None
-            samples.append(Sample(path, labels, splits.get(line, TRAIN), group))
+    # One stat per row: on a network file system a million rows take minutes, so say so.
+    with progress_task("Finding the CSV's files", total=len(rows),
+                       show=len(rows) > PROGRESS_THRESHOLD) as advance:
+        for line, cells, labels in rows:
+            advance()
+            name = _cell(cells, table.image_col)
+            if not name:
+                skipped.append((Path(table.name), f"{table.name} row {line} has no file name"))
+                continue
+            path = _find_file(table.root, name)
+            if path is None:
+                skipped.append((_join(table.root, name),
+                                f"listed in {table.name} row {line} but not found"))
+            elif path in seen:
+                skipped.append((path, f"listed again in {table.name} row {line}: row "
+                                f"{seen[path]} is used"))
+            else:
+                seen[path] = line
+                group = _cell(cells, group_col) or None
+                samples.append(Sample(path, labels, splits.get(line, TRAIN), group))
     return samples, skipped
 
 

@@ -83,20 +83,21 @@ def list_images(inputs: list[str | os.PathLike]) -> ImageFiles:
     return out
 
 
-def _walk(folder: Path, visited: set) -> ImageFiles:
+def _walk(folder: Path, visited: set, advance=None) -> ImageFiles:
     """Image files under `folder`, recursively and in sorted order, surviving links and bad folders.
 
     Args:
         folder: Where to start.
         visited: (device, inode) of folders already walked; a symbolic link back to one of them
             (a loop, or a second path to the same images) is not followed again. Updated in place.
+        advance: Called with the number of files found in each folder (a progress report).
     """
     out = ImageFiles()
     visited.add(_dir_key(folder))
     stack = [folder]
     while stack:
         current = stack.pop()
-        subfolders = []
+        subfolders, before = [], len(out.files)
         for entry in _list_dir(current, out.skipped):
             kind = _entry_kind(entry, out.skipped)
             path = Path(entry.path)
@@ -112,6 +113,8 @@ def _walk(folder: Path, visited: set) -> ImageFiles:
                 else:
                     out.files.append(path)
         stack.extend(reversed(subfolders))  # so files come out in sorted, depth-first order
+        if advance is not None:
+            advance(len(out.files) - before)
     return out
 
 

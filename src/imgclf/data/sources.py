@@ -24,6 +24,7 @@ from imgclf.data.files import (_compile, _dir_key, _entry_kind, _existing_folder
 from imgclf.data.samples import TEST, TRAIN, VALID, Sample, SampleTable
 from imgclf.data.split import _apply_groups, fold_table, random_split
 from imgclf.errors import DataError, display_path
+from imgclf.progress import task as progress_task
 
 __all__ = ["from_folder", "from_pattern", "from_csv", "random_split", "load_source", "load_table"]
 
@@ -65,13 +66,15 @@ def from_folder(
     per_class: Counter = Counter()
     class_dirs: dict[str, list[Path]] = defaultdict(list)
     visited = {_dir_key(root)}
-    for split, folder in layout.items():
-        for class_dir in _class_dirs(folder, skipped):
-            class_dirs[class_dir.name].append(class_dir)
-            walk = _walk(class_dir, visited)
-            skipped += walk.skipped
-            per_class[class_dir.name] += len(walk.files)
-            samples += [Sample(p, (class_dir.name,), split) for p in walk.files]
+    # The walk's length is unknown until it ends: the report counts files, without an ETA.
+    with progress_task("Listing images", total=None) as advance:
+        for split, folder in layout.items():
+            for class_dir in _class_dirs(folder, skipped):
+                class_dirs[class_dir.name].append(class_dir)
+                walk = _walk(class_dir, visited, advance)
+                skipped += walk.skipped
+                per_class[class_dir.name] += len(walk.files)
+                samples += [Sample(p, (class_dir.name,), split) for p in walk.files]
     for name in sorted(class_dirs):
         if per_class[name] == 0:
             shown = ", ".join(f"'{display_path(_rel(d, root))}'" for d in class_dirs[name])
@@ -177,7 +180,8 @@ def from_pattern(
     """
     root = _existing_folder(root)
     rx = _compile(pattern, "label pattern")
-    walk = _walk(root, set())
+    with progress_task("Listing images", total=None) as advance:
+        walk = _walk(root, set(), advance)
     samples, skipped = [], list(walk.skipped)
     for path in walk.files:
         rel = _rel(path, root).as_posix()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from conftest import TINY, make_image
 
 from imgclf.data import cache as cache_mod
@@ -136,6 +137,11 @@ def _data(root: Path) -> Path:
     make_image(root / "train" / "cat" / "grey.png", size=(40, 40), mode="L")
     (root / "train" / "dog" / "copy.png").write_bytes((root / "valid/dog/dog0.png").read_bytes())
     (root / "train" / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    # A smooth picture in training and a shrunk, re-encoded copy of it in validation.
+    small = np.random.default_rng(5).integers(0, 256, (6, 6, 3), dtype=np.uint8)
+    photo = Image.fromarray(small).resize((96, 96), Image.Resampling.BICUBIC)
+    photo.save(root / "train" / "cat" / "photo.png")
+    photo.resize((70, 70)).save(root / "valid" / "cat" / "resaved.png")
     _backdate(root.rglob("*.png"))
     return root
 
@@ -152,6 +158,8 @@ def test_each_file_is_decoded_once_cold_and_never_warm(tmp_path, counted):
     assert sorted(map(Path, counted["read"])) == files
     assert "1 grayscale" in " ".join(cold.summary.notes)
     assert cold.report.leakage and cold.report.unusable
+    assert [(d.train, d.other) for d in cold.report.near_duplicates] == [
+        ("train/cat/photo.png", "valid/cat/resaved.png")]  # hashed from the one decode
 
     counted["decode"].clear()
     counted["read"].clear()

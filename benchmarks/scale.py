@@ -16,7 +16,9 @@ runs it (imgclf.commands.train.prepare_data):
     checks    duplicates, near-duplicate search and confirmation, classes
     summary   the data summary
 
-with images/s/core, peak RSS, and the cache's bytes on disk. `--epoch` adds one training epoch
+with images/s/core, peak RSS, and the cache's bytes on disk (each variant's cache is deleted
+after its warm run: at --size 224 a square takes 197 KB, so 100k images need ~20 GB free in
+--work besides ~1.5 GB of JPEGs, and the default cache cap applies). `--epoch` adds one training epoch
 (random-init --epoch-model, from the warm cache) and its images/s. The table ends with the
 growth exponent of each column fitted over N (time ~ N^k: 1 is linear).
 """
@@ -202,6 +204,7 @@ def main() -> None:
                 r.update(n=n, variant=variant, warmth=warmth)
                 results.append(r)
                 print(json.dumps(r), flush=True)
+            shutil.rmtree(cache, ignore_errors=True)  # 100k squares at 224 px take ~20 GB
     (a.work / "results.json").write_text(json.dumps(results, indent=1))
     head = (f"{'N':>7} {'variant':7} {'run':4} " + " ".join(f"{p + ' s':>9}" for p in PHASES)
             + f" {'total s':>8} {'img/s/core':>10} {'RSS MB':>7} {'cache MB':>9} "

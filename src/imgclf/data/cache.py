@@ -127,8 +127,11 @@ def _use_entry(entry: Path, pre: Preprocess, keep: bool) -> tuple[bool, np.ndarr
     """(usable, pixels if `keep`) of a cache entry, touched as just used (the LRU order)."""
     try:
         os.utime(entry)  # also tells whether it exists, in one call
-    except OSError:
+    except FileNotFoundError:
         return False, None
+    except OSError:  # a cache shared read-only: used, just not reordered
+        if not entry.is_file():
+            return False, None
     if not keep:
         return True, None
     try:

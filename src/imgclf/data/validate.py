@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from imgclf.data.file_index import FileCheck
-from imgclf.data.images import ImageInfo, file_digest, open_rgb_with_info
+from imgclf.data.images import ImageInfo, bytes_digest, file_digest, open_rgb_with_info, read_bytes
 from imgclf.data.near_duplicates import (CONFIRM_CORRELATION, NEAR_DUPLICATE_BITS,  # noqa: F401
-                                         hamming_distances, near_pairs, perceptual_hash,
+                                         hamming_distances, image_hash, near_pairs,
+                                         perceptual_hash,
                                          pixel_similarity)
 from imgclf.data.samples import TEST, TRAIN, VALID, Sample, SampleTable
 # DataSummary and summarize lived here; benchmarks/report_scale.py still imports them from here.
@@ -48,6 +49,19 @@ def default_workers() -> int:
 def image_info(path: str | os.PathLike) -> ImageInfo:
     """The default scan: decode the file fully (so damage is found) and describe it."""
     return open_rgb_with_info(path)[1]
+
+
+def file_check(path: str | os.PathLike) -> FileCheck:
+    """`check_table`'s default: one read and one decode give the description, the digest and
+    the perceptual hash (the decode cache does the same and presizes too)."""
+    data = read_bytes(path)
+    st = os.stat(path)
+    img, info = open_rgb_with_info(data, name=path)
+    try:
+        phash = image_hash(img)
+    except Exception:  # noqa: BLE001 - a picture too odd to hash is still a usable picture
+        phash = None
+    return FileCheck(info, bytes_digest(data), phash, st.st_size, st.st_mtime_ns)
 
 
 def scan_images(
@@ -264,7 +278,7 @@ def check_table(
 
     Args:
         table: The table a source produced.
-        fn: Per-file work as in `scan_images` (default: decode and describe). Conversions are
+        fn: Per-file work as in `scan_images` (default: `file_check`, one pass). Conversions are
             counted when it returns an `ImageInfo`, or an object with an `info` attribute holding
             one. Each file is also hashed for duplicate detection, unless it returns a
             `FileCheck`, whose digest and perceptual hash are used instead.
@@ -278,7 +292,7 @@ def check_table(
         DataError: No image is usable, there are no validation images, or a class has no
             training image left.
     """
-    fn = fn or image_info
+    fn = fn or file_check
     results, errors = scan_images(table.samples, lambda p: _with_hashes(fn(p), p), workers,
                                   progress)
     show = table.relpath

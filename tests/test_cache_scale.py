@@ -77,6 +77,18 @@ def test_streamed_sets_survive_a_small_cap(tmp_path):
         np.testing.assert_array_equal(decoded.get(i), fresh.get(i))
 
 
+def test_chunked_decoding_lists_the_cache_once_while_under_the_cap(tmp_path, monkeypatch):
+    cache, scans = tmp_path / "cache", []
+    entries = cache_mod._entries
+    monkeypatch.setattr(cache_mod, "_entries", lambda d: scans.append(d) or entries(d))
+    files = _images(tmp_path / "a", 6)
+    for start in range(0, 6, 2):  # as predict and mining's pool decode: chunk by chunk
+        decode_all(files[start:start + 2], PRE, cache, progress=False, max_bytes=10**9)
+    assert len(scans) == 1
+    decode_all(_images(tmp_path / "b", 2), PRE, cache, progress=False, max_bytes=7 * ENTRY_BYTES)
+    assert len(scans) == 2 and len(_held(cache)) == 7  # over the cap: listed, and evicted
+
+
 def test_cache_info_and_clear(tmp_path):
     cache = tmp_path / "cache"
     decode_all(_images(tmp_path / "a", 3), PRE, cache, progress=False)

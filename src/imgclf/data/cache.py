@@ -227,7 +227,7 @@ def decode_all(
         fresh = {p: c for p, c in checks.items() if known.get(file_index.index_key(p)) is not c}
         file_index.store(cache_dir, fresh)
         if fresh:  # a warm run wrote nothing, so has nothing to evict
-            evict(cache_dir, max_bytes, protect_since=start)
+            _evict_if_over(cache_dir, max_bytes, len(fresh) * (3 * pre.presize**2 + 128), start)
     if keep:
         array = np.stack([results[p][1] for p in good]) if good else np.zeros(
             (0, 3, pre.presize, pre.presize), np.uint8)
@@ -319,6 +319,22 @@ def cache_info(cache_dir: Path | None = None, with_max: bool = False) -> CacheIn
     return info
 
 
+# Entry bytes per cache folder at its last scan in this process, plus those written since:
+# callers that decode in chunks (predict, mining's pool) would otherwise list a cache of a
+# million entries once per chunk. Only a trigger: the scan it triggers counts afresh.
+_usage: dict[str, int] = {}
+
+
+def _evict_if_over(cache_dir: Path, max_bytes: int | None, written: int, start: float) -> None:
+    key = os.path.abspath(cache_dir)
+    if key in _usage:
+        _usage[key] += written
+        cap = default_max_bytes(cache_dir, held=_usage[key]) if max_bytes is None else max_bytes
+        if _usage[key] <= cap:
+            return
+    evict(cache_dir, max_bytes, protect_since=start)
+
+
 def evict(cache_dir: Path, max_bytes: int | None = None,
           protect_since: float | None = None) -> tuple[int, int]:
     """Delete least recently used entries until they take at most `max_bytes`.
@@ -338,6 +354,7 @@ def evict(cache_dir: Path, max_bytes: int | None = None,
     found = list(_entries(cache_dir))
     total = sum(f[2] for f in found)
     cap = default_max_bytes(cache_dir, held=total) if max_bytes is None else int(max_bytes)
+    _usage[os.path.abspath(cache_dir)] = total
     if total <= cap:
         return 0, 0
     deleted = freed = 0
@@ -351,6 +368,7 @@ def evict(cache_dir: Path, max_bytes: int | None = None,
         except OSError:
             continue
         deleted, freed = deleted + 1, freed + size
+    _usage[os.path.abspath(cache_dir)] = total - freed
     if total - freed > cap:
         log.warning("The decode cache holds %.2f GB, over its cap of %.2f GB, because this "
                     "run's images alone take that: raise --cache-max-gb", (total - freed) / 1e9,
@@ -365,6 +383,7 @@ def clear_cache(cache_dir: Path | None = None) -> CacheInfo:
     """Delete every entry and the index; returns what was there."""
     cache_dir = Path(cache_dir or default_cache_dir())
     before = cache_info(cache_dir)
+    _usage.pop(os.path.abspath(cache_dir), None)
     shutil.rmtree(cache_dir / "decoded", ignore_errors=True)
     for suffix in ("", "-journal", "-wal", "-shm"):
         (cache_dir / f"{file_index.INDEX_NAME}{suffix}").unlink(missing_ok=True)

@@ -1,6 +1,7 @@
 """What the passes before training cost as the data grows, cold and warm (issue 18).
 
     .venv/bin/python benchmarks/scale.py [--sizes 1000,10000,100000] [--size 224] [--epoch]
+                                         [--cache-max-gb GB]
                                          [--work DIR] [--variants folder,csv]
 
 For each N it generates (once, kept in --work) N small real-looking JPEGs: random crops, flips
@@ -18,8 +19,9 @@ runs it (imgclf.commands.train.prepare_data):
 
 with images/s/core, peak RSS, and the cache's bytes on disk (each variant's cache is deleted
 after its warm run: at --size 224 a square takes 197 KB, so 100k images need ~20 GB free in
---work besides ~1.5 GB of JPEGs, and the default cache cap applies). `--epoch` adds one training epoch
-(random-init --epoch-model, from the warm cache) and its images/s. The table ends with the
+--work besides ~1.5 GB of JPEGs; pass a --cache-max-gb above that, or imgclf's default cap,
+min(20 GB, 25% of the disk), may be the smaller). `--epoch` adds one training epoch (random-init
+--epoch-model, from the warm cache) and its images/s. The table ends with the
 growth exponent of each column fitted over N (time ~ N^k: 1 is linear).
 """
 
@@ -103,18 +105,19 @@ def generate(root: Path, n: int, workers: int) -> Path:
     return root
 
 
-def measure(root: Path, variant: str, cache: Path, size: int, epoch_model: str | None) -> dict:
+def measure(root: Path, variant: str, cache: Path, size: int, epoch_model: str | None,
+            cache_max_gb: float | None = None) -> dict:
     """The phases of prepare_data, timed one by one (run in its own process)."""
     from imgclf.commands.train import _cache_dir
     from imgclf.config import TrainConfig
     from imgclf.data import validate
-    from imgclf.data.cache import cache_info, decode_all
+    from imgclf.data.cache import cache_info, decode_all, gb_to_bytes
     from imgclf.data.sources import load_table
     from imgclf.data.summary import summarize
     from imgclf.data.transforms import Preprocess, presize_for
     from imgclf.errors import ImageError
 
-    opts = {"data": str(root / "images"), "cache_dir": str(cache)}
+    opts = {"data": str(root / "images"), "cache_dir": str(cache), "cache_max_gb": cache_max_gb}
     if variant == "csv":
         opts["csv"] = str(root / "labels.csv")
     cfg = TrainConfig(**opts)
@@ -124,7 +127,8 @@ def measure(root: Path, variant: str, cache: Path, size: int, epoch_model: str |
     table = load_table(cfg)
     out["listing"] = time.perf_counter() - t
     t = time.perf_counter()
-    decoded, errors, checks = decode_all([s.path for s in table.samples], pre, _cache_dir(cfg))
+    decoded, errors, checks = decode_all([s.path for s in table.samples], pre, _cache_dir(cfg),
+                                         max_bytes=gb_to_bytes(cfg.cache_max_gb))
     out["decode"] = time.perf_counter() - t
 
     def reuse(path):
@@ -148,15 +152,19 @@ def measure(root: Path, variant: str, cache: Path, size: int, epoch_model: str |
 
         del decoded
         run = api.train(cfg.data, csv=cfg.csv, cache_dir=str(cache), model=epoch_model,
+                        cache_max_gb=cache_max_gb,
                         pretrained=False, size=size, epochs=1, freeze_epochs=0, lr=1e-3,
                         out=str(cache.parent / "runs"), name=f"{variant}-{len(table.samples)}")
         out["epoch_images_per_s"] = run.metrics()["images_per_second"]
     return out
 
 
-def _child(root: Path, variant: str, cache: Path, size: int, epoch_model: str | None) -> dict:
+def _child(root: Path, variant: str, cache: Path, size: int, epoch_model: str | None,
+           cache_max_gb: float | None) -> dict:
     cmd = [sys.executable, __file__, "--_measure", str(root), "--_variant", variant,
            "--_cache", str(cache), "--size", str(size)]
+    if cache_max_gb:
+        cmd += ["--cache-max-gb", str(cache_max_gb)]
     if epoch_model:
         cmd += ["--_epoch-model", epoch_model]
     r = subprocess.run(cmd, capture_output=True, text=True)
@@ -181,13 +189,16 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/imgclf-scale"))
     ap.add_argument("--epoch", action="store_true", help="Also time one training epoch.")
     ap.add_argument("--epoch-model", default="tf_efficientnet_lite0")
+    ap.add_argument("--cache-max-gb", type=float, default=None,
+                    help="Cache cap (default: imgclf's, min(20 GB, 25%% of the disk)).")
     ap.add_argument("--_measure", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--_variant", help=argparse.SUPPRESS)
     ap.add_argument("--_cache", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--_epoch-model", dest="child_epoch_model", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a._measure:
-        print(json.dumps(measure(a._measure, a._variant, a._cache, a.size, a.child_epoch_model)))
+        print(json.dumps(measure(a._measure, a._variant, a._cache, a.size, a.child_epoch_model,
+                                 a.cache_max_gb)))
         return
     import shutil
 
@@ -200,7 +211,7 @@ def main() -> None:
             shutil.rmtree(cache, ignore_errors=True)
             for warmth in ("cold", "warm"):
                 epoch = a.epoch_model if a.epoch and warmth == "warm" else None
-                r = _child(root, variant, cache, a.size, epoch)
+                r = _child(root, variant, cache, a.size, epoch, a.cache_max_gb)
                 r.update(n=n, variant=variant, warmth=warmth)
                 results.append(r)
                 print(json.dumps(r), flush=True)

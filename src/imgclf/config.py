@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -100,7 +101,12 @@ class TrainConfig:
     weights: str | None = option(None, "Local pretrained weights file for --model.", path=True)
     pretrained: bool = option(True, "Start from ImageNet weights.")
     size: int | None = option(None, "Input size (default: the model's).", at_least=MIN_SIZE)
-    epochs: int = option(5, "Epochs with the whole network trainable.", at_least=0)
+    epochs: int | None = option(
+        None, "Epochs with the whole network trainable (default: 2 to 5, more when the frozen "
+        "stage leaves more error; 5 without a frozen stage).", at_least=0)
+    time_budget: str | None = option(
+        None, "End the run, report included, within this wall time, e.g. 90s, 5m, 1h30m: the "
+        "unfrozen stage is planned from measured step times (replaces --epochs).")
     freeze_epochs: int = option(1, "Epochs training only the head on a frozen body.", at_least=0)
     lr: float | str = option("auto", "Peak learning rate, or 'auto' (LR finder, valley rule).",
                              above=0)
@@ -229,6 +235,11 @@ class TrainConfig:
                               "disagree: the last of --sizes is the final size; drop --size")
         if self.stage_epochs and not self.sizes and len(self.stage_epochs) != 1:
             raise ImgclfError("--stage-epochs needs --sizes with as many sizes as stages")
+        if self.time_budget is not None:
+            parse_duration(self.time_budget)
+            if self.epochs is not None or self.sizes or self.stage_epochs:
+                raise ImgclfError("--time-budget plans the unfrozen epochs itself: drop --epochs "
+                                  "(and --sizes/--stage-epochs), or drop --time-budget")
         if self.corrections_sha256 and not self.corrections:
             raise ImgclfError("--corrections-sha256 pins a --corrections file, and none is given")
         parse_norm_stats(self.norm_stats)
@@ -322,6 +333,25 @@ def _show(value) -> str:
     if isinstance(value, (list, tuple)):
         return ",".join(map(_show, value))
     return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def parse_duration(text: str | float | int | None, flag: str = "--time-budget") -> float | None:
+    """Seconds from "90", "90s", "5m", "1h30m" or "1.5h" (None stays None)."""
+    if text is None or text == "":
+        return None
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        seconds = float(text)
+    else:
+        s = str(text).strip().lower().replace(" ", "")
+        parts = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?:in)?)?"
+                             r"(?:(\d+(?:\.\d+)?)s?)?", s)
+        if not s or not parts or not any(parts.groups()):
+            raise ImgclfError(f"{flag} {text!r}: give a duration such as 90s, 5m or 1h30m")
+        h, m, sec = (float(g) if g else 0.0 for g in parts.groups())
+        seconds = 3600 * h + 60 * m + sec
+    if not seconds > 0 or not math.isfinite(seconds):
+        raise ImgclfError(f"{flag} {text!r}: the budget must be a positive duration")
+    return seconds
 
 
 def check_tta(n: int, reduce: str) -> None:

@@ -54,7 +54,8 @@ def recipe(cfg: TrainConfig, metrics: dict, size: int | None) -> str:
     the settings that differ from the defaults, e.g. "1+5 ep, 224 px, lr 1.2e-03 (auto),
     bs 32, mixup 0.2"."""
     frozen = cfg.freeze_epochs if cfg.pretrained else 0
-    parts = [f"{frozen}+{cfg.epochs} ep" if frozen else f"{cfg.epochs} ep"]
+    epochs = (metrics.get("epochs") if cfg.epochs is None else cfg.epochs) or 0
+    parts = [f"{frozen}+{epochs} ep" if frozen else f"{epochs} ep"]
     if size:
         parts.append(f"{size} px")
     lr = metrics.get("lr")

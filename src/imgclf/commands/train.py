@@ -12,19 +12,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from imgclf import evaluation, progress
+from imgclf.allocator import uses_all_cores
 from imgclf.commands import tracking
 from imgclf.commands.run import Run
-from imgclf.config import TrainConfig
+from imgclf.config import TrainConfig, parse_duration
 from imgclf.data import corrections, validate
 from imgclf.data.summary import summarize
 from imgclf.data.cache import decode_all, default_cache_dir, gb_to_bytes
@@ -51,24 +51,6 @@ def _cache_dir(cfg: TrainConfig) -> Path | None:
     if cfg.cache_dir == "":
         return None
     return Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-
-
-def uses_all_cores(command):
-    """Run `command` with torch on every core this process may use, then restore the caller's
-    thread count (a notebook's setting outlives the call unchanged)."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        before = torch.get_num_threads()
-        cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                 else os.cpu_count())
-        torch.set_num_threads(max(1, cores or 1))
-        try:
-            return command(*args, **kwargs)
-        finally:
-            torch.set_num_threads(before)
-
-    return wrapper
 
 
 @dataclasses.dataclass
@@ -146,7 +128,7 @@ def load_best(run_dir: Path) -> Best:
 def train(data: str | Path | None = None, *, config: TrainConfig | None = None,
           resume: str | Path | None = None, **options) -> Run | None:
     """`imgclf.api.train` (its docstring documents the arguments): train, write the run."""
-    state: dict = {}
+    started, state = time.monotonic(), {}
     if resume is not None:
         run_dir = Path(resume)
         if not (run_dir / "config.yaml").is_file():
@@ -170,6 +152,8 @@ def train(data: str | Path | None = None, *, config: TrainConfig | None = None,
             raise ImgclfError("no data given: pass a folder of images, e.g. `imgclf train photos/`")
         run_dir = None
     cfg.check()  # a hand-edited config.yaml on --resume too, before anything is written
+    # A resumed run replays the plan it recorded; the budget counts from this call.
+    budget_s = parse_duration(cfg.time_budget) if resume is None else None
     rank_zero = distributed.is_rank_zero(cfg.num_nodes)
     distributed.check_strategy(cfg)
     if distributed.wants_several_processes(cfg):
@@ -177,7 +161,8 @@ def train(data: str | Path | None = None, *, config: TrainConfig | None = None,
     # Before anything is written: a missing extra or unreachable store stops the run here.
     with contextlib.nullcontext() if rank_zero else _other_rank(), \
             tracking.connect(cfg, enabled=rank_zero) as tracker:
-        return _train(cfg, run_dir, resume, state, rank_zero, tracker)
+        return _train(cfg, run_dir, resume, state, rank_zero, tracker,
+                      deadline=started + budget_s if budget_s else None)
 
 
 @contextlib.contextmanager
@@ -194,8 +179,8 @@ def _other_rank():
         logger.setLevel(level)
 
 
-def _train(cfg: TrainConfig, run_dir: Path | None, resume, state: dict,
-           rank_zero: bool, tracker: tracking.Tracking) -> Run | None:
+def _train(cfg: TrainConfig, run_dir: Path | None, resume, state: dict, rank_zero: bool,
+           tracker: tracking.Tracking, deadline: float | None = None) -> Run | None:
     """The body of `train` once the settings are known and checked."""
     seed_everything(cfg.seed, workers=True, verbose=False)
     corrections.pin(cfg)  # config.yaml records the file's digest; on --resume it must match
@@ -253,7 +238,7 @@ def _train(cfg: TrainConfig, run_dir: Path | None, resume, state: dict,
              len(fit_data.train), len(fit_data.valid), task.name.replace("_", "-"),
              len(task.classes))
     result = fine_tune(model, task, pre, fit_data, cfg, run_dir, on_row, rows=rows,
-                       best=best, resume=state)
+                       best=best, resume=state, deadline=deadline)
     if not rank_zero:
         if scratch_run_dir:
             import shutil
@@ -378,9 +363,7 @@ def finish_run(run_dir: Path, cfg: TrainConfig, model, task: Task, pre: Preproce
     # picked at 0.5, before any threshold existed).
     scores = evaluation.metrics(preds)
     n_train = len(prep.table.split(TRAIN))
-    summary = {
-        f"valid_{k}": v for k, v in scores.items() if not isinstance(v, (dict, list))
-    }
+    summary = {f"valid_{k}": v for k, v in scores.items() if not isinstance(v, (dict, list))}
     summary.update({
         "valid_per_class": scores.get("per_class"),
         "model": cfg.model,
@@ -389,6 +372,7 @@ def finish_run(run_dir: Path, cfg: TrainConfig, model, task: Task, pre: Preproce
         # As the options count them: --epochs the whole network trained, --freeze-epochs the head.
         "epochs": sum(r.stage != "frozen" for r in result.rows),
         "freeze_epochs": sum(r.stage == "frozen" for r in result.rows),
+        "plan": result.plan,  # why the unfrozen stage ran as long as it did
         "best_epoch": result.best.epoch,
         "best_stage": result.best.stage,
         "lr": result.lr,

@@ -261,12 +261,14 @@ class History(L.Callback):
             and resumed; without it they come from Lightning and this process's clock.
         eligible: Whether this stage's epochs may become the best epoch (with progressive
             resizing only the final size's may: the bundle predicts at that size).
+        stop_by: With a time budget, the time.monotonic() by which the last epoch must end:
+            the fit stops after an epoch when another one, as long, would end later.
     """
 
     def __init__(self, rows: list[EpochRow], best: Best, stage: str, full_model: nn.Module,
                  monitor: str, on_row: Callable[[EpochRow, bool], None], progress=None,
-                 eligible: bool = True):
-        self.rows, self.best, self.stage = rows, best, stage
+                 eligible: bool = True, stop_by: float | None = None):
+        self.rows, self.best, self.stage, self.stop_by = rows, best, stage, stop_by
         self.full_model, self.monitor, self.on_row = full_model, monitor, on_row
         self.progress, self.eligible = progress, eligible
         self._t0 = time.perf_counter()
@@ -306,6 +308,11 @@ class History(L.Callback):
             pl_module.ema if pl_module.ema is not None else self.full_model,
             pl_module.last_val[0])
         self.on_row(row, improved)
+        if (self.stop_by is not None and trainer.current_epoch + 1 < trainer.max_epochs
+                and time.monotonic() + seconds > self.stop_by):
+            trainer.should_stop = True
+            logging.getLogger("imgclf").warning(
+                f"Stopping after epoch {row.epoch}: another would end past the time budget")
 
 
 # Warnings Lightning gives about what imgclf does on purpose.

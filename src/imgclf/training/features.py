@@ -8,6 +8,8 @@ Split from `imgclf.training.fine_tune`, whose stages use these.
 from __future__ import annotations
 
 import contextlib
+import copy
+import time
 from pathlib import Path
 
 import torch
@@ -45,6 +47,44 @@ def extract_features(model: nn.Module, loader: DataLoader, pre: Preprocess, prec
             targets.append(y)
             advance(len(x))
     return torch.cat(feats), torch.cat(targets)
+
+
+def time_training_steps(model: nn.Module, loader: DataLoader, pre: Preprocess, precision: str,
+                        device: torch.device, steps: int = 3, freeze_bn: bool = True) -> float:
+    """Seconds per training step of the whole network, batches loaded from `loader` included.
+
+    Timed on a copy, under a forked random state, after one untimed step (first-call set-up),
+    so the run itself is unchanged; the time budget's planner extrapolates from it.
+    """
+    net = copy.deepcopy(model).to(device)
+    for p in net.parameters():
+        p.requires_grad_(True)
+    net.train()
+    if freeze_bn:
+        models.freeze_batchnorm_statistics(net)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-6)
+    times: list[float] = []
+    with torch.random.fork_rng(devices=[]):
+        t = time.perf_counter()
+        for i, (x, y) in enumerate(loader):
+            x = normalize(x.to(device), pre.mean, pre.std).contiguous(
+                memory_format=torch.channels_last)
+            with autocast_context(precision, device):
+                out = net(x).float()
+            loss = (nn.functional.cross_entropy(out, y.to(device).long()) if y.dim() == 1 else
+                    nn.functional.binary_cross_entropy_with_logits(out, y.to(device).float()))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            now = time.perf_counter()
+            times.append(now - t)
+            t = now
+            if len(times) > steps:
+                break
+    del net, opt
+    # The first step pays one-off set-up; with a single batch in all it is all there is.
+    timed = times[1:] or times
+    return sum(timed) / max(1, len(timed))
 
 
 ADAPT_IMAGES = 1024

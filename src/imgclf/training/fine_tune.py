@@ -28,8 +28,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from imgclf.data.datasets import make_loader, with_transform
 from imgclf.data.transforms import Preprocess, resized_eval_transform, train_transform
 from imgclf.io import atomic_write_json
-from imgclf.training import balance, distributed, models, recipe
-from imgclf.training.augment import BatchCrop, MixBatch
+from imgclf.training import balance, budget, distributed, models, recipe
+from imgclf.training.augment import BatchCrop
 from imgclf.training.engine import (ClassifierModule, History, ModelCheckpoint, ResumeState,
                                     StepCheckpoint, fit_interruptible, load_module_weights,
                                     make_trainer, quiet_lightning)
@@ -37,50 +37,20 @@ from imgclf.training.epochs import Best, EpochRow
 # autocast_context is imported for callers that run passes outside the Trainer (benchmarks).
 from imgclf.training.features import (adapt_batchnorm, autocast_context,  # noqa: F401
                                       extract_features, load_start_state, load_tensors,
-                                      save_tensors, start_state)
+                                      save_tensors, start_state, time_training_steps)
 from imgclf.training.frozen_head import ViewSampler, head_passes, lr_range_test, train_head
 from imgclf.training.resume import ResumableSampler, SeededDataset
 from imgclf.training.task import Task
+# Re-exported: callers and benchmarks knew these as the recipe's.
+from imgclf.training.techniques import (augment_on_device, batch_mixer,  # noqa: F401
+                                        batchnorm_mode, discriminative_lrs, keep_presized,
+                                        resolve_precision)
 
 log = logging.getLogger("imgclf")
 
 
-def resolve_precision(precision: str, model: nn.Module) -> str:
-    """The Lightning precision for "auto": mixed precision on CUDA; on CPUs with AMX, bf16 for
-    models built of dense convolutions and float32 for depthwise-convolution models.
-
-    Measured on this project's 2-core AMX machine (benchmarks/predict.py, batch 32, 224 px,
-    channels_last, two runs): a resnet50 training step runs 9.9-12.1 img/s in bf16 against
-    4.8-5.0 in float32, but tf_efficientnet_lite0 gains nothing (9.8-15.1 img/s in bf16
-    against 14.5-15.2 in float32): its depthwise convolutions do not use the matrix units.
-    """
-    if precision != "auto":
-        return precision
-    if torch.cuda.is_available():
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    if models.cpu_supports_bf16() and not models.has_depthwise_convs(model):
-        return "bf16-mixed"
-    return "32-true"
-
-
-def batchnorm_mode(cfg) -> str:
-    """How BatchNorm layers behave when the body trains ("train" whenever not pretrained).
-
-    "frozen" (default): the pretrained statistics held fixed while everything else, BatchNorm's
-    scale and shift included, fine-tunes (as Keras' transfer-learning guide does); "adapt":
-    statistics re-estimated on training images before the frozen stage caches its features,
-    then held; "train": statistics of each training batch, as in from-scratch training.
-    Holding them is what makes the unfrozen stage start from the model the frozen stage
-    trained. Measured on magnetic_tiles (benchmarks/finetune_stability.py --diagnose): with
-    batch statistics the pooled features move by 113% of their norm, and a head at 0.81 on the
-    cached features scores 0.24 on them; re-estimated statistics made the features worse for
-    a linear head (0.63), so "frozen" is the default.
-    """
-    mode = getattr(cfg, "batchnorm", "frozen") or "frozen"
-    return mode if cfg.pretrained else "train"
-
-
 HEAD_FILE = "head.safetensors"
+UNFROZEN_MAX_LR = 1e-3
 
 
 @dataclass
@@ -95,13 +65,7 @@ class FitResult:
     interrupted: bool
     train_images_seen: int
     train_seconds: float
-
-
-def discriminative_lrs(lr: float, n_groups: int, lr_mult: float = 100.0) -> list[float]:
-    """Peak rates spaced geometrically from lr / lr_mult (first group) to lr (the head)."""
-    if n_groups == 1:
-        return [lr]
-    return [lr / lr_mult ** (1 - i / (n_groups - 1)) for i in range(n_groups)]
+    plan: dict | None = None
 
 
 @dataclass
@@ -118,38 +82,6 @@ class FitData:
     y_train: torch.Tensor
     y_valid: torch.Tensor
     balance: str = "none"
-
-
-UNFROZEN_MAX_LR = 1e-3
-
-
-def batch_mixer(cfg, task: Task):
-    """The mixup/CutMix batch transform a config asks for, or None.
-
-    Label smoothing is left to the loss (cross-entropy smooths soft targets the same way), so
-    it applies alike to mixed batches and to the unmixed ones after `mixup_off_epoch`.
-    """
-    mixup, cutmix = float(getattr(cfg, "mixup", 0) or 0), float(getattr(cfg, "cutmix", 0) or 0)
-    if mixup <= 0 and cutmix <= 0:
-        return None
-    return MixBatch(num_classes=len(task.classes), multi_label=task.multi_label, mixup=mixup,
-                    cutmix=cutmix, off_epoch=getattr(cfg, "mixup_off_epoch", None),
-                    seed=cfg.seed)
-
-
-def augment_on_device(cfg) -> bool:
-    """Whether training crops and flips run batched on the device ("device") rather than per
-    image in the loader ("loader"); "auto" picks the device when training runs on CUDA."""
-    where = getattr(cfg, "augment_on", "auto") or "auto"
-    if where == "auto":
-        return torch.cuda.is_available() and getattr(cfg, "accelerator", "auto") in (
-            "auto", "gpu", "cuda")
-    return where == "device"
-
-
-def keep_presized(x: torch.Tensor) -> torch.Tensor:
-    """The loader's transform when crops happen on the device: none."""
-    return x
 
 
 @dataclass
@@ -179,6 +111,11 @@ class _Fit:
     # finder, trains the frozen head and writes state (see imgclf.distributed).
     rank_zero: bool
     seen: int = 0
+    # The time budget's end (time.monotonic()), and what the run measured to plan for it.
+    deadline: float | None = None
+    eval_img_s: float | None = None
+    # How long the unfrozen stage runs and why (budget.plan_record), kept in state.json.
+    plan: dict | None = None
 
     @property
     def ckpt_dir(self) -> Path | None:
@@ -189,7 +126,7 @@ class _Fit:
         if self.ckpt_dir and self.rank_zero:
             atomic_write_json(self.ckpt_dir / "state.json",
                               {"stage": stage, "lr": self.lr, "lr_find": self.lr_find,
-                               "size_stage": size_stage})
+                               "size_stage": size_stage, "plan": self.plan})
 
 
 def fine_tune(
@@ -203,6 +140,7 @@ def fine_tune(
     rows: list[EpochRow] | None = None,
     best: Best | None = None,
     resume: dict | None = None,
+    deadline: float | None = None,
 ) -> FitResult:
     """Train `model` with the fine-tune recipe; on return it holds the best epoch's weights.
 
@@ -216,7 +154,9 @@ def fine_tune(
         on_row: Called with each epoch's row and whether it is the best so far.
         rows: Rows of an interrupted run being resumed.
         best: Best epoch of an interrupted run being resumed.
-        resume: State of an interrupted run: {"stage", "lr", "lr_find", "size_stage"}.
+        resume: State of an interrupted run: {"stage", "lr", "lr_find", "size_stage", "plan"}.
+        deadline: With --time-budget, the time.monotonic() by which the run should have
+            finished, report included; the unfrozen stage is planned to end in time for it.
     """
     resume = resume or {}
     precision = resolve_precision(cfg.precision, model)
@@ -233,7 +173,8 @@ def fine_tune(
         valid_loader=make_loader(data.valid, cfg.batch_size, train=False, workers=cfg.workers),
         weight=(balance.class_weights(data.y_train, len(task.classes))
                 if data.balance in ("weights", "sampler") else None),
-        rank_zero=distributed.is_rank_zero(int(cfg.num_nodes)))
+        rank_zero=distributed.is_rank_zero(int(cfg.num_nodes)), deadline=deadline,
+        plan=resume.get("plan"))
     interrupted = False
     if fit.frozen and resume.get("stage") not in ("unfrozen", "done") and fit.rank_zero:
         interrupted = _frozen_stage(fit)
@@ -246,17 +187,18 @@ def fine_tune(
         fit.lr, fit.lr_find = (3e-3 if not cfg.pretrained else 1e-3), None
         log.info(f"lr = {fit.lr:.1e} (default for "
                  f"{'random init' if not cfg.pretrained else 'fine-tuning'})")
-    stages = recipe.size_schedule(getattr(cfg, "sizes", None), cfg.epochs,
+    epochs, batches = (0, None) if interrupted else _unfrozen_length(fit)
+    stages = recipe.size_schedule(getattr(cfg, "sizes", None), epochs,
                                   getattr(cfg, "stage_epochs", None), pre.size)
-    if not interrupted and cfg.epochs > 0 and resume.get("stage") != "done":
-        interrupted = _unfrozen_stages(fit, stages)
+    if not interrupted and epochs > 0 and resume.get("stage") != "done":
+        interrupted = _unfrozen_stages(fit, stages, batches)
     if fit.best.state is not None:
         model.load_state_dict(fit.best.state)
     models.set_body_trainable(model, True)
     model.eval()
     return FitResult(rows=fit.rows, best=fit.best, lr=float(fit.lr), lr_find=fit.lr_find,
                      precision=precision, interrupted=interrupted, train_images_seen=fit.seen,
-                     train_seconds=time.perf_counter() - t_start)
+                     train_seconds=time.perf_counter() - t_start, plan=fit.plan)
 
 
 def _adapt_batchnorm(fit: _Fit) -> None:
@@ -288,8 +230,10 @@ def _frozen_stage(fit: _Fit) -> bool:
                                     desc=f"Caching body features (view {v + 1}/{views})")
             feats.append(f)
             ys.append(y)
+        t_valid = time.perf_counter()
         f_valid, y_valid = extract_features(model, fit.valid_loader, fit.pre, "32-true",
                                             fit.device, desc="Caching validation features")
+        fit.eval_img_s = len(data.valid) / max(time.perf_counter() - t_valid, 1e-6)
         fit.seen += views * len(data.train) + len(data.valid)
         head.to("cpu")  # next to its cached features: a linear layer needs no accelerator
         if fit.lr is None:
@@ -320,6 +264,60 @@ def _frozen_stage(fit: _Fit) -> bool:
     return interrupted
 
 
+def _unfrozen_length(fit: _Fit) -> tuple[int, int | None]:
+    """(epochs, batches per epoch or None for whole epochs) of the unfrozen stage.
+
+    In order: the plan a resumed run recorded; the time budget's plan; --epochs; the frozen
+    stage's score (budget.auto_epochs); budget.MAX_EPOCHS. Processes of a multi-process run
+    must agree without talking, so they take --epochs or the fixed default.
+    """
+    cfg = fit.cfg
+    if fit.plan:
+        return int(fit.plan["epochs"]), fit.plan.get("batches") or None
+    several = int(cfg.num_nodes) > 1 or distributed.wants_several_processes(cfg)
+    batches = None
+    if fit.deadline is not None:
+        plan = _budget_plan(fit)
+        log.info(plan.describe())
+        epochs = plan.epochs
+        batches = plan.batches if 0 < plan.batches < plan.steps_per_epoch else None
+        fit.plan = budget.plan_record(plan, epochs, "time budget")
+    elif cfg.epochs is not None or getattr(cfg, "sizes", None):
+        epochs = recipe.default_epochs(cfg)
+        fit.plan = budget.plan_record(None, epochs, "--epochs")
+    elif fit.frozen and fit.best.epoch >= 0 and not several:
+        epochs = budget.auto_epochs(fit.best.score)
+        fit.plan = {**budget.plan_record(None, epochs, "frozen-stage score"),
+                    "frozen_score": float(fit.best.score)}
+        log.info(f"Unfrozen stage: {epochs} epochs (the frozen stage's validation "
+                 f"{fit.task.monitor.removeprefix('valid_')} is {fit.best.score:.3f}; "
+                 "--epochs N to choose)")
+    else:
+        epochs = budget.MAX_EPOCHS
+        fit.plan = budget.plan_record(None, epochs, "default")
+    return epochs, batches
+
+
+def _budget_plan(fit: _Fit) -> budget.Plan:
+    """Time a few training steps of the whole network, then plan what the time left buys."""
+    cfg, data = fit.cfg, fit.data
+    models.set_body_trainable(fit.model, True)
+    loader = make_loader(data.train, cfg.batch_size, train=True, workers=cfg.workers,
+                         seed=cfg.seed + 3)
+    step_s = time_training_steps(fit.model, loader, fit.pre, fit.precision, fit.device,
+                                 freeze_bn=fit.bn_mode != "train")
+    steps_per_epoch = max(1, -(-len(data.train) // cfg.batch_size))
+    # Without a frozen stage nothing has timed inference yet: a forward pass is about a
+    # third of a training step (the backward pass costs about twice the forward).
+    eval_img_s = fit.eval_img_s or 3 * cfg.batch_size / step_s
+    costs = budget.Costs(
+        left_s=fit.deadline - time.monotonic(), step_s=step_s, eval_img_s=eval_img_s,
+        steps_per_epoch=steps_per_epoch, n_valid=len(data.valid),
+        finish_s=budget.finish_seconds(len(data.valid), eval_img_s, int(cfg.tta or 0)))
+    log.debug("time budget costs: %s", costs)
+    return budget.plan_budget(costs)
+
+
 def _unfrozen_rates(fit: _Fit, n_groups: int) -> list[float]:
     """Peak rate per layer group for the unfrozen stage."""
     base = fit.lr / 2 if fit.frozen else fit.lr
@@ -332,7 +330,7 @@ def _unfrozen_rates(fit: _Fit, n_groups: int) -> list[float]:
             else [base] * n_groups)
 
 
-def _unfrozen_stages(fit: _Fit, stages: list) -> bool:
+def _unfrozen_stages(fit: _Fit, stages: list, batches: int | None = None) -> bool:
     """The whole network, one fit per progressive-resizing size (one fit without resizing),
     from the size a resumed run stopped at; returns whether Ctrl-C ended it."""
     cfg, model = fit.cfg, fit.model
@@ -357,7 +355,8 @@ def _unfrozen_stages(fit: _Fit, stages: list) -> bool:
             f"{st.epochs} epoch{'s' if st.epochs != 1 else ''} at {st.size}px"
             for st in stages) + " (the best epoch is chosen among the last stage's)")
     for k in range(first, len(stages)):
-        if _size_stage(fit, stages, k, first, groups, lrs, mixer, sampler, epoch_offset):
+        if _size_stage(fit, stages, k, first, groups, lrs, mixer, sampler, epoch_offset,
+                       batches):
             return True
         epoch_offset += stages[k].epochs
     fit.save_state("done")
@@ -365,9 +364,9 @@ def _unfrozen_stages(fit: _Fit, stages: list) -> bool:
 
 
 def _size_stage(fit: _Fit, stages: list, k: int, first: int, groups: list, lrs: list[float],
-                mixer, sampler, epoch_offset: int) -> bool:
-    """One Lightning fit of the whole network at stage k's size; returns whether Ctrl-C
-    ended it."""
+                mixer, sampler, epoch_offset: int, batches: int | None = None) -> bool:
+    """One Lightning fit of the whole network at stage k's size (epochs of `batches` steps
+    when a time budget shortened them); returns whether Ctrl-C ended it."""
     cfg, data, pre, model, ckpt_dir = fit.cfg, fit.data, fit.pre, fit.model, fit.ckpt_dir
     st = stages[k]
     name = "unfrozen" if len(stages) == 1 else f"unfrozen-{st.size}px"
@@ -411,9 +410,11 @@ def _size_stage(fit: _Fit, stages: list, k: int, first: int, groups: list, lrs: 
     train_loader = make_loader(SeededDataset(train_ds), cfg.batch_size, train=True,
                                workers=cfg.workers, seed=cfg.seed, sampler=order)
     progress = ResumeState(order, cfg.seed + 7919 * k, cfg.batch_size)
+    stop_by = None if fit.deadline is None else fit.deadline - budget.finish_seconds(
+        len(data.valid), fit.eval_img_s or 1e9, int(cfg.tta or 0))
     callbacks: list = [progress, History(fit.rows, fit.best, name, model, fit.task.monitor,
                                          fit.on_row, progress=progress,
-                                         eligible=k == len(stages) - 1)]
+                                         eligible=k == len(stages) - 1, stop_by=stop_by)]
     ckpt_name = "last" if k == 0 else f"last-stage{k}"
     if ckpt_dir:
         callbacks.append(ModelCheckpoint(
@@ -425,8 +426,9 @@ def _size_stage(fit: _Fit, stages: list, k: int, first: int, groups: list, lrs: 
                 dirpath=str(ckpt_dir), filename=ckpt_name, save_top_k=-1,
                 every_n_train_steps=int(cfg.checkpoint_every),
                 enable_version_counter=False))
+    limits = {"limit_train_batches": int(batches)} if batches else {}
     with quiet_lightning():
-        trainer = make_trainer(st.epochs, fit.precision, callbacks, cfg, fit.run_dir)
+        trainer = make_trainer(st.epochs, fit.precision, callbacks, cfg, fit.run_dir, **limits)
         indexed_valid_loader = make_loader(distributed.IndexedDataset(valid_ds),
                                            cfg.batch_size, train=False, workers=cfg.workers)
         ckpt = None

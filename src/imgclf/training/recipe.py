@@ -13,9 +13,11 @@ from dataclasses import dataclass
 
 # The option parsers and constants moved to imgclf.config (the one place options are checked);
 # re-exported here for the callers that knew them as recipe's.
-from imgclf.config import IMAGENET_MEAN, IMAGENET_STD, parse_ints, parse_norm_stats  # noqa: F401
+from imgclf.config import (IMAGENET_MEAN, IMAGENET_STD, TrainConfig,  # noqa: F401
+                           parse_ints, parse_norm_stats)
 from imgclf.data.transforms import image_stats
 from imgclf.errors import ImgclfError
+from imgclf.training.budget import MAX_EPOCHS
 
 
 @dataclass(frozen=True)
@@ -99,4 +101,10 @@ def check_techniques(cfg, multi_label: bool | None = None) -> None:
     if cfg.label_smoothing and multi_label:
         raise ImgclfError("--label-smoothing applies to single-label data, and this data is "
                           "multi-label: drop the flag")
-    size_schedule(cfg.sizes, cfg.epochs, cfg.stage_epochs, cfg.size or 1)
+    size_schedule(cfg.sizes, default_epochs(cfg), cfg.stage_epochs, cfg.size or 1)
+
+
+def default_epochs(cfg: TrainConfig) -> int:
+    """--epochs, or where the frozen stage's score cannot choose them (progressive
+    resizing splits them before training starts) the longest default schedule."""
+    return int(cfg.epochs) if cfg.epochs is not None else MAX_EPOCHS

@@ -18,6 +18,7 @@ memory and the ratio imgclf / fastai.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import resource
@@ -47,8 +48,17 @@ def split_lists(data: Path) -> tuple[list[tuple[str, str]], list[tuple[str, str]
 
 def run_imgclf(data: Path, epochs: int, out: Path, extra: list[str]) -> dict:
     """The command line a user runs, defaults unless `extra` says otherwise."""
+    import logging
+
     from imgclf.cli.app import main as cli_main
 
+    marks: list[tuple[float, str]] = []
+
+    class Marks(logging.Handler):
+        def emit(self, record):
+            marks.append((time.perf_counter() - t0, record.getMessage()))
+
+    logging.getLogger("imgclf").addHandler(Marks(logging.INFO))
     t0 = time.perf_counter()
     argv = ["train", str(data), "--model", ARCH, "--weights", str(WEIGHTS), "--out", str(out),
             "--name", f"imgclf-{data.name}", "--seed", "42", *extra]
@@ -61,11 +71,48 @@ def run_imgclf(data: Path, epochs: int, out: Path, extra: list[str]) -> dict:
     wall = time.perf_counter() - t0
     run_dir = out / f"imgclf-{data.name}"
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    import csv
     with open(run_dir / "metrics.csv", newline="") as f:
-        accs = [float(r["valid_accuracy"]) for r in csv.DictReader(f) if r.get("valid_accuracy")]
+        rows = list(csv.DictReader(f))
+    accs = [float(r["valid_accuracy"]) for r in rows if r.get("valid_accuracy")]
+
+    def at(prefix: str) -> float:
+        return next((t for t, m in marks if m.startswith(prefix)), float("nan"))
+
+    frozen = sum(float(r["seconds"]) for r in rows if r["stage"] == "frozen")
+    unfrozen = [float(r["seconds"]) for r in rows if r["stage"] != "frozen"]
+    phases = {"data": at("Training "), "features+finder": at("Learning-rate finder") - at("Training "),
+              "head": frozen, "unfrozen_epochs": unfrozen,
+              "finish": wall - at("Learning-rate finder") - frozen - sum(unfrozen)}
     return {"wall_s": wall, "final_acc": metrics["valid_accuracy"], "best_acc": max(accs),
-            "epochs_run": len(accs), "plan": metrics.get("plan")}
+            "epochs_run": len(accs), "plan": metrics.get("plan"), "phases": phases,
+            "train_gflops": training_gflops(metrics, sum(unfrozen), metrics["train_images"])}
+
+
+def training_gflops(metrics: dict, unfrozen_s: float, n_train: int) -> dict:
+    """Achieved training GFLOP/s of the unfrozen epochs against this machine's fp32 matmul peak.
+
+    A training step costs about three forward passes (the backward pass twice the forward);
+    the forward's FLOPs are counted by torch's FlopCounterMode at the run's input size.
+    """
+    import timm
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    size = 224
+    net = timm.create_model(ARCH, num_classes=len(metrics["classes"])).eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        net(torch.zeros(1, 3, size, size))
+    forward = counter.get_total_flops()
+    images = n_train * metrics["epochs"]
+    achieved = 3 * forward * images / max(unfrozen_s, 1e-9) / 1e9
+    a = torch.randn(2048, 2048)
+    a @ a
+    t = time.perf_counter()
+    for _ in range(10):
+        a @ a
+    peak = 10 * 2 * 2048 ** 3 / (time.perf_counter() - t) / 1e9
+    return {"forward_gflop_per_image": forward / 1e9, "achieved_gflops": achieved,
+            "matmul_peak_gflops": peak, "share_of_peak": achieved / peak}
 
 
 def run_fastai(data: Path, epochs: int, out: Path, extra: list[str]) -> dict:
@@ -151,7 +198,9 @@ def worker(name: str, data: str, epochs: int, out: str, extra: list[str]) -> Non
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     result = WORKERS[name](DATA[data], epochs, Path(out), extra)
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    result["peak_rss_mb"] = usage.ru_maxrss / 1024
+    result["cpu_user_s"], result["cpu_sys_s"] = usage.ru_utime, usage.ru_stime
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -204,7 +253,23 @@ def main() -> None:
                 print(f"{data:10} {name:7} {r['process_s']:9.1f} {r['wall_s']:9.1f} "
                       f"{r['final_acc']:9.4f} {r['best_acc']:8.4f} {r['peak_rss_mb']:8.0f} "
                       f"{r['epochs_run']:6d}")
+        for name in tools:
+            r = results.get((name, data))
+            if r:
+                print(f"{'':10} {name:7} CPU user {r['cpu_user_s']:.0f} s, kernel "
+                      f"{r['cpu_sys_s']:.0f} s ({r['cpu_sys_s'] / max(1e-9, r['cpu_user_s'] + r['cpu_sys_s']):.0%})")
         base, peer = results.get(("imgclf", data)), results.get(("fastai", data))
+        if base:
+            ph = base["phases"]
+            print(f"{'':10} imgclf phases (s): start-up {base['process_s'] - base['wall_s']:.1f}, "
+                  f"data {ph['data']:.1f}, features+LR finder {ph['features+finder']:.1f}, "
+                  f"head {ph['head']:.1f}, unfrozen epochs "
+                  f"{' '.join(f'{x:.1f}' for x in ph['unfrozen_epochs'])}, "
+                  f"then predictions, report, bundle {ph['finish']:.1f}; plan {base['plan']}")
+            g = base["train_gflops"]
+            print(f"{'':10} imgclf training: {g['achieved_gflops']:.1f} GFLOP/s "
+                  f"({g['forward_gflop_per_image']:.2f} GFLOP forward per image x 3), "
+                  f"{g['share_of_peak']:.0%} of the fp32 matmul peak {g['matmul_peak_gflops']:.0f}")
         if base and peer:
             ratio = base["process_s"] / peer["process_s"]
             verdict = "ok" if ratio <= 0.25 and base["final_acc"] >= peer["final_acc"] else "MISS"

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from imgclf.allocator import retain_freed_memory
 from imgclf.data import presize
 from imgclf.data.cache import DecodedImages, decode_all
 from imgclf.data.files import list_images
@@ -104,13 +105,15 @@ def predict_files(bundle, paths, batch_size: int = 32, tta: int | None = None,
                     "(e.g. %s): name them to predict them anyway", len(others), others[0])
     chunks: list[np.ndarray] = []
     # Files are decoded and scored a chunk at a time, so memory stays bounded for any count.
-    for start in range(0, len(files), CHUNK_FILES):
-        images, errs, _ = decode_all(files[start:start + CHUNK_FILES], bundle.preprocess,
-                                     cache_dir, progress=progress)
-        errors.update(errs)
-        kept += images.paths
-        chunks.append(predict_images(bundle.model, bundle.preprocess, images, bundle.multi_label,
-                                     batch_size=batch_size, tta=n, reduce=reduce))
+    with retain_freed_memory():  # no fresh pages per batch (imgclf.allocator)
+        for start in range(0, len(files), CHUNK_FILES):
+            images, errs, _ = decode_all(files[start:start + CHUNK_FILES], bundle.preprocess,
+                                         cache_dir, progress=progress)
+            errors.update(errs)
+            kept += images.paths
+            chunks.append(predict_images(bundle.model, bundle.preprocess, images,
+                                         bundle.multi_label, batch_size=batch_size, tta=n,
+                                         reduce=reduce))
     probs = np.concatenate(chunks) if kept else np.zeros((0, len(bundle.classes)), np.float32)
     return PredictionResult(
         paths=kept, probs=probs, classes=bundle.classes, multi_label=bundle.multi_label,

@@ -285,17 +285,24 @@ def _unfrozen_length(fit: _Fit) -> tuple[int, int | None]:
     elif cfg.epochs is not None or getattr(cfg, "sizes", None):
         epochs = recipe.default_epochs(cfg)
         fit.plan = budget.plan_record(None, epochs, "--epochs")
-    elif fit.frozen and fit.best.epoch >= 0 and not several:
-        epochs = budget.auto_epochs(fit.best.score)
+    elif (score := _frozen_score(fit)) is not None and not several:
+        epochs = budget.auto_epochs(score)
         fit.plan = {**budget.plan_record(None, epochs, "frozen-stage score"),
-                    "frozen_score": float(fit.best.score)}
+                    "frozen_score": score}
         log.info(f"Unfrozen stage: {epochs} epochs (the frozen stage's validation "
-                 f"{fit.task.monitor.removeprefix('valid_')} is {fit.best.score:.3f}; "
+                 f"{fit.task.monitor.removeprefix('valid_')} is {score:.3f}; "
                  "--epochs N to choose)")
     else:
         epochs = budget.MAX_EPOCHS
         fit.plan = budget.plan_record(None, epochs, "default")
     return epochs, batches
+
+
+def _frozen_score(fit: _Fit) -> float | None:
+    """The frozen stage's validation score, from its row (None when it did not run)."""
+    rows = [r for r in fit.rows if r.stage == "frozen"] if fit.frozen else []
+    score = rows[-1].metrics.get(fit.task.monitor) if rows else None
+    return float(score) if score is not None else None
 
 
 def _budget_plan(fit: _Fit) -> budget.Plan:
@@ -412,8 +419,16 @@ def _size_stage(fit: _Fit, stages: list, k: int, first: int, groups: list, lrs: 
     progress = ResumeState(order, cfg.seed + 7919 * k, cfg.batch_size)
     stop_by = None if fit.deadline is None else fit.deadline - budget.finish_seconds(
         len(data.valid), fit.eval_img_s or 1e9, int(cfg.tta or 0))
+    def on_row(row: EpochRow, improved: bool) -> None:
+        fit.on_row(row, improved)
+        if row.epoch == epoch_offset and st.epochs > 1:  # once the throughput is known
+            left = (st.epochs - 1) * row.seconds + sum(
+                x.epochs * row.seconds * (x.size / st.size) ** 2 for x in stages[k + 1:])
+            log.info(f"First unfrozen epoch: {row.seconds:.0f} s; about {left:.0f} s of "
+                     "training left")
+
     callbacks: list = [progress, History(fit.rows, fit.best, name, model, fit.task.monitor,
-                                         fit.on_row, progress=progress,
+                                         on_row, progress=progress,
                                          eligible=k == len(stages) - 1, stop_by=stop_by)]
     ckpt_name = "last" if k == 0 else f"last-stage{k}"
     if ckpt_dir:

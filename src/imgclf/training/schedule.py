@@ -45,8 +45,7 @@ def one_cycle(step: int, total: int, peak: float, pct_start: float = 0.3, div: f
         # starting rate; OneCycleLR divides by zero there.
         pct = step / warm_end if warm_end > 0 else 0.0
         return _cos(peak / div, peak, pct), _cos(high, low, pct)
-    # min: after the last step (step == total) the rate stays at its end, not back up the cosine.
-    pct = min(1.0, (step - warm_end) / (total - 1 - warm_end))
+    pct = (step - warm_end) / (total - 1 - warm_end)
     return _cos(peak, peak / final_div, pct), _cos(low, high, pct)
 
 

@@ -73,7 +73,7 @@ def evaluate(
 def predict(
     model: Path = typer.Argument(..., help="Run directory, bundle folder, or an exported .onnx / OpenVINO .xml file (imgclf export)."),
     paths: list[str] = typer.Argument(..., help="Image files, folders or globs."),
-    top_k: int = typer.Option(3, help="Labels shown per image."),
+    top_k: int = typer.Option(3, min=1, help="Labels shown per image (at least 1)."),
     out_csv: Optional[Path] = typer.Option(None, "--out", help="Write all probabilities to this CSV."),
     tta: Optional[int] = typer.Option(None, help="Augmented views (default: the bundle's setting)."),
     tta_reduce: Optional[str] = typer.Option(None, help="How TTA views combine: mean | max (default: the bundle's, else mean)."),

@@ -19,7 +19,8 @@ import typer
 from rich.text import Text
 
 from imgclf.cli.console import command_output, console
-from imgclf.cli.options import config_from_flags, config_options, given_on_command_line
+from imgclf.cli.options import (config_from_flags, config_options, field_option,
+                                given_on_command_line)
 from imgclf.errors import ImgclfError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -50,10 +51,14 @@ def train(resume: Optional[Path] = None, **flags):
 def evaluate(
     run: Path = typer.Argument(..., help="Run directory or bundle folder."),
     data: Optional[Path] = typer.Argument(None, help="Other labelled images (default: the run's validation set)."),
-    csv: Optional[Path] = typer.Option(None, help="Labels CSV for DATA."),
-    label_pattern: Optional[str] = typer.Option(None, help="Regex giving the label from the file name."),
-    label_delim: str = typer.Option(" ", help="Separator of several labels in one CSV cell."),
-    label_cols: Optional[str] = typer.Option(None, help="One-hot label columns (comma-separated) or 'auto'."),
+    csv: Optional[Path] = field_option("csv"),
+    image_col: Optional[str] = field_option("image_col"),
+    label_col: Optional[str] = field_option("label_col"),
+    split_col: Optional[str] = field_option("split_col"),
+    label_pattern: Optional[str] = field_option("label_pattern"),
+    label_delim: str = field_option("label_delim"),
+    label_cols: Optional[str] = field_option("label_cols"),
+    multi_label: Optional[bool] = field_option("multi_label"),
     tta: Optional[int] = typer.Option(None, help="Augmented views to add (test-time augmentation; default: the bundle's setting); scores are shown with and without."),
     tta_reduce: Optional[str] = typer.Option(None, help="How TTA views combine: mean | max (default: the bundle's, else mean)."),
     batch_size: int = typer.Option(32),
@@ -62,9 +67,12 @@ def evaluate(
     """Score a trained model: accuracy, per-class metrics, confusion matrix, most confused."""
     from imgclf import api  # lazy: start-up time (`imgclf --help` imports no torch)
 
-    options = {k: v for k, v in {"csv": str(csv) if csv else None,
+    options = {k: v for k, v in {"csv": str(csv) if csv else None, "image_col": image_col,
+                                 "label_col": label_col, "split_col": split_col,
                                  "label_pattern": label_pattern, "label_cols": label_cols,
                                  "label_delim": label_delim if csv else None}.items() if v}
+    if multi_label is not None:
+        options["multi_label"] = multi_label
     api.evaluate(run, data, out=out_dir, tta=tta, tta_reduce=tta_reduce, batch_size=batch_size,
                  **options)
 
@@ -205,6 +213,7 @@ def serve(
     upload_timeout: float = typer.Option(30.0, help="Seconds a request body may take to arrive (408 after)."),
     predict_timeout: float = typer.Option(60.0, help="Seconds a queued prediction may take (503 after)."),
     threads: Optional[int] = typer.Option(None, help="Torch threads per process (default: cores / workers)."),
+    max_pixels_in_flight: int = typer.Option(100_000_000, min=1, help="Pixels decoded at once across all requests (bounds memory; more wait, 503 after --predict-timeout)."),
 ):
     """Serve a model over HTTP: POST /predict, GET /health, GET /model."""
     from imgclf.deploy.serve import ServeConfig, run_server  # lazy: start-up time (`imgclf --help` imports no torch)
@@ -212,7 +221,7 @@ def serve(
     run_server(ServeConfig(bundle=str(model), max_upload_bytes=int(max_upload_mb * 1e6),
                            max_pixels=max_pixels, max_files=max_files, max_batch=max_batch,
                            upload_timeout=upload_timeout, predict_timeout=predict_timeout,
-                           threads=threads),
+                           threads=threads, max_pixels_in_flight=max_pixels_in_flight),
                host=host, port=port, workers=workers)
 
 

@@ -59,6 +59,14 @@ def _parameter(f: dataclasses.Field, help: str | None = None) -> inspect.Paramet
                              annotation=_cli_type(f))
 
 
+def field_option(name: str):
+    """The typer option of one TrainConfig field, for a command that takes only a few of them
+    (declared once: the field's default and help)."""
+    f = next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
+    return typer.Option(_cli_default(f), *([f.metadata["flag"]] if f.metadata.get("flag") else []),
+                        help=f.metadata["help"])
+
+
 def config_options(*, own: dict | None = None, skip=(), help: dict | None = None):
     """Give a command the TrainConfig fields as flags, next to its own parameters.
 

@@ -7,6 +7,7 @@ it); the headline numbers and the most confused pairs are plain log lines.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import logging
 from pathlib import Path
@@ -18,7 +19,7 @@ from imgclf.commands import train as train_cmd
 from imgclf.commands.run import Run
 from imgclf.config import TrainConfig
 from imgclf.data.cache import decode_all, default_cache_dir
-from imgclf.data.samples import VALID
+from imgclf.data.samples import VALID, Sample
 from imgclf.data.sources import load_table
 from imgclf.deploy.bundle import Bundle
 from imgclf.deploy.bundle import load as load_bundle
@@ -44,7 +45,7 @@ def evaluate(target: str | Path, data: str | Path | None = None, *, out: str | P
             raise ImgclfError(f"{target} is a bare bundle: pass labelled DATA to evaluate on")
         cfg = Run(run_dir).config()
         table = load_table(cfg)
-        samples = table.split(VALID)
+        samples = measured_samples(run_dir, bundle.multi_label) or table.split(VALID)
         out_dir = Path(out) if out else run_dir
         cache = train_cmd._cache_dir(cfg)
     else:
@@ -54,6 +55,10 @@ def evaluate(target: str | Path, data: str | Path | None = None, *, out: str | P
             source_options["multi_label"] = True
         cfg = dataclasses.replace(TrainConfig(), data=str(data), **source_options)
         table = load_table(cfg)
+        if table.multi_label and not bundle.multi_label:
+            raise ImgclfError(f"{data}: its labels are multi-label (images with several or no "
+                              "labels) and the model is single-label: evaluate a multi-label "
+                              "model, or pass --single-label if each image has one label")
         samples = table.samples
         base = run_dir or bundle.path
         out_dir = Path(out) if out else base / "eval" / (Path(data).resolve().name or "data")
@@ -106,6 +111,26 @@ def evaluate(target: str | Path, data: str | Path | None = None, *, out: str | P
         train_cmd.write_report(run_dir)
     log.info("Results: %s", out_dir)
     return result
+
+
+def measured_samples(run_dir: Path, multi_label: bool) -> list[Sample] | None:
+    """The images and labels the run's own numbers were measured on, from its predictions.csv.
+
+    The data's validation split is not always that set: after `imgclf mine` it gains the
+    held-out negatives, and corrections relabel or exclude images. Reading the file keeps
+    `evaluate RUN` scoring exactly what metrics.json scored. None when there is no file.
+    """
+    path = run_dir / "predictions.csv"
+    if not path.is_file():
+        return None
+    try:
+        with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+            rows = list(csv.DictReader(f))
+        return [Sample(Path(r["path"]), tuple((r["target"] or "").split()) if multi_label
+                       else (r["target"],), VALID) for r in rows]
+    except (OSError, KeyError, csv.Error) as e:
+        raise ImgclfError(f"{path} is damaged ({e}): delete it to evaluate on the data's "
+                          "validation split instead") from None
 
 
 def _write_confusion_csv(path: Path, cm: np.ndarray, classes: list[str]) -> None:

@@ -48,7 +48,8 @@ class ImageInfo:
         format: Pillow's format name ("JPEG", "PNG", ...).
         mode: Pillow's colour mode of the file ("L", "P", "RGBA", "I;16", "CMYK", ...).
         size: (width, height) of the returned picture, after EXIF orientation.
-        animated: True for an animated GIF, PNG or WebP; only its first frame is used.
+        animated: True for an animated GIF, PNG or WebP or a multi-page TIFF; only its
+            first frame (page) is used.
         orientation: The EXIF orientation tag (1 = upright, 6 = rotate 90 degrees clockwise, ...).
         transparency: True when the file has an alpha channel or a transparent colour.
     """
@@ -190,8 +191,10 @@ def open_rgb_with_info(
         )
     fmt = "JPEG" if im.format == "MPO" else (im.format or "image")
     try:
-        # MPO files (camera JPEGs) hold extra pictures too, but are not animations.
-        animated = im.format in ("GIF", "PNG", "WEBP") and bool(getattr(im, "is_animated", False))
+        # MPO files (camera JPEGs) hold extra pictures too, but are not animations; a TIFF
+        # with several pages is counted with the animations (only its first page is used).
+        animated = im.format in ("GIF", "PNG", "WEBP", "TIFF") and int(
+            getattr(im, "n_frames", 1) or 1) > 1
         im.load()  # the first frame only, for animations
         info_mode, transparency = im.mode, _has_transparency(im)
         orientation = _orientation(im)

@@ -264,7 +264,8 @@ class CheckReport:
         if self.rotated:
             out.append(f"{self.rotated} images turned upright by their EXIF orientation")
         if self.animated:
-            out.append(f"{self.animated} animated images: the first frame is used")
+            out.append(f"{self.animated} animated or multi-page images (GIF, PNG, WebP, TIFF): "
+                       "the first frame or page is used")
         return out
 
 

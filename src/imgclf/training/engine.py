@@ -14,6 +14,7 @@ import contextlib
 import logging
 import math
 import re
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -23,7 +24,7 @@ import lightning.pytorch as L
 import numpy as np
 import torch
 from lightning.pytorch import seed_everything  # noqa: F401 (re-exported for the commands)
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from torch import nn
 
 from imgclf.data.transforms import Preprocess, normalize
@@ -345,10 +346,11 @@ def quiet_lightning():
                 lg.setLevel(level)
 
 
-def _scratch_dir() -> str:
-    import tempfile
+class _EpochBar(RichProgressBar):
+    """Lightning's bar counting a fit's epochs from 1 ("Epoch 1/1", not "Epoch 0/0")."""
 
-    return tempfile.mkdtemp(prefix="imgclf-trainer-")
+    def _get_train_description(self, current_epoch: int) -> str:
+        return f"Epoch {current_epoch + 1}/{self.trainer.max_epochs}"
 
 
 class AtomicCheckpointIO(L.plugins.TorchCheckpointIO):
@@ -406,12 +408,12 @@ def make_trainer(epochs: int, precision: str, callbacks: list, cfg, root: Path |
         num_nodes=int(cfg.num_nodes),
         strategy=cfg.strategy,
         precision=precision,
-        callbacks=callbacks,
+        callbacks=[*callbacks, _EpochBar()],
         logger=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
         deterministic=bool(cfg.deterministic),
-        default_root_dir=str(root) if root else _scratch_dir(),
+        default_root_dir=str(root) if root else tempfile.mkdtemp(prefix="imgclf-trainer-"),
         plugins=[AtomicCheckpointIO()],
         **kwargs,
     )

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import socket
 from pathlib import Path
 
 import timm
@@ -68,12 +71,48 @@ def _create_pretrained(arch: str, weights: str | Path | None, kwargs: dict) -> n
         check_weights_cover(model, file_keys, path)
         return model
     try:
-        return timm.create_model(arch, pretrained=True, **kwargs)
+        if hub_reachable():
+            return timm.create_model(arch, pretrained=True, **kwargs)
+        # No network: the weights may still be in the local hub cache; offline, the hub
+        # client answers from it at once instead of retrying for about 50 s.
+        with _hub_offline():
+            return timm.create_model(arch, pretrained=True, **kwargs)
     except (OSError, ConnectionError, RuntimeError) as e:
         raise ImgclfError(
             f"could not fetch pretrained weights for '{arch}' ({_short(e)}): without network, "
             "pass a local file with --weights FILE, or --no-pretrained to start from random weights"
         ) from e
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the model hub's host accepts a connection within `timeout` seconds."""
+    from urllib.parse import urlparse
+
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    url = urlparse(endpoint)
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co",
+                                       url.port or (80 if url.scheme == "http" else 443)),
+                                      timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _hub_offline():
+    """huggingface_hub in offline mode for the duration (its module constant, read per call)."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        yield
+        return
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
 
 
 def check_weights_cover(model: nn.Module, file_keys: set[str], path: Path) -> None:

@@ -42,6 +42,13 @@ def test_time_budget_and_epochs_are_exclusive():
         TrainConfig(data="x", time_budget="five minutes").check()
 
 
+def test_time_budget_is_refused_for_several_processes(tmp_path):
+    from imgclf import api
+
+    with pytest.raises(ImgclfError, match="one process"):
+        api.train(tmp_path, time_budget="5m", num_nodes=2)
+
+
 def _costs(**kw) -> budget.Costs:
     base = dict(left_s=100.0, step_s=1.0, eval_img_s=100.0, steps_per_epoch=10, n_valid=100,
                 finish_s=3.0)

@@ -156,6 +156,10 @@ def train(data: str | Path | None = None, *, config: TrainConfig | None = None,
     budget_s = parse_duration(cfg.time_budget) if resume is None else None
     rank_zero = distributed.is_rank_zero(cfg.num_nodes)
     distributed.check_strategy(cfg)
+    if cfg.time_budget and (int(cfg.num_nodes) > 1 or distributed.wants_several_processes(cfg)):
+        # Each process would time its own steps and could plan differently, then deadlock.
+        raise ImgclfError("--time-budget plans on one process: drop it for multi-process runs "
+                          "and give --epochs")
     if distributed.wants_several_processes(cfg):
         distributed.share_cores(cfg)
     # Before anything is written: a missing extra or unreachable store stops the run here.

@@ -66,7 +66,7 @@ def time_training_steps(model: nn.Module, loader: DataLoader, pre: Preprocess, p
     times: list[float] = []
     with torch.random.fork_rng(devices=[]):
         t = time.perf_counter()
-        for i, (x, y) in enumerate(loader):
+        for x, y in loader:
             x = normalize(x.to(device), pre.mean, pre.std).contiguous(
                 memory_format=torch.channels_last)
             with autocast_context(precision, device):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import zlib
 from collections.abc import Callable
@@ -148,3 +149,24 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+
+def read_csv_rows(path: Path) -> list[dict]:
+    """A CSV file (metrics.csv, predictions.csv) as a list of row dicts."""
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="session")
+def gn_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Stand-in "pretrained" weights of test_efficientnet_gn (GroupNorm: ranks of a multi-process
+    run normalise alike), so a run has a frozen stage and an LR finder."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_efficientnet_gn", num_classes=1000)
+    path = tmp_path_factory.mktemp("weights") / "test_efficientnet_gn.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path

@@ -6,18 +6,16 @@ process by running the same command again; that re-run is exactly what torchrun 
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import make_color_dataset
+from conftest import make_color_dataset, read_csv_rows
 from imgclf.training import distributed
 from imgclf.deploy.bundle import load as load_bundle
 
@@ -27,27 +25,8 @@ MODEL = "test_efficientnet_gn"
 COMMON = dict(model=MODEL, size=32, epochs=3, freeze_epochs=1, lr="auto", seed=0, workers=0)
 
 
-def _rows(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> Path:
-    """Stand-in "pretrained" weights, so the run has a frozen stage and an LR finder."""
-    import timm
-    import torch
-    from safetensors.torch import save_file
-
-    torch.manual_seed(0)
-    model = timm.create_model(MODEL, num_classes=1000)
-    path = tmp_path_factory.mktemp("weights") / f"{MODEL}.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return path
-
-
 @pytest.mark.slow
-def test_two_process_ddp_matches_one_process(tmp_path, weights, monkeypatch):
+def test_two_process_ddp_matches_one_process(tmp_path, gn_weights, monkeypatch):
     from imgclf import api
 
     data = make_color_dataset(tmp_path / "data", per_class=16)
@@ -57,7 +36,7 @@ def test_two_process_ddp_matches_one_process(tmp_path, weights, monkeypatch):
 
     # One process, global batch 8.
     monkeypatch.setattr(tempfile, "tempdir", str(scratch_one))
-    one = api.train(data, out=str(tmp_path / "one"), name="one", weights=str(weights),
+    one = api.train(data, out=str(tmp_path / "one"), name="one", weights=str(gn_weights),
                     batch_size=8, **COMMON).path
     monkeypatch.undo()
 
@@ -66,7 +45,7 @@ def test_two_process_ddp_matches_one_process(tmp_path, weights, monkeypatch):
            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", distributed.RUN_DIR_ENV)}
     env["TMPDIR"] = str(scratch_ddp)
     cmd = [sys.executable, "-m", "imgclf.cli", "train", str(data), "--model", MODEL,
-           "--weights", str(weights), "--size", "32", "--epochs", "3", "--freeze-epochs", "1",
+           "--weights", str(gn_weights), "--size", "32", "--epochs", "3", "--freeze-epochs", "1",
            "--seed", "0", "--workers", "0", "--batch-size", "4", "--out", str(tmp_path / "ddp"),
            "--name", "ddp", "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
@@ -76,7 +55,7 @@ def test_two_process_ddp_matches_one_process(tmp_path, weights, monkeypatch):
     # The run directory was written once, by rank 0: one folder, one row per epoch, one
     # "Done" line (rank 1 prints nothing), no scratch run folder for rank 1.
     assert [p.name for p in (tmp_path / "ddp").iterdir()] == ["ddp"]
-    rows = _rows(ddp / "metrics.csv")
+    rows = read_csv_rows(ddp / "metrics.csv")
     assert [(r["epoch"], r["stage"]) for r in rows] == [
         ("0", "frozen"), ("1", "unfrozen"), ("2", "unfrozen"), ("3", "unfrozen")]
     assert r.stderr.count("Done in") == 1 and r.stderr.count("Learning-rate finder") == 1
@@ -87,7 +66,7 @@ def test_two_process_ddp_matches_one_process(tmp_path, weights, monkeypatch):
     # Metrics cover the whole validation set, each image once, in the table's order.
     m_one = json.loads((one / "metrics.json").read_text())
     m_ddp = json.loads((ddp / "metrics.json").read_text())
-    p_one, p_ddp = _rows(one / "predictions.csv"), _rows(ddp / "predictions.csv")
+    p_one, p_ddp = read_csv_rows(one / "predictions.csv"), read_csv_rows(ddp / "predictions.csv")
     assert [x["path"] for x in p_ddp] == [x["path"] for x in p_one]
     assert m_ddp["valid_images"] == m_ddp["valid_n_samples"] == len(p_ddp) == len(set(
         x["path"] for x in p_ddp))
@@ -102,7 +81,7 @@ def test_two_process_ddp_matches_one_process(tmp_path, weights, monkeypatch):
           f"{m_one['valid_loss']:.4f}  train {m_one['train_seconds']:.1f}s\n"
           f"2 processes: valid_accuracy {m_ddp['valid_accuracy']:.4f}  valid_loss "
           f"{m_ddp['valid_loss']:.4f}  train {m_ddp['train_seconds']:.1f}s")
-    for label, rs in (("1 process", _rows(one / "metrics.csv")), ("2 processes", rows)):
+    for label, rs in (("1 process", read_csv_rows(one / "metrics.csv")), ("2 processes", rows)):
         print(label, [(x["stage"], round(float(x["valid_loss"]), 4)) for x in rs])
     # Same data, same global batch and schedule; only the order of the batches differs.
     assert m_one["valid_accuracy"] >= 0.9 and m_ddp["valid_accuracy"] >= 0.9

@@ -4,17 +4,15 @@ environment variables), against one process with the same global batch."""
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from conftest import make_color_dataset
+from conftest import make_color_dataset, read_csv_rows
 
 # GroupNorm: BatchNorm statistics are per process, a real but separate difference (test_ddp).
 MODEL = "test_efficientnet_gn"
@@ -30,31 +28,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rows(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> Path:
-    """Stand-in "pretrained" weights, so the run has a frozen stage and an LR finder."""
-    import timm
-    import torch
-    from safetensors.torch import save_file
-
-    torch.manual_seed(0)
-    model = timm.create_model(MODEL, num_classes=1000)
-    path = tmp_path_factory.mktemp("weights") / f"{MODEL}.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return path
-
-
 @pytest.mark.slow
-def test_two_nodes_match_one_process(tmp_path, weights):
+def test_two_nodes_match_one_process(tmp_path, gn_weights):
     data = make_color_dataset(tmp_path / "data", per_class=16)
     base = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
     common = [sys.executable, "-m", "imgclf.cli", "train", str(data), *FLAGS, "--weights",
-              str(weights), "--cache-dir", str(tmp_path / "cache")]
+              str(gn_weights), "--cache-dir", str(tmp_path / "cache")]
 
     one = subprocess.run([*common, "--batch-size", "8", "--out", str(tmp_path / "one"),
                           "--name", "one"], capture_output=True, text=True, timeout=600, env=base)
@@ -89,11 +68,11 @@ def test_two_nodes_match_one_process(tmp_path, weights):
     assert not list((tmp_path / "tmp1").glob("imgclf-rank-*"))
     m_one = json.loads((a / "metrics.json").read_text())
     m_two = json.loads((b / "metrics.json").read_text())
-    p_one, p_two = _rows(a / "predictions.csv"), _rows(b / "predictions.csv")
+    p_one, p_two = read_csv_rows(a / "predictions.csv"), read_csv_rows(b / "predictions.csv")
     assert [x["path"] for x in p_two] == [x["path"] for x in p_one]
     assert m_two["valid_images"] == m_two["valid_n_samples"] == len(p_two)
-    assert [(r["epoch"], r["stage"]) for r in _rows(b / "metrics.csv")] == [
-        (r["epoch"], r["stage"]) for r in _rows(a / "metrics.csv")]
+    assert [(r["epoch"], r["stage"]) for r in read_csv_rows(b / "metrics.csv")] == [
+        (r["epoch"], r["stage"]) for r in read_csv_rows(a / "metrics.csv")]
     # The same data, global batch, learning rate and schedule; the batches are made of other
     # images (each node draws its shard), so the numbers agree to a tolerance, not exactly.
     assert m_two["lr"] == pytest.approx(m_one["lr"])

@@ -77,8 +77,12 @@ class Plan:
 
     def describe(self) -> str:
         if self.epochs == 0:
-            return (f"time budget: {self.budget_left_s:.0f} s left after the frozen stage buy no "
-                    "unfrozen epoch; the model is the frozen stage's")
+            left = (f"{self.budget_left_s:.0f} s left after the frozen stage buy"
+                    if self.budget_left_s > 0 else
+                    f"the budget was spent {-self.budget_left_s:.0f} s before the frozen stage "
+                    "ended:")
+            return (f"time budget: {left} no unfrozen epoch; the model is the frozen stage's "
+                    "(a longer --time-budget buys fine-tuning)")
         share = "" if self.batches == self.steps_per_epoch else (
             f" of {self.batches}/{self.steps_per_epoch} batches")
         return (f"time budget plan: {self.epochs} unfrozen epoch{'s' if self.epochs != 1 else ''}"

@@ -2,6 +2,16 @@
 re-estimated on training images, and the state the unfrozen stage starts from (head weights and
 BatchNorm buffers), kept as safetensors.
 
+Cached features and the memory budget: the frozen stage holds V augmented views of N training
+features of F floats (V * N * F * 4 bytes: 100k images, one view, 1280 features is 512 MB; three
+views 1.5 GB). They are written into one preallocated [V * N, F] float32 block, never
+concatenated from per-batch copies (which peaks at twice the bytes). When the block would
+exceed the memory budget (`imgclf.data.cache.default_memory_budget`: min(4 GiB, 25% of the
+memory available), `$IMGCLF_MEMORY_BUDGET_GB` overrides it) it is a memory-mapped temporary
+file instead, deleted as soon as it is mapped: the head's loader reads the rows it samples, and
+the kernel keeps in memory what it can and drops what it must, so the process's own memory does
+not grow with N.
+
 Split from `imgclf.training.fine_tune`, whose stages use these.
 """
 
@@ -9,18 +19,24 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
+import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
 from imgclf import progress
+from imgclf.data.cache import default_memory_budget
 from imgclf.data.transforms import Preprocess, normalize
 from imgclf.errors import ImgclfError
 from imgclf.io import atomic_write_bytes
 from imgclf.training import models
+
+log = logging.getLogger(__name__)
 
 
 def autocast_context(precision: str, device: torch.device):
@@ -32,21 +48,72 @@ def autocast_context(precision: str, device: torch.device):
     return contextlib.nullcontext()
 
 
+def feature_block(rows: int, width: int, budget: int | None = None,
+                  folder: str | Path | None = None) -> torch.Tensor:
+    """An uninitialised [rows, width] float32 tensor: in memory within the budget, else backed
+    by a memory-mapped temporary file.
+
+    Args:
+        rows: Feature rows (views times images).
+        width: Features per row.
+        budget: Bytes allowed in memory (None: `default_memory_budget()`).
+        folder: Where the temporary file goes (None: the system's temporary folder).
+    """
+    budget = default_memory_budget() if budget is None else budget
+    nbytes = rows * width * 4
+    if nbytes <= budget or rows == 0:
+        return torch.empty(rows, width, dtype=torch.float32)
+    log.info("Cached features take %.2f GB, over the memory budget of %.2f GB: memory-mapped "
+             "from a temporary file", nbytes / 1e9, budget / 1e9)
+    # TemporaryFile has no name on POSIX: the mapping keeps the bytes alive and the file
+    # vanishes with the last reference, even after a crash.
+    with tempfile.TemporaryFile(prefix="imgclf-features-", dir=folder) as f:
+        mapped = np.memmap(f, dtype=np.float32, mode="w+", shape=(rows, width))
+    return torch.from_numpy(mapped)
+
+
 @torch.no_grad()
 def extract_features(model: nn.Module, loader: DataLoader, pre: Preprocess, precision: str,
-                     device: torch.device, desc: str = "Caching features") -> tuple[torch.Tensor, torch.Tensor]:
-    """Pooled body features of every batch (model in eval mode): ([N, F] float32, targets)."""
+                     device: torch.device, desc: str = "Caching features",
+                     views: int = 1, budget: int | None = None,
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled body features of every batch (model in eval mode): ([V * N, F] float32, targets).
+
+    Args:
+        model: The network; `models.pre_logits` gives its pooled features.
+        loader: The images, in a fixed order (its transform may be random: each view differs).
+        pre: Normalisation statistics.
+        precision: Lightning precision string for the autocast.
+        device: Where the body runs.
+        desc: What the progress report calls the pass.
+        views: Passes over the loader, stored view after view (row v * N + i is image i of
+            view v, as `frozen_head.ViewSampler` reads them).
+        budget: Bytes the block may take in memory before it is memory-mapped
+            (None: `default_memory_budget()`); see the module docstring.
+    """
     model.eval()
-    feats, targets = [], []
-    with progress.task(desc, total=len(loader.dataset)) as advance:
-        for x, y in loader:
-            x = normalize(x.to(device), pre.mean, pre.std).contiguous(memory_format=torch.channels_last)
-            with autocast_context(precision, device):
-                f = models.pre_logits(model, x)
-            feats.append(f.float().cpu())
-            targets.append(y)
-            advance(len(x))
-    return torch.cat(feats), torch.cat(targets)
+    n = len(loader.dataset)
+    block: torch.Tensor | None = None
+    targets: torch.Tensor | None = None
+    for v in range(views):
+        at = v * n
+        label = desc if views == 1 else f"{desc} (view {v + 1}/{views})"
+        with progress.task(label, total=n) as advance:
+            for x, y in loader:
+                x = normalize(x.to(device), pre.mean, pre.std).contiguous(
+                    memory_format=torch.channels_last)
+                with autocast_context(precision, device):
+                    f = models.pre_logits(model, x).float().cpu()
+                if block is None:  # the width is known from the first batch
+                    block = feature_block(views * n, f.shape[1], budget)
+                    targets = torch.empty((views * n, *y.shape[1:]), dtype=y.dtype)
+                block[at:at + len(f)] = f
+                targets[at:at + len(f)] = y
+                at += len(f)
+                advance(len(x))
+    if block is None:
+        return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
+    return block, targets
 
 
 def time_training_steps(model: nn.Module, loader: DataLoader, pre: Preprocess, precision: str,

@@ -66,15 +66,63 @@ def hamming_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return bit_counts(np.asarray(a, dtype=np.uint64)[:, None] ^ np.asarray(b, dtype=np.uint64)[None, :])
 
 
+def _flips(width: int, within: int) -> np.ndarray:
+    """Every `width`-bit mask with at most `within` bits set (0 first)."""
+    from itertools import combinations
+
+    masks = [sum(1 << b for b in bits) for k in range(within + 1)
+             for bits in combinations(range(width), k)]
+    return np.array(masks, dtype=np.uint64)
+
+
+# What a candidate pair costs against one probe of the sorted bands (pairs are concatenated,
+# sorted for unique, XORed and counted; measured roughly on the 100k scale set), and the
+# clustering of real hashes (crops of one photo share bands far more often than chance).
+PAIR_COST = 8
+
+
+def choose_bands(n_a: int, n_b: int, max_bits: int = NEAR_DUPLICATE_BITS) -> int:
+    """Bands for `near_pairs`: the count with the least expected work for these sizes.
+
+    With m bands, a pair within max_bits bits agrees within max_bits // m bits on some band,
+    so each hash of b probes P_m keys per band and meets about n_a * P_m / 2**(64 / m)
+    unrelated hashes of a by chance. m = max_bits + 1 (exact bands of 13 bits at 4 bits)
+    probes least but its chance meetings grow as n_a * n_b (quadratic); fewer, wider bands
+    probe more keys but meet almost nothing by chance, so the work stays about linear in n_b.
+    """
+    from math import comb
+
+    best, best_cost = max_bits + 1, float("inf")
+    for m in range(1, max_bits + 2):
+        width = -(-64 // m)
+        t = max_bits // m
+        probes = m * sum(comb(width, k) for k in range(t + 1))
+        cost = n_b * probes * (1 + PAIR_COST * n_a / 2.0**(64 // m))
+        if cost < best_cost:
+            best, best_cost = m, cost
+    return best
+
+
 def near_pairs(a: np.ndarray, b: np.ndarray, max_bits: int = NEAR_DUPLICATE_BITS,
-               chunk: int = 4096) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+               chunk: int = 4096, bands: int | None = None,
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every pair (i, j) with hashes a[i], b[j] at most `max_bits` bits apart, and the distance.
 
-    Multi-index hashing: the 64 bits are cut into max_bits + 1 bands, and two hashes that
-    differ in at most max_bits bits agree exactly on at least one band (pigeonhole), so
-    looking up each band of b among the sorted bands of a finds every such pair, exactly as
-    comparing all pairs would, while comparing only pairs that share a band: about
-    len(a) * len(b) * (bands / 2**band_bits) of them for unrelated hashes, not len(a) * len(b).
+    Multi-index hashing: the 64 bits are cut into m bands, and two hashes that differ in at
+    most max_bits bits differ in at most max_bits // m bits on at least one band (pigeonhole),
+    so looking up each band of b, and its variants with up to that many bits flipped, among
+    the sorted bands of a finds every such pair, exactly as comparing all pairs would, while
+    comparing only pairs that meet on a band. m = max_bits + 1 needs exact matches only, but
+    its 13-bit bands (at 4 bits) let unrelated hashes meet at a rate that makes the work grow
+    as len(a) * len(b); `choose_bands` takes wider bands for large sets (3 bands of 21-22 bits,
+    one flip each, for 100k images), which keeps it about linear.
+
+    Args:
+        a: Hashes (uint64) searched.
+        b: Hashes looked up, `chunk` at a time.
+        max_bits: Largest distance reported.
+        chunk: Hashes of b per step (bounds memory).
+        bands: m (None: `choose_bands`); any value from 1 to max_bits + 1 gives the same pairs.
 
     Returns:
         (i, j, distance) arrays, sorted by i then j.
@@ -84,25 +132,29 @@ def near_pairs(a: np.ndarray, b: np.ndarray, max_bits: int = NEAR_DUPLICATE_BITS
     empty = np.zeros(0, dtype=np.int64)
     if not len(a) or not len(b):
         return empty, empty, empty
-    edges = np.linspace(0, 64, max_bits + 2).astype(int)
-    bands = []
+    m = choose_bands(len(a), len(b), max_bits) if bands is None else int(bands)
+    if not 1 <= m <= max_bits + 1:
+        raise ValueError(f"bands must be between 1 and {max_bits + 1}, not {m}")
+    edges = np.linspace(0, 64, m + 1).astype(int)
+    table = []
     for lo, hi in zip(edges[:-1], edges[1:]):
-        mask = np.uint64((1 << int(hi - lo)) - 1)
+        width = int(hi - lo)
+        mask = np.uint64((1 << width) - 1) if width < 64 else np.uint64(2**64 - 1)
         keys = (a >> np.uint64(lo)) & mask
         order = np.argsort(keys, kind="stable")
-        bands.append((np.uint64(lo), mask, keys[order], order))
+        table.append((np.uint64(lo), mask, keys[order], order, _flips(width, max_bits // m)))
     found_i, found_j, found_d = [], [], []
     for start in range(0, len(b), chunk):
         part = b[start:start + chunk]
         pairs = []
-        for lo, mask, sorted_keys, order in bands:
-            keys = (part >> lo) & mask
+        for lo, mask, sorted_keys, order, flips in table:
+            keys = (((part >> lo) & mask)[:, None] ^ flips[None, :]).ravel()
             left = np.searchsorted(sorted_keys, keys, "left")
             counts = np.searchsorted(sorted_keys, keys, "right") - left
             total = int(counts.sum())
             if not total:
                 continue
-            j = np.repeat(np.arange(len(part)), counts)
+            j = np.repeat(np.arange(len(keys)) // len(flips), counts)
             within = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
             i = order[np.repeat(left, counts) + within]
             pairs.append(i.astype(np.int64) * len(part) + j)

@@ -10,6 +10,7 @@ import torch
 from imgclf.config import TrainConfig, parse_duration
 from imgclf.errors import ImgclfError
 from imgclf.training import budget
+from imgclf.training.schedule import one_cycle, stretch
 
 
 @pytest.mark.parametrize("score, epochs", [(0.984, 2), (0.992, 2), (0.921, 3), (0.905, 3),
@@ -157,3 +158,104 @@ def test_a_budget_run_records_its_plan_and_a_resumed_one_replays_it(tmp_path, mo
     auto = api.train(data, out=str(tmp_path / "runs"), name="auto", **opts).metrics()
     assert auto["plan"]["rule"] == "frozen-stage score"
     assert auto["epochs"] == budget.auto_epochs(auto["plan"]["frozen_score"])
+
+
+def test_stretch_is_the_identity_without_knots_and_continuous_where_a_plan_changed():
+    from imgclf.training.schedule import restretch
+
+    assert stretch(5, None) == 5.0
+    # 4 epochs of 10 steps planned (40); after epoch 1 the 3 left get 6 steps each.
+    knots = restretch(None, 10, 28, 40)
+    assert knots == [(10.0, 10.0), (27.0, 39.0)]
+    assert stretch(10, knots) == 10.0 and stretch(27, knots) == 39.0
+    assert stretch(28, knots) == 40.0  # the rate an optimizer shows once the fit ended
+    # Re-planned again after epoch 2 (16 steps done): the position reached carries over.
+    again = restretch(knots, 16, 30, 40)
+    assert stretch(16, again) == pytest.approx(stretch(16, knots))
+    assert stretch(29, again) == 39.0 and stretch(12, again) == stretch(12, knots)
+    rates = [one_cycle(stretch(s, again), 40, 1.0)[0] for s in range(30)]
+    assert rates[-1] == pytest.approx(1e-5)  # annealed on the new last step
+    assert max(abs(a - b) for a, b in zip(rates, rates[1:])) < 0.2  # no jump
+
+
+def test_replanning_shares_the_time_left_at_the_last_epochs_pace():
+    # 20 s per 10-step epoch (2 s of it validation): 1.8 s a step.
+    n = budget.replan_batches(left_s=60, epochs_left=2, epoch_s=20, batches=10, valid_s=2,
+                              finish_s=3, steps_per_epoch=16)
+    assert n == int(((0.97 * 60 - 3) / 2 - 2) // 1.8) == 14
+    # Never more than a full epoch, never fewer than one batch.
+    assert budget.replan_batches(1000, 1, 20, 10, 2, 3, 16) == 16
+    assert budget.replan_batches(1, 3, 20, 10, 2, 3, 16) == 1
+
+
+def test_the_replanner_sets_the_next_epochs_and_stops_when_nothing_fits(monkeypatch):
+    from types import SimpleNamespace
+
+    from imgclf.training import replan
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr(replan.time, "monotonic", lambda: clock["t"])
+    changes = []
+    planner = replan.Replanner(deadline=100.0, finish_s=3.0, valid_s=2.0, steps_per_epoch=10,
+                               on_change=lambda *a: changes.append(a))
+    trainer = SimpleNamespace(max_epochs=4, current_epoch=0, num_training_batches=10,
+                              global_step=10, limit_train_batches=10, should_stop=False)
+    module = SimpleNamespace(knots=None, _cycle_total=40, epoch_offset=1)
+    clock["t"] = 30.0  # the first epoch took 30 s, not the 24 planned
+    planner.after_epoch(trainer, module)
+    expected = budget.replan_batches(70.0, 3, 30.0, 10, 2.0, 3.0, 10)
+    assert trainer.limit_train_batches == expected < 10
+    assert module.knots == [(10.0, 10.0), (9.0 + 3 * expected, 39.0)]
+    assert changes[-1][2] == {"after_epoch": 1, "epoch_s": 30.0, "batches": expected}
+    # Late: not even one more batch and its validation fit before the finish.
+    trainer.current_epoch, trainer.num_training_batches = 1, expected
+    clock["t"] = 96.0
+    planner.after_epoch(trainer, module)
+    assert trainer.should_stop
+
+
+@pytest.mark.slow
+def test_a_replanned_budget_run_anneals_at_its_new_end_and_resumes_exactly(tmp_path, monkeypatch):
+    """Epochs re-planned after the first (fixed plan and re-plan, so the run is deterministic);
+    a copy killed after the re-plan and resumed ends with the same numbers."""
+    import csv
+    import json
+
+    import timm
+    from conftest import make_color_dataset
+    from safetensors.torch import save_file
+    from test_resume import RUN, Killed, crash_at, read_metrics
+
+    from imgclf import api
+
+    data = make_color_dataset(tmp_path / "data", per_class=12)
+    torch.manual_seed(1)
+    net = timm.create_model("test_efficientnet", pretrained=False)
+    weights = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(weights))
+    opts = {**{k: v for k, v in RUN.items() if k not in ("epochs", "checkpoint_every")},
+            "weights": str(weights), "cache_dir": str(tmp_path / "cache"), "workers": 0,
+            "time_budget": "10m"}
+    monkeypatch.setattr(budget, "plan_budget", lambda c, most_epochs=50: budget.Plan(
+        3, c.steps_per_epoch, c.steps_per_epoch, 1.0, c.left_s))
+    monkeypatch.setattr(budget, "replan_batches", lambda *a: 2)
+    ref = api.train(data, out=str(tmp_path / "runs"), name="ref", **opts).path
+    plan = json.loads((ref / "metrics.json").read_text())["plan"]
+    assert plan["batches"] == 2 and [r["batches"] for r in plan["replans"]] == [2]
+    with open(ref / "metrics.csv", newline="") as f:
+        lrs = [float(r["lr"]) for r in csv.DictReader(f) if r["stage"] == "unfrozen"]
+    # 7 steps, then 2 and 2 (11 in all) walk the cycle planned for 21: the rates shown after
+    # each epoch are the cycle's at the stretched positions (pct_start 0.3, div 5 after a
+    # frozen stage), 21 after the last step, as for a fit that was never re-planned.
+    knots = plan["knots"]
+    assert knots == [[7.0, 7.0], [10.0, 20.0]]
+    expected = [one_cycle(stretch(s, knots), 21, 1.0, 0.3, 5.0)[0] for s in (7, 9, 11)]
+    assert [lr / lrs[0] for lr in lrs] == pytest.approx([e / expected[0] for e in expected])
+
+    with monkeypatch.context() as m, pytest.raises(Killed):
+        crash_at(m, 2, before=True)  # epoch 1 and its re-plan saved, killed before epoch 2's
+        api.train(data, out=str(tmp_path / "runs"), name="killed", **opts)
+    killed = tmp_path / "runs" / "killed"
+    assert json.loads((killed / "checkpoints" / "state.json").read_text())["plan"]["batches"] == 2
+    api.train(resume=killed)
+    assert read_metrics(killed) == read_metrics(ref)

@@ -35,7 +35,7 @@ from imgclf.training.distributed import restore_order
 from imgclf.training.ema import ema_decay, frozen_copy, update_average
 from imgclf.training.epochs import Best, EpochRow, score_validation
 from imgclf.training.resume import ResumableSampler, mix_seed, seed_all
-from imgclf.training.schedule import cycle_window, one_cycle
+from imgclf.training.schedule import cycle_window, one_cycle, stretch
 from imgclf.training.task import Task
 
 class ClassifierModule(L.LightningModule):
@@ -98,7 +98,7 @@ class ClassifierModule(L.LightningModule):
         self.ema = frozen_copy(net) if self.ema_halflife > 0 else None
         self._ema_decay = 0.0
         self.freeze_bn = freeze_bn
-        self.cycle = cycle
+        self.cycle, self.knots = cycle, None  # knots: a time budget's re-plans (replan.py)
         self.exact_validation = exact_validation
         self.net = net
         self.task = task
@@ -200,6 +200,8 @@ class ClassifierModule(L.LightningModule):
         param_groups = [g for g in param_groups if g["params"]]
         opt = torch.optim.AdamW(param_groups, weight_decay=self.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
+        if self.knots:  # re-planned (a resumed run): the cycle is still the one first planned
+            total = int(self.knots[-1][1]) + 1
         self._peaks = [g["lr"] for g in param_groups]
         self._cycle_start, self._cycle_total = cycle_window(total, self.trainer.max_epochs,
                                                             self.cycle)
@@ -212,8 +214,9 @@ class ClassifierModule(L.LightningModule):
     def apply_schedule(self, opt: torch.optim.Optimizer, step: int) -> None:
         """Set every group's rate and AdamW's beta1 for step `step` of this fit (one_cycle)."""
         for group, peak in zip(opt.param_groups, self._peaks):
-            lr, momentum = one_cycle(self._cycle_start + step, self._cycle_total, peak,
-                                     self.pct_start, self.div, self.final_div)
+            lr, momentum = one_cycle(self._cycle_start + stretch(step, self.knots),
+                                     self._cycle_total, peak, self.pct_start, self.div,
+                                     self.final_div)
             group["lr"], group["betas"] = lr, (momentum, *group["betas"][1:])
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
@@ -262,14 +265,12 @@ class History(L.Callback):
             and resumed; without it they come from Lightning and this process's clock.
         eligible: Whether this stage's epochs may become the best epoch (with progressive
             resizing only the final size's may: the bundle predicts at that size).
-        stop_by: With a time budget, the time.monotonic() by which the last epoch must end:
-            the fit stops after an epoch when another one, as long, would end later.
     """
 
     def __init__(self, rows: list[EpochRow], best: Best, stage: str, full_model: nn.Module,
                  monitor: str, on_row: Callable[[EpochRow, bool], None], progress=None,
-                 eligible: bool = True, stop_by: float | None = None):
-        self.rows, self.best, self.stage, self.stop_by = rows, best, stage, stop_by
+                 eligible: bool = True):
+        self.rows, self.best, self.stage = rows, best, stage
         self.full_model, self.monitor, self.on_row = full_model, monitor, on_row
         self.progress, self.eligible = progress, eligible
         self._t0 = time.perf_counter()
@@ -309,11 +310,6 @@ class History(L.Callback):
             pl_module.ema if pl_module.ema is not None else self.full_model,
             pl_module.last_val[0])
         self.on_row(row, improved)
-        if (self.stop_by is not None and trainer.current_epoch + 1 < trainer.max_epochs
-                and time.monotonic() + seconds > self.stop_by):
-            trainer.should_stop = True
-            logging.getLogger("imgclf").warning(
-                f"Stopping after epoch {row.epoch}: another would end past the time budget")
 
 
 # Warnings Lightning gives about what imgclf does on purpose.
@@ -436,9 +432,7 @@ class ResumeState(L.Callback):
 
     def __init__(self, sampler: ResumableSampler | None, seed: int, batch_size: int):
         self.sampler, self.seed, self.batch_size = sampler, seed, batch_size
-        self.epoch = 0
-        self.batches = 0
-        self.images = 0
+        self.epoch = self.batches = self.images = 0
         self._loss_sum: torch.Tensor | float = 0.0
         self._seconds_before = 0.0
         self._t0 = time.perf_counter()

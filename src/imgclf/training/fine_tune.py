@@ -39,6 +39,7 @@ from imgclf.training.features import (adapt_batchnorm, autocast_context,  # noqa
                                       extract_features, load_start_state, load_tensors,
                                       save_tensors, start_state, time_training_steps)
 from imgclf.training.frozen_head import ViewSampler, head_passes, lr_range_test, train_head
+from imgclf.training.replan import Replanner
 from imgclf.training.resume import ResumableSampler, SeededDataset
 from imgclf.training.task import Task
 # Re-exported: callers and benchmarks knew these as the recipe's.
@@ -325,6 +326,22 @@ def _budget_plan(fit: _Fit) -> budget.Plan:
     return budget.plan_budget(costs)
 
 
+def _replanner(fit: _Fit, n_train: int, k: int) -> Replanner | None:
+    """With a time budget, what re-plans the stage after each epoch (imgclf.training.replan)."""
+    if fit.deadline is None:
+        return None
+    eval_img_s, n_valid = fit.eval_img_s or 1e9, len(fit.data.valid)
+
+    def record(batches: int, knots: list, replan: dict) -> None:
+        fit.plan.update(batches=batches, knots=knots)
+        fit.plan.setdefault("replans", []).append(replan)
+        fit.save_state("unfrozen", k)
+
+    finish_s = budget.finish_seconds(n_valid, eval_img_s, int(fit.cfg.tta or 0))
+    return Replanner(fit.deadline, finish_s, n_valid / eval_img_s,
+                     max(1, -(-n_train // fit.cfg.batch_size)), record)
+
+
 def _unfrozen_rates(fit: _Fit, n_groups: int) -> list[float]:
     """Peak rate per layer group for the unfrozen stage."""
     base = fit.lr / 2 if fit.frozen else fit.lr
@@ -417,10 +434,13 @@ def _size_stage(fit: _Fit, stages: list, k: int, first: int, groups: list, lrs: 
     train_loader = make_loader(SeededDataset(train_ds), cfg.batch_size, train=True,
                                workers=cfg.workers, seed=cfg.seed, sampler=order)
     progress = ResumeState(order, cfg.seed + 7919 * k, cfg.batch_size)
-    stop_by = None if fit.deadline is None else fit.deadline - budget.finish_seconds(
-        len(data.valid), fit.eval_img_s or 1e9, int(cfg.tta or 0))
+    replanner = _replanner(fit, len(train_ds), k)
+    module.knots = (fit.plan or {}).get("knots")  # a resumed run replays its re-plans
+
     def on_row(row: EpochRow, improved: bool) -> None:
         fit.on_row(row, improved)
+        if replanner is not None:
+            replanner.after_epoch(trainer, module)
         if row.epoch == epoch_offset and st.epochs > 1:  # once the throughput is known
             left = (st.epochs - 1) * row.seconds + sum(
                 x.epochs * row.seconds * (x.size / st.size) ** 2 for x in stages[k + 1:])
@@ -429,7 +449,7 @@ def _size_stage(fit: _Fit, stages: list, k: int, first: int, groups: list, lrs: 
 
     callbacks: list = [progress, History(fit.rows, fit.best, name, model, fit.task.monitor,
                                          on_row, progress=progress,
-                                         eligible=k == len(stages) - 1, stop_by=stop_by)]
+                                         eligible=k == len(stages) - 1)]
     ckpt_name = "last" if k == 0 else f"last-stage{k}"
     if ckpt_dir:
         callbacks.append(ModelCheckpoint(
@@ -442,6 +462,8 @@ def _size_stage(fit: _Fit, stages: list, k: int, first: int, groups: list, lrs: 
                 every_n_train_steps=int(cfg.checkpoint_every),
                 enable_version_counter=False))
     limits = {"limit_train_batches": int(batches)} if batches else {}
+    if (fit.plan or {}).get("rule") == "time budget":
+        limits["reload_dataloaders_every_n_epochs"] = 1  # re-planned epoch lengths apply
     with quiet_lightning():
         trainer = make_trainer(st.epochs, fit.precision, callbacks, cfg, fit.run_dir, **limits)
         indexed_valid_loader = make_loader(distributed.IndexedDataset(valid_ds),

@@ -61,3 +61,31 @@ def cycle_window(fit_steps: int, fit_epochs: int,
         return 0, fit_steps
     per_epoch = fit_steps // max(1, int(fit_epochs))
     return per_epoch * cycle[0], per_epoch * cycle[1]
+
+
+def stretch(step: float, knots: list | None) -> float:
+    """Where in the planned one-cycle step `step` of a re-planned fit is.
+
+    A time budget's plan fixes the cycle's length (in steps) when the unfrozen stage starts;
+    re-planning after an epoch changes how many steps are left, not the cycle. `knots` are
+    (step, position) pairs, increasing, the last one (new last step, planned last step):
+    between knots the position moves linearly, so the rate is continuous where a plan changed
+    and the cycle still anneals on the new last step; past the last knot it moves one a step,
+    as it does without knots (where the position is the step).
+    """
+    if not knots:
+        return float(step)
+    prev_s, prev_p = 0.0, 0.0
+    for s, p in knots:
+        s, p = float(s), float(p)
+        if step <= s:
+            return p if s <= prev_s else prev_p + (step - prev_s) * (p - prev_p) / (s - prev_s)
+        prev_s, prev_p = s, p
+    return prev_p + (step - prev_s)
+
+
+def restretch(knots: list | None, done: int, steps: int, total: int) -> list:
+    """The knots after re-planning when `done` steps are done: the cycle of `total` steps now
+    takes `steps` in all, its last step (total - 1) being step steps - 1 (see `stretch`)."""
+    kept = [(float(s), float(p)) for s, p in (knots or []) if float(s) < done]
+    return [*kept, (float(done), stretch(done, knots)), (float(steps - 1), float(total - 1))]

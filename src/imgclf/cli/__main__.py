@@ -1,5 +1,5 @@
 """`python -m imgclf.cli ...`: the command line without the installed `imgclf` script."""
 
-from imgclf.cli.app import main
+from imgclf.cli.app import script
 
-main()
+script()

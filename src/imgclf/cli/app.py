@@ -10,6 +10,8 @@ flag answer at once instead of after importing torch.
 
 from __future__ import annotations
 
+import atexit
+import logging
 import os
 import sys
 from pathlib import Path
@@ -345,5 +347,37 @@ def main() -> None:
         sys.exit(1)
 
 
+def script() -> None:
+    """The `imgclf` command: `main()`, then an exit that skips tearing the interpreter down.
+
+    Finalising the modules a training command loads (torch, Lightning, timm, matplotlib) takes
+    1.6-2 s on this project's 2-core machine, after the last line is printed: a fifth of a
+    small run's wall time. The command's own exit handlers still run (registered after this
+    one, they run before it); then logs and streams are flushed and the process ends with
+    the command's exit code. Only the console script does this: `main()` called from Python
+    (tests, notebooks) returns or raises as usual.
+    """
+    code = {"value": 0}
+
+    def _end_now() -> None:
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a closed pipe: nothing more can be said
+                pass
+        os._exit(code["value"])
+
+    atexit.register(_end_now)  # first registered, so it runs after every later handler
+    try:
+        main()
+    except SystemExit as stop:
+        code["value"] = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+        raise
+    except BaseException:  # --debug lets a traceback through: Python prints it, exit code 1
+        code["value"] = 1
+        raise
+
+
 if __name__ == "__main__":
-    main()
+    script()

@@ -20,7 +20,10 @@ runs it (imgclf.commands.train.prepare_data):
 with images/s/core, peak RSS, and the cache's bytes on disk (each variant's cache is deleted
 after its warm run: at --size 224 a square takes 197 KB, so 100k images need ~20 GB free in
 --work besides ~1.5 GB of JPEGs; pass a --cache-max-gb above that, or imgclf's default cap,
-min(20 GB, 25% of the disk), may be the smaller). `--epoch` adds one training epoch (random-init
+min(20 GB, 25% of the disk), may be the smaller: the timed run is
+`--sizes 1000,10000,100000 --variants folder,csv --cache-max-gb 25`). Sets whose squares exceed
+the memory budget (imgclf.data.cache.default_memory_budget: min(4 GiB, 25% of available
+memory); 100k images at 224 px do) stream them from the cache: the "streamed" field. `--epoch` adds one training epoch (random-init
 --epoch-model, from the warm cache) and its images/s. The table ends with the
 growth exponent of each column fitted over N (time ~ N^k: 1 is linear).
 """
@@ -111,7 +114,7 @@ def measure(root: Path, variant: str, cache: Path, size: int, epoch_model: str |
     from imgclf.commands.train import _cache_dir
     from imgclf.config import TrainConfig
     from imgclf.data import validate
-    from imgclf.data.cache import cache_info, decode_all, gb_to_bytes
+    from imgclf.data.cache import cache_info, decode_all, default_memory_budget, gb_to_bytes
     from imgclf.data.sources import load_table
     from imgclf.data.summary import summarize
     from imgclf.data.transforms import Preprocess, presize_for
@@ -145,7 +148,8 @@ def measure(root: Path, variant: str, cache: Path, size: int, epoch_model: str |
     out.update(images=len(table.samples), classes=len(table.classes),
                near_candidates=report.near_duplicate_candidates,
                near_duplicates=len(report.near_duplicates), streamed=decoded.array is None,
-               cache_bytes=cache_info(cache).bytes, notes=len(summary.notes))
+               cache_bytes=cache_info(cache).bytes, notes=len(summary.notes),
+               memory_budget_gb=round(default_memory_budget() / 1e9, 2))
     out["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if epoch_model:
         from imgclf import api

@@ -43,6 +43,7 @@ def test_int8_onnx_export_agrees_with_the_bundle_and_predict_accepts_it(tiny_run
     clf = onnx_predict.load(out)
     ops = {n.op_type for n in __import__("onnx").load(str(out)).graph.node}
     assert "QuantizeLinear" in ops and "Softmax" in ops  # quantized, the activation kept float
+    _assert_symmetric_int8_activations(out)
     paths = _validation_paths(tiny_run.path)
     got, ref = clf.predict(paths), load_bundle(tiny_run.path).predict(paths, tta=0)
     assert got.names == [str(p) for p in ref.paths] and _agreement(got, ref) >= 0.99
@@ -52,6 +53,25 @@ def test_int8_onnx_export_agrees_with_the_bundle_and_predict_accepts_it(tiny_run
     lines = r.stdout.strip().splitlines()
     assert len(lines) == 3 and lines[0].startswith(paths[0])
     assert lines[0].split("\t")[1].split()[0] == ref.labels()[0][0]
+
+
+def _assert_symmetric_int8_activations(path: Path) -> None:
+    """Every QuantizeLinear quantizes to int8 with zero point 0 (symmetric activations, the
+    setting `imgclf.deploy.quantize` chose by measurement), and the file says so."""
+    import json
+
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    quants = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert quants
+    for node in quants:
+        zero = inits[node.input[2]]
+        assert zero.dtype == np.int8 and not zero.any(), node.name
+    meta = {e.key: e.value for e in model.metadata_props}
+    assert json.loads(meta["imgclf_quantization"])["activations"] == "int8 symmetric"
 
 
 def test_failed_int8_parity_writes_nothing(tiny_run, tmp_path):

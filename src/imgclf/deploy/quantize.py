@@ -2,11 +2,23 @@
 
 `imgclf export RUN --format onnx --int8` (and `--format openvino --int8`) runs the fp32 export
 through onnxruntime.quantization: shape inference and graph optimisation (`quant_pre_process`),
-then `quantize_static` in the QDQ format with per-channel int8 weights and uint8 activations,
-the activation ranges measured (MinMax) on a few hundred of the run's training crops, decoded
-and cropped exactly as a deployment does it. The uint8 input, the normalisation and the final
+then `quantize_static` in the QDQ format with per-channel int8 weights and symmetric int8
+activations, the activation ranges measured (MinMax) on up to 1000 of the run's training crops,
+decoded and cropped exactly as a deployment does it. The uint8 input, the normalisation and the final
 softmax/sigmoid stay float: quantizing the normalisation would round every pixel a second time,
 and probabilities near 0 and 1 are what a uint8 softmax output loses first.
+
+Settings measured on tf_efficientnet_lite0 fine-tuned on caltech101_subset (imgclf defaults,
+seed 42), onnxruntime 1.32 on 2 cores. Sensitivity, calibrated on 300 training images and
+measured on 400 other TRAINING images (never the validation images the parity check uses),
+mean |logit_int8 - logit_fp32|: uint8 asymmetric activations 2.83 (top-1 agreement 99.75%), int8 symmetric
+activations 0.35 (100%). Keeping layers float made it worse, not better (with symmetric
+activations: stem conv float 0.54, the 16 depthwise convs float 1.47, head conv + classifier
+float 0.34, no real gain), so no layer beyond the input/output steps is kept float. On the
+parity check (validation images) with symmetric activations: 300 calibration images 98.4% top-1
+agreement (500 images, refused), 1000 images 99.0% and -0.20 points (passes). More calibration
+images only cost time (about 1 s per 25 images here): MinMax stays the method (percentile and
+entropy took 3-4x longer on the ImageNet head and agreed no better).
 
 QDQ rather than QOperator, measured on this project's CPU (2 cores, AVX512-VNNI) with
 onnxruntime 1.32: QOperator cannot quantize tf_efficientnet_lite0 at all (its TF "same" padding
@@ -37,7 +49,8 @@ from imgclf.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
-CALIBRATION_IMAGES = 300
+# 1000, not 300: on the caltech run above 300 gave 98.4% agreement (refused), 1000 gave 99.0%.
+CALIBRATION_IMAGES = 1000
 # Nodes on the way in (uint8 -> float, mean/std) and out (activation) are kept float.
 _INPUT_OPS = {"Cast", "Sub", "Div", "Mul", "Add"}
 _OUTPUT_OPS = {"Softmax", "Sigmoid"}
@@ -182,8 +195,11 @@ def _quantize(fp32: bytes, crops: np.ndarray, static_batch: bool, quant_format: 
             model = onnx.load(str(pre))
             reader = _Reader(crops, model.graph.input[0].name, 1 if static_batch else 16)
             quantize_static(str(pre), str(dst), reader, quant_format=fmt, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                             nodes_to_exclude=excluded_nodes(model),
+                            # Symmetric int8 activations (zero point 0): 8x less logit error
+                            # than asymmetric uint8 on held-out training images (see above).
+                            extra_options={"ActivationSymmetric": True},
                             # MinMax: percentile and entropy took 3-4x longer on
                             # tf_efficientnet_lite0 and agreed with fp32 no better (87-92% vs 88%).
                             calibrate_method=CalibrationMethod.MinMax)
@@ -197,7 +213,7 @@ def _quantize(fp32: bytes, crops: np.ndarray, static_batch: bool, quant_format: 
     for entry in meta:
         proto.metadata_props.add(key=entry.key, value=entry.value)
     settings = {"format": quant_format, "per_channel": True, "weights": "int8",
-                "activations": "uint8", "calibration": "minmax", "calibration_images": len(crops)}
+                "activations": "int8 symmetric", "calibration": "minmax", "calibration_images": len(crops)}
     proto.metadata_props.add(key="imgclf_quantization", value=json.dumps(settings))
     if not any(e.key == META_KEY for e in proto.metadata_props):
         raise ImgclfError("the fp32 export carries no model.json to keep: export it again")

@@ -203,3 +203,37 @@ def test_weight_average_starts_from_the_fits_weights_and_moves_by_its_half_life(
         assert torch.allclose(v, start[k] + 0.5, atol=1e-6)  # half way after one half-life
     assert ClassifierModule(net, Task(classes=["a", "b", "c"], multi_label=False),
                             [list(net.parameters())], [1e-3]).validated_net is net
+
+
+def test_early_layers_are_the_stem_and_the_stages_at_a_quarter_resolution_or_more():
+    model = models.create_model("test_efficientnet", 3, pretrained=False)
+    names = {n for n, p in model.named_parameters()
+             if any(p is q for q in models.early_layer_params(model))}
+    assert {"conv_stem.weight", "bn1.weight"} <= names
+    assert any(n.startswith("blocks.1.") for n in names)
+    assert not any(n.startswith(("blocks.2.", "conv_head", "classifier")) for n in names)
+    # Models without stages at those resolutions (a ViT's patches start at 1/16) keep none.
+    import timm
+
+    assert models.early_layer_params(timm.create_model("vit_tiny_patch16_224")) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("freeze", [True, False])
+def test_the_unfrozen_stage_keeps_the_early_layers_as_pretrained(color_data, tmp_path,
+                                                                 tiny_weights, freeze):
+    from imgclf import api
+    from imgclf.training.engine import AtomicCheckpointIO
+
+    run = api.train(color_data, model="test_efficientnet", weights=str(tiny_weights), size=32,
+                    epochs=2, freeze_epochs=1, batch_size=8, workers=0, freeze_early=freeze,
+                    out=str(tmp_path / "runs"), name=str(freeze))
+    start = load_file(str(tiny_weights))
+    state = AtomicCheckpointIO().load_checkpoint(run.path / "checkpoints" / "last.ckpt")
+    trained = {k[len("net."):]: v for k, v in state["state_dict"].items() if k.startswith("net.")}
+    model = models.create_model("test_efficientnet", 3, pretrained=False)
+    early = {n for n, p in model.named_parameters()
+             if any(p is q for q in models.early_layer_params(model))}
+    assert all(torch.equal(start[n], trained[n]) for n in early) == freeze
+    later = [n for n, _ in model.named_parameters() if n.startswith("blocks.2.")]
+    assert any(not torch.equal(start[n], trained[n]) for n in later)  # the rest fine-tuned

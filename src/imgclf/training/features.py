@@ -121,15 +121,14 @@ def time_training_steps(model: nn.Module, loader: DataLoader, pre: Preprocess, p
     """Seconds per training step of the whole network, batches loaded from `loader` included.
 
     Timed on a copy, under a forked random state, after one untimed step (first-call set-up),
-    so the run itself is unchanged; the time budget's planner extrapolates from it.
+    so the run itself is unchanged; the time budget's planner extrapolates from it. The copy
+    trains what `model` has trainable (frozen early layers cost no backward pass).
     """
     net = copy.deepcopy(model).to(device)
-    for p in net.parameters():
-        p.requires_grad_(True)
     net.train()
     if freeze_bn:
         models.freeze_batchnorm_statistics(net)
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-6)
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-6)
     times: list[float] = []
     with torch.random.fork_rng(devices=[]):
         t = time.perf_counter()

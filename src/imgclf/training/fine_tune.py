@@ -224,13 +224,10 @@ def _frozen_stage(fit: _Fit) -> bool:
     if fit.bn_mode == "adapt":
         _adapt_batchnorm(fit)
     train_plain = make_loader(data.train, cfg.batch_size, train=False, workers=cfg.workers)
-    feats, ys = [], []
     try:
-        for v in range(views):
-            f, y = extract_features(model, train_plain, fit.pre, fit.precision, fit.device,
-                                    desc=f"Caching body features (view {v + 1}/{views})")
-            feats.append(f)
-            ys.append(y)
+        # One block of views x images rows, memory-mapped above the memory budget.
+        feats, ys = extract_features(model, train_plain, fit.pre, fit.precision, fit.device,
+                                     desc="Caching body features", views=views)
         t_valid = time.perf_counter()
         f_valid, y_valid = extract_features(model, fit.valid_loader, fit.pre, "32-true",
                                             fit.device, desc="Caching validation features")
@@ -239,7 +236,7 @@ def _frozen_stage(fit: _Fit) -> bool:
         head.to("cpu")  # next to its cached features: a linear layer needs no accelerator
         if fit.lr is None:
             fit.lr, lrs_curve, loss_curve = lr_range_test(
-                head, fit.task, torch.cat(feats), torch.cat(ys), cfg.batch_size, cfg.seed)
+                head, fit.task, feats, ys, cfg.batch_size, cfg.seed)
             fit.lr_find = {"lrs": lrs_curve.tolist(), "losses": loss_curve.tolist(),
                            "suggestion": fit.lr, "rule": "valley", "on": "frozen-body features"}
             log.info(f"Learning-rate finder (valley rule on cached features): lr = {fit.lr:.2e}")
@@ -253,7 +250,7 @@ def _frozen_stage(fit: _Fit) -> bool:
     # balanced sampling's expected gradient without breaking that walk, so both modes use it.
     sampler = ViewSampler(n, views, cfg.seed, head_passes(n, cfg.batch_size))
     interrupted = train_head(
-        head, fit.task, TensorDataset(torch.cat(feats), torch.cat(ys)), (f_valid, y_valid),
+        head, fit.task, TensorDataset(feats, ys), (f_valid, y_valid),
         cfg.freeze_epochs, fit.lr, sampler, cfg.batch_size, fit.rows, fit.best, model,
         fit.on_row, class_weight=fit.weight)
     if fit.ckpt_dir and not interrupted and fit.rank_zero:
@@ -299,6 +296,15 @@ def _unfrozen_length(fit: _Fit) -> tuple[int, int | None]:
     return epochs, batches
 
 
+def _make_trainable(fit: _Fit) -> None:
+    """What the unfrozen stage trains: the whole network but, with --freeze-early, the layers
+    at 1/2 and 1/4 resolution (models.early_layer_params)."""
+    models.set_body_trainable(fit.model, True)
+    if fit.cfg.pretrained and getattr(fit.cfg, "freeze_early", False):
+        for p in models.early_layer_params(fit.model):
+            p.requires_grad = False
+
+
 def _frozen_score(fit: _Fit) -> float | None:
     """The frozen stage's validation score, from its row (None when it did not run)."""
     rows = [r for r in fit.rows if r.stage == "frozen"] if fit.frozen else []
@@ -309,7 +315,7 @@ def _frozen_score(fit: _Fit) -> float | None:
 def _budget_plan(fit: _Fit) -> budget.Plan:
     """Time a few training steps of the whole network, then plan what the time left buys."""
     cfg, data = fit.cfg, fit.data
-    models.set_body_trainable(fit.model, True)
+    _make_trainable(fit)
     loader = make_loader(data.train, cfg.batch_size, train=True, workers=cfg.workers,
                          seed=cfg.seed + 3)
     step_s = time_training_steps(fit.model, loader, fit.pre, fit.precision, fit.device,
@@ -358,7 +364,7 @@ def _unfrozen_stages(fit: _Fit, stages: list, batches: int | None = None) -> boo
     """The whole network, one fit per progressive-resizing size (one fit without resizing),
     from the size a resumed run stopped at; returns whether Ctrl-C ended it."""
     cfg, model = fit.cfg, fit.model
-    models.set_body_trainable(model, True)
+    _make_trainable(fit)
     # Feature caching left the body in eval mode, and Lightning keeps submodules' modes: the
     # whole network must train here (batch norm, dropout), as it does after a resume.
     model.train()

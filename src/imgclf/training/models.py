@@ -193,6 +193,24 @@ def set_body_trainable(model: nn.Module, trainable: bool) -> None:
         p.requires_grad = trainable or id(p) in head_params
 
 
+def early_layer_params(model: nn.Module, max_reduction: int = 4) -> list[nn.Parameter]:
+    """The parameters of the layers that run at 1/2 and 1/4 of the input's resolution: the
+    stem and the stages timm's `feature_info` places at a reduction of at most `max_reduction`
+    (and everything registered before them). Empty for models without `feature_info`."""
+    info = getattr(model, "feature_info", None)
+    try:
+        modules = [f["module"] for f in info if int(f["reduction"]) <= max_reduction]
+    except (TypeError, KeyError, ValueError):
+        return []
+    if not modules:
+        return []
+    named = list(model.named_parameters())
+    last = max((i for i, (n, _) in enumerate(named) if n.startswith(modules[-1] + ".")),
+               default=-1)
+    head = {id(p) for p in classifier(model).parameters()}
+    return [p for _, p in named[:last + 1] if id(p) not in head]
+
+
 def layer_groups(model: nn.Module, n_groups: int = 3) -> list[list[nn.Parameter]]:
     """Parameters split from input to output into `n_groups` groups, the classifier last.
 

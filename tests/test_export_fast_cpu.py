@@ -43,7 +43,7 @@ def test_int8_onnx_export_agrees_with_the_bundle_and_predict_accepts_it(tiny_run
     clf = onnx_predict.load(out)
     ops = {n.op_type for n in __import__("onnx").load(str(out)).graph.node}
     assert "QuantizeLinear" in ops and "Softmax" in ops  # quantized, the activation kept float
-    _assert_symmetric_int8_activations(out)
+    _assert_uint8_activations(out)
     paths = _validation_paths(tiny_run.path)
     got, ref = clf.predict(paths), load_bundle(tiny_run.path).predict(paths, tta=0)
     assert got.names == [str(p) for p in ref.paths] and _agreement(got, ref) >= 0.99
@@ -55,9 +55,9 @@ def test_int8_onnx_export_agrees_with_the_bundle_and_predict_accepts_it(tiny_run
     assert lines[0].split("\t")[1].split()[0] == ref.labels()[0][0]
 
 
-def _assert_symmetric_int8_activations(path: Path) -> None:
-    """Every QuantizeLinear quantizes to int8 with zero point 0 (symmetric activations, the
-    setting `imgclf.deploy.quantize` chose by measurement), and the file says so."""
+def _assert_uint8_activations(path: Path) -> None:
+    """Every QuantizeLinear of the ONNX int8 export quantizes to uint8 (the symmetric int8
+    activations that OpenVINO gets run slower than fp32 in onnxruntime), and the file says so."""
     import json
 
     import onnx
@@ -69,9 +69,9 @@ def _assert_symmetric_int8_activations(path: Path) -> None:
     assert quants
     for node in quants:
         zero = inits[node.input[2]]
-        assert zero.dtype == np.int8 and not zero.any(), node.name
+        assert zero.dtype == np.uint8, node.name
     meta = {e.key: e.value for e in model.metadata_props}
-    assert json.loads(meta["imgclf_quantization"])["activations"] == "int8 symmetric"
+    assert json.loads(meta["imgclf_quantization"])["activations"] == "uint8"
 
 
 def test_failed_int8_parity_writes_nothing(tiny_run, tmp_path):

@@ -229,8 +229,11 @@ def export(bundle_path: str | Path, format: str = "onnx", out: str | Path | None
         opset = opset or (18 if exporter == "dynamo" else 17)
         data = _onnx_bytes(wrapper, example, opset, dynamic_batch, exporter, bundle.meta)
         if int8:
+            # Symmetric int8 activations for OpenVINO only: onnxruntime runs them slower than
+            # fp32 (measurements in imgclf.deploy.quantize).
             data = quantize.quantize_onnx(data, quantize.calibration_crops(data, calib[0]),
-                                          static_batch=not dynamic_batch)
+                                          static_batch=not dynamic_batch,
+                                          symmetric_activations=format == "openvino")
             log.info("Quantized to int8 (QDQ, per-channel weights), calibrated on %s", calib[1])
         if format == "onnx":
             files[out] = data

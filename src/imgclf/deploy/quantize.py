@@ -3,35 +3,39 @@
 `imgclf export RUN --format onnx --int8` (and `--format openvino --int8`) runs the fp32 export
 through onnxruntime.quantization: shape inference and graph optimisation (`quant_pre_process`),
 then `quantize_static` in the QDQ format with per-channel int8 weights and uint8 activations
-(symmetric int8 ones for OpenVINO), the activation ranges measured (MinMax) on up to 1000 of the run's training crops,
-decoded and cropped exactly as a deployment does it. The uint8 input, the normalisation and the final
-softmax/sigmoid stay float: quantizing the normalisation would round every pixel a second time,
-and probabilities near 0 and 1 are what a uint8 softmax output loses first.
+(symmetric int8 ones for OpenVINO), the activation ranges measured (MinMax) on up to 1000 of
+the run's training crops, decoded and cropped exactly as a deployment does it. The uint8 input,
+the normalisation and the final softmax/sigmoid stay float: quantizing the normalisation would
+round every pixel a second time, and probabilities near 0 and 1 are what a uint8 softmax output
+loses first.
 
 Settings measured on tf_efficientnet_lite0 fine-tuned on caltech101_subset (imgclf defaults,
-seed 42), onnxruntime 1.32 on 2 cores. Sensitivity, calibrated on 300 training images and
-measured on 400 other TRAINING images (never the validation images the parity check uses),
-mean |logit_int8 - logit_fp32|: uint8 asymmetric activations 2.83 (top-1 agreement 99.75%), int8 symmetric
-activations 0.35 (100%). Keeping layers float made it worse, not better (with symmetric
-activations: stem conv float 0.54, the 16 depthwise convs float 1.47, head conv + classifier
-float 0.34, no real gain), so no layer beyond the input/output steps is kept float. On the
-parity check (validation images) with symmetric activations: 300 calibration images 98.4% top-1
-agreement (500 images, refused), 1000 images 99.0% and -0.20 points (passes). On all 1010 validation images: ONNX 98.7%, +0.20 points
-(refused); the same graph in OpenVINO 99.0%, -0.30 points (passes). But onnxruntime runs
-symmetric int8 activations slowly here (batch 1 / 32 img/s, under load: fp32 203/147, uint8
-asymmetric int8 286/232, symmetric int8 80/84; reduce_range or symmetric uint8 did not help
-either error or speed), so the ONNX export keeps uint8 asymmetric activations, fast but refused
-by the check on this model (96.7% agreement last measured with 300 images); OpenVINO, whose
-kernels take int8 activations, gets the symmetric ones. More calibration
-images only cost time (about 1 s per 25 images here): MinMax stays the method (percentile and
-entropy took 3-4x longer on the ImageNet head and agreed no better).
+seed 42), onnxruntime 1.32 and OpenVINO 2026.4 on 2 shared cores.
+
+- Sensitivity, calibrated on 300 training images and measured on 400 other TRAINING images
+  (never the validation images the parity check uses), mean |logit_int8 - logit_fp32| in
+  onnxruntime: uint8 asymmetric activations 2.83 (top-1 agreement 99.75%), symmetric int8
+  activations 0.35 (100%); symmetric uint8 3.01, reduce_range 3.18 (no help).
+- Layers kept float made it worse, not better (with symmetric activations: stem conv float
+  0.54, the 16 depthwise convs float 1.47, head conv + classifier float 0.34, no real gain), so
+  no layer beyond the input/output steps is kept float.
+- Parity check with symmetric activations: calibrated on 300 training images 98.4% agreement
+  (500 validation images, refused), on 1000: 99.0%, -0.20 points. On all 1010 validation
+  images, 1000 calibration images: OpenVINO 99.0%, -0.30 points (passes); onnxruntime 98.7%,
+  +0.20 points (refused).
+- Speed in onnxruntime (img/s at batch 1 / 32, measured under load, relative only): fp32
+  203/147, uint8 activations 286/232, symmetric int8 activations 80/84. So the ONNX export keeps
+  uint8 activations (fast, but refused on this model: 96.7% agreement, last measured with 300
+  images) and OpenVINO, whose kernels take int8 activations, gets the symmetric ones.
+- More calibration images only cost time (about 1 s per 25 images here); MinMax stays the method
+  (percentile and entropy took 3-4x longer on the ImageNet head and agreed no better).
 
 QDQ rather than QOperator, measured on this project's CPU (2 cores, AVX512-VNNI) with
 onnxruntime 1.32: QOperator cannot quantize tf_efficientnet_lite0 at all (its TF "same" padding
 subgraph makes the quantizer's graph cyclic: "Graph is not a DAG"), while QDQ quantizes it in
 about 10 s and runs it 1.6-2x faster than fp32 at batch 1 and 32 with the same top-1 labels.
-QDQ is also the form OpenVINO's ONNX reader turns into int8 (FakeQuantize), so one quantized
-graph serves both runtimes.
+QDQ is also the form OpenVINO's ONNX reader turns into int8 (FakeQuantize), so the same
+quantizer serves both runtimes.
 """
 
 from __future__ import annotations
@@ -225,7 +229,8 @@ def _quantize(fp32: bytes, crops: np.ndarray, static_batch: bool, quant_format: 
     for entry in meta:
         proto.metadata_props.add(key=entry.key, value=entry.value)
     settings = {"format": quant_format, "per_channel": True, "weights": "int8",
-                "activations": "int8 symmetric" if symmetric else "uint8", "calibration": "minmax", "calibration_images": len(crops)}
+                "activations": "int8 symmetric" if symmetric else "uint8", "calibration": "minmax",
+                "calibration_images": len(crops)}
     proto.metadata_props.add(key="imgclf_quantization", value=json.dumps(settings))
     if not any(e.key == META_KEY for e in proto.metadata_props):
         raise ImgclfError("the fp32 export carries no model.json to keep: export it again")

@@ -313,8 +313,7 @@ def main() -> None:
     ap.add_argument("--deploy-epochs", type=int, default=5)
     ap.add_argument("--deploy-images", type=int, default=0,
                     help="validation images to check and score (0: all)")
-    ap.add_argument("--calibration-images", type=int, default=1000,  # quantize.CALIBRATION_IMAGES
-                    help="int8: training images to calibrate on (300 was refused on caltech)")
+    ap.add_argument("--calibration-images", type=int, default=300)
     ap.add_argument("--seconds", type=float, default=6.0,
                     help="timing per backend and batch size")
     args = ap.parse_args()

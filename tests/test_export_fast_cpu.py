@@ -158,3 +158,13 @@ def test_serve_accepts_the_exports(tiny_run, tmp_path, request):
             r = client.post("/predict", files=[("file", ("a.jpg", Path(path).read_bytes()))])
             assert r.status_code == 200, r.text
             assert r.json()["predictions"][0]["labels"] == ref.labels()[0]
+
+
+def test_the_command_line_calibrates_on_as_many_images_as_the_library():
+    import inspect
+
+    from imgclf.cli.app import export as export_command
+    from imgclf.deploy.quantize import CALIBRATION_IMAGES
+
+    default = inspect.signature(export_command).parameters["calibration_images"].default
+    assert default.default == CALIBRATION_IMAGES

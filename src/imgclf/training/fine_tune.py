@@ -313,7 +313,8 @@ def _frozen_score(fit: _Fit) -> float | None:
 
 
 def _budget_plan(fit: _Fit) -> budget.Plan:
-    """Time a few training steps of the whole network, then plan what the time left buys."""
+    """Time a few training steps of what the unfrozen stage trains, then plan what the time
+    left buys."""
     cfg, data = fit.cfg, fit.data
     _make_trainable(fit)
     loader = make_loader(data.train, cfg.batch_size, train=True, workers=cfg.workers,
@@ -361,8 +362,9 @@ def _unfrozen_rates(fit: _Fit, n_groups: int) -> list[float]:
 
 
 def _unfrozen_stages(fit: _Fit, stages: list, batches: int | None = None) -> bool:
-    """The whole network, one fit per progressive-resizing size (one fit without resizing),
-    from the size a resumed run stopped at; returns whether Ctrl-C ended it."""
+    """The network (but --freeze-early's layers), one fit per progressive-resizing size (one
+    fit without resizing), from the size a resumed run stopped at; returns whether Ctrl-C
+    ended it."""
     cfg, model = fit.cfg, fit.model
     _make_trainable(fit)
     # Feature caching left the body in eval mode, and Lightning keeps submodules' modes: the

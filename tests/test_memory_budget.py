@@ -154,31 +154,3 @@ def test_features_keep_the_loader_order(views):
                               torch.device("cpu"))
     assert torch.equal(ys, data.y.repeat(views))
     torch.testing.assert_close(feats[:7], one, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("max_bits", [0, 1, 4, 7])
-def test_every_band_count_finds_what_comparing_all_pairs_finds(max_bits):
-    from imgclf.data.near_duplicates import choose_bands, hamming_distances, near_pairs
-
-    rng = np.random.default_rng(max_bits)
-    seeds = rng.integers(0, 2**63, 25, dtype=np.int64).astype(np.uint64)
-
-    def near(n):  # copies of a few hashes with bits flipped (many pairs meet), and unrelated ones
-        out = []
-        for _ in range(n):
-            h = int(seeds[rng.integers(len(seeds))])
-            for bit in rng.choice(64, rng.integers(0, max_bits + 3), replace=False):
-                h ^= 1 << int(bit)
-            out.append(h)
-        out += [int(x) for x in rng.integers(0, 2**63, n, dtype=np.int64)]
-        return np.array(out, dtype=np.uint64)
-
-    a, b = near(250), near(150)
-    d = hamming_distances(a, b)
-    want = sorted((int(i), int(j), int(d[i, j])) for i, j in zip(*np.nonzero(d <= max_bits)))
-    assert want
-    for bands in range(2 if max_bits else 1, max_bits + 2):
-        i, j, dist = near_pairs(a, b, max_bits, chunk=41, bands=bands)
-        assert list(zip(i.tolist(), j.tolist(), dist.tolist())) == want, bands
-    # Wide bands for large sets, whose exact 13-bit bands would meet as len(a) * len(b).
-    assert choose_bands(800, 200) == 5 and choose_bands(80_000, 20_000) == 3

@@ -87,29 +87,52 @@ def test_no_near_duplicates_between_imagenette_train_and_val():
     assert report.near_duplicates == []
 
 
+def near_hashes(rng, seeds: np.ndarray, n: int, most_flips: int) -> np.ndarray:
+    """n copies of random seeds with up to `most_flips` bits flipped (many pairs meet), then n
+    unrelated hashes."""
+    out = []
+    for _ in range(n):
+        h = int(seeds[rng.integers(len(seeds))])
+        for bit in rng.choice(64, rng.integers(0, most_flips + 1), replace=False):
+            h ^= 1 << int(bit)
+        out.append(h)
+    out += [int(x) for x in rng.integers(0, 2**63, n, dtype=np.int64)]
+    return np.array(out, dtype=np.uint64)
+
+
+def _brute_force(a, b, max_bits):
+    d = hamming_distances(a, b)
+    return sorted((int(i), int(j), int(d[i, j])) for i, j in zip(*np.nonzero(d <= max_bits)))
+
+
 @pytest.mark.parametrize("max_bits", [0, 2, 4, 7])
 def test_candidate_search_finds_exactly_what_comparing_all_pairs_finds(max_bits):
     from imgclf.data.near_duplicates import near_pairs
 
     rng = np.random.default_rng(max_bits)
     seeds = rng.integers(0, 2**63, 30, dtype=np.int64).astype(np.uint64)
-
-    def near(n):  # copies of the seeds with a few bits flipped, and unrelated hashes
-        out = []
-        for _ in range(n):
-            h = int(seeds[rng.integers(len(seeds))])
-            for bit in rng.choice(64, rng.integers(0, 9), replace=False):
-                h ^= 1 << int(bit)
-            out.append(h)
-        out += [int(x) for x in rng.integers(0, 2**63, n, dtype=np.int64)]
-        return np.array(out, dtype=np.uint64)
-
-    a, b = near(300), near(200)
-    d = hamming_distances(a, b)
-    want = sorted((int(i), int(j), int(d[i, j])) for i, j in zip(*np.nonzero(d <= max_bits)))
+    a, b = near_hashes(rng, seeds, 300, 8), near_hashes(rng, seeds, 200, 8)
+    want = _brute_force(a, b, max_bits)
     i, j, dist = near_pairs(a, b, max_bits, chunk=37)  # chunks of b as well
     assert list(zip(i.tolist(), j.tolist(), dist.tolist())) == want
     assert len(want) > 0
+
+
+@pytest.mark.parametrize("max_bits", [0, 1, 4, 7])
+def test_every_band_count_finds_what_comparing_all_pairs_finds(max_bits):
+    from imgclf.data.near_duplicates import choose_bands, near_pairs
+
+    rng = np.random.default_rng(max_bits)
+    seeds = rng.integers(0, 2**63, 25, dtype=np.int64).astype(np.uint64)
+    a = near_hashes(rng, seeds, 250, max_bits + 2)
+    b = near_hashes(rng, seeds, 150, max_bits + 2)
+    want = _brute_force(a, b, max_bits)
+    assert want
+    for bands in range(2 if max_bits else 1, max_bits + 2):
+        i, j, dist = near_pairs(a, b, max_bits, chunk=41, bands=bands)
+        assert list(zip(i.tolist(), j.tolist(), dist.tolist())) == want, bands
+    # Wide bands for large sets, whose exact 13-bit bands would meet as len(a) * len(b).
+    assert choose_bands(800, 200) == 5 and choose_bands(80_000, 20_000) == 3
 
 
 def _tile(path, seed: int, size: int = 160):

@@ -452,8 +452,10 @@ def _size_stage(fit: _Fit, stages: list, k: int, first: int, groups: list, lrs: 
         if row.epoch == epoch_offset and st.epochs > 1:  # once the throughput is known
             left = (st.epochs - 1) * row.seconds + sum(
                 x.epochs * row.seconds * (x.size / st.size) ** 2 for x in stages[k + 1:])
+            end = left + budget.finish_seconds(len(data.valid), fit.eval_img_s or 1e9,
+                                               int(cfg.tta or 0))
             log.info(f"First unfrozen epoch: {row.seconds:.0f} s; about {left:.0f} s of "
-                     "training left")
+                     f"training left, {end:.0f} s to the run's end (report included)")
 
     callbacks: list = [progress, History(fit.rows, fit.best, name, model, fit.task.monitor,
                                          on_row, progress=progress,

@@ -200,7 +200,7 @@ def test_the_replanner_sets_the_next_epochs_and_stops_when_nothing_fits(monkeypa
                                on_change=lambda *a: changes.append(a))
     trainer = SimpleNamespace(max_epochs=4, current_epoch=0, num_training_batches=10,
                               global_step=10, limit_train_batches=10, should_stop=False)
-    module = SimpleNamespace(knots=None, _cycle_total=40, epoch_offset=1)
+    module = SimpleNamespace(knots=None, cycle_total=40, epoch_offset=1)
     clock["t"] = 30.0  # the first epoch took 30 s, not the 24 planned
     planner.after_epoch(trainer, module)
     expected = budget.replan_batches(70.0, 3, 30.0, 10, 2.0, 3.0, 10)

@@ -127,6 +127,11 @@ class ClassifierModule(L.LightningModule):
         return net(x)
 
     @property
+    def cycle_total(self) -> int:
+        """Steps in the one-cycle this fit walks (set when its optimizer is configured)."""
+        return int(self._cycle_total)
+
+    @property
     def validated_net(self) -> nn.Module:
         """The weights validation scores: the moving average when there is one."""
         return self.ema if self.ema is not None else self.net

@@ -61,7 +61,7 @@ class Replanner:
         if new == batches:
             return
         done = int(trainer.global_step)
-        module.knots = restretch(module.knots, done, done + left * new, int(module._cycle_total))
+        module.knots = restretch(module.knots, done, done + left * new, module.cycle_total)
         trainer.limit_train_batches = new
         self.on_change(new, module.knots, {"after_epoch": epoch, "epoch_s": round(epoch_s, 2),
                                            "batches": new})

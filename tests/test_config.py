@@ -184,3 +184,16 @@ def test_choices_match_the_modules_that_act_on_them():
     assert set(config.THRESHOLD_METRICS) == set(evaluation.THRESHOLD_METRICS)
     assert set(config.RESIZE_METHODS) == set(presize.RESIZE_METHODS)  # one declaration
     assert set(config.BALANCE_MODES) == set(balance.MODES)
+
+
+def test_a_run_from_before_an_option_resumes_as_it_trained(tmp_path):
+    from imgclf.config import BEFORE_OPTION, TrainConfig
+
+    saved = tmp_path / "config.yaml"
+    TrainConfig(data="photos").to_yaml(saved)
+    assert TrainConfig.from_yaml(saved, run=True).freeze_early is True  # recorded, kept
+    old = tmp_path / "old.yaml"
+    old.write_text("\n".join(line for line in saved.read_text().splitlines()
+                             if not line.startswith("freeze_early")) + "\n")
+    assert TrainConfig.from_yaml(old, run=True).freeze_early is BEFORE_OPTION["freeze_early"]
+    assert TrainConfig.from_yaml(old).freeze_early is True  # a settings file: today's default

@@ -60,6 +60,11 @@ def option(default=None, help: str = "", *, choices: Sequence[str] = (), at_leas
     return dataclasses.field(default=default, metadata=meta)
 
 
+# What runs did before an option existed, for resuming them (TrainConfig.from_yaml(run=True)):
+# the unfrozen stage trained every layer until --freeze-early came.
+BEFORE_OPTION = {"freeze_early": False}
+
+
 @dataclass
 class TrainConfig:
     """Settings of `imgclf train` (the CLI flags have the same names with dashes).
@@ -193,8 +198,13 @@ class TrainConfig:
         atomic_write_text(path, yaml.safe_dump(dataclasses.asdict(self), sort_keys=False))
 
     @classmethod
-    def from_yaml(cls, path: Path) -> "TrainConfig":
-        """The settings saved in a config.yaml; unknown keys are refused with the closest name."""
+    def from_yaml(cls, path: Path, run: bool = False) -> "TrainConfig":
+        """The settings saved in a config.yaml; unknown keys are refused with the closest name.
+
+        With `run` (resuming the run that wrote it), a setting added after the run started
+        takes the value that reproduces what the run did (`BEFORE_OPTION`), not today's
+        default: its checkpoints were written that way.
+        """
         try:
             raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
         except (yaml.YAMLError, UnicodeDecodeError) as e:
@@ -210,6 +220,8 @@ class TrainConfig:
         if not raw.get("extra", True):
             del raw["extra"]
         refuse_unknown(raw, option_names(), what="setting", where=f"{path}: ")
+        if run:
+            raw = {**BEFORE_OPTION, **raw}
         hints = typing.get_type_hints(cls)
         return cls(**{k: _from_yaml_value(hints[k], v, k) for k, v in raw.items()})
 

@@ -74,7 +74,7 @@ def cross_validate(data: str | Path | None = None, *, folds: int = 5,
         if not (cv_dir / CV_CONFIG).is_file():
             raise ImgclfError(f"{cv_dir} is not a cross-validation folder (no {CV_CONFIG}): pass "
                               "the folder printed when `imgclf cv` started")
-        cfg = TrainConfig.from_yaml(cv_dir / CV_CONFIG)
+        cfg = TrainConfig.from_yaml(cv_dir / CV_CONFIG, run=True)
     else:
         cfg = with_options(config, **options)
         if data is not None:

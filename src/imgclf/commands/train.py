@@ -134,7 +134,7 @@ def train(data: str | Path | None = None, *, config: TrainConfig | None = None,
         if not (run_dir / "config.yaml").is_file():
             raise ImgclfError(f"{run_dir} is not a run directory (no config.yaml): pass the "
                               "folder printed when the run started")
-        cfg = TrainConfig.from_yaml(run_dir / "config.yaml")
+        cfg = TrainConfig.from_yaml(run_dir / "config.yaml", run=True)
         state_p = run_dir / "checkpoints" / "state.json"
         try:
             state = json.loads(state_p.read_text()) if state_p.is_file() else {}

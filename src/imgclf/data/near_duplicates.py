@@ -192,6 +192,10 @@ def detail(path: str | os.PathLike, side: int = THUMB_SIDE) -> np.ndarray:
     return t / (t.std() + 1e-6)
 
 
-def pixel_similarity(a: str | os.PathLike, b: str | os.PathLike) -> float:
-    """Correlation of two images' fine structure: near 1 for copies, lower for other photos."""
-    return float((detail(a) * detail(b)).mean())
+def pixel_similarity(a: str | os.PathLike, b: str | os.PathLike, detail_of=None) -> float:
+    """Correlation of two images' fine structure: near 1 for copies, lower for other photos.
+
+    `detail_of` stands in for `detail` (e.g. a cached one, when an image is in many pairs).
+    """
+    detail_of = detail_of or detail
+    return float((detail_of(a) * detail_of(b)).mean())

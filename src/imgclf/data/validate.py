@@ -395,7 +395,7 @@ def _find_near_duplicates(report: CheckReport, table: SampleTable,
             continue
         candidates += 1
         try:
-            similarity = float((thumb(a.path) * thumb(b.path)).mean())  # pixel_similarity
+            similarity = pixel_similarity(a.path, b.path, detail_of=thumb)
         except Exception:  # noqa: BLE001 - an unreadable file is the decode check's business
             continue
         if similarity >= CONFIRM_CORRELATION:

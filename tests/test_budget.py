@@ -259,3 +259,11 @@ def test_a_replanned_budget_run_anneals_at_its_new_end_and_resumes_exactly(tmp_p
     assert json.loads((killed / "checkpoints" / "state.json").read_text())["plan"]["batches"] == 2
     api.train(resume=killed)
     assert read_metrics(killed) == read_metrics(ref)
+
+
+@pytest.mark.parametrize("n, batch", [(86, 32), (64, 32), (20, 32), (32, 32), (33, 32)])
+def test_planned_steps_are_the_training_loaders_own(n, batch):
+    from imgclf.data.datasets import make_loader, train_steps
+
+    data = torch.utils.data.TensorDataset(torch.zeros(n, 1))
+    assert train_steps(n, batch) == len(make_loader(data, batch, train=True, workers=0))

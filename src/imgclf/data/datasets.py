@@ -71,6 +71,12 @@ def default_workers() -> int:
     return 0 if cores <= 4 else min(8, cores // 2)
 
 
+def train_steps(n: int, batch_size: int) -> int:
+    """Steps in an epoch of a training loader from `make_loader`, which drops a ragged last
+    batch when there is more than one batch."""
+    return n // batch_size if n > batch_size else 1
+
+
 def make_loader(
     dataset: Dataset,
     batch_size: int,

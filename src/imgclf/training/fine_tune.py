@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from imgclf.data.datasets import make_loader, with_transform
+from imgclf.data.datasets import make_loader, train_steps, with_transform
 from imgclf.data.transforms import Preprocess, resized_eval_transform, train_transform
 from imgclf.io import atomic_write_json
 from imgclf.training import balance, budget, distributed, models, recipe
@@ -321,7 +321,7 @@ def _budget_plan(fit: _Fit) -> budget.Plan:
                          seed=cfg.seed + 3)
     step_s = time_training_steps(fit.model, loader, fit.pre, fit.precision, fit.device,
                                  freeze_bn=fit.bn_mode != "train")
-    steps_per_epoch = max(1, -(-len(data.train) // cfg.batch_size))
+    steps_per_epoch = train_steps(len(data.train), cfg.batch_size)
     # Without a frozen stage nothing has timed inference yet: a forward pass is about a
     # third of a training step (the backward pass costs about twice the forward).
     eval_img_s = fit.eval_img_s or 3 * cfg.batch_size / step_s
@@ -346,7 +346,7 @@ def _replanner(fit: _Fit, n_train: int, k: int) -> Replanner | None:
 
     finish_s = budget.finish_seconds(n_valid, eval_img_s, int(fit.cfg.tta or 0))
     return Replanner(fit.deadline, finish_s, n_valid / eval_img_s,
-                     max(1, -(-n_train // fit.cfg.batch_size)), record)
+                     train_steps(n_train, fit.cfg.batch_size), record)
 
 
 def _unfrozen_rates(fit: _Fit, n_groups: int) -> list[float]:

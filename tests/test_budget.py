@@ -87,6 +87,16 @@ def test_a_remainder_is_shared_out_over_one_more_epoch():
     assert budget.plan_budget(c, most_epochs=2).batches == 40
 
 
+def test_an_extra_epoch_that_costs_many_steps_is_declined():
+    # 2-batch epochs (a small data set): 42.5 s usable, a step 3 s, validation 0.5 s. Seven
+    # epochs would each get one batch (7 steps); six whole epochs of two train 12.
+    c = _costs(steps_per_epoch=2, step_s=3.0, n_valid=50, finish_s=3.0,
+               left_s=(42.5 + 3.0) / budget.AIM)
+    plan = budget.plan_budget(c)
+    assert (plan.epochs, plan.batches) == (6, 2)
+    assert plan.predicted_s <= 42.5
+
+
 def test_when_validation_dominates_one_whole_epoch_beats_two_short_ones():
     # A full epoch: 10 steps + 30 s of validation; 41 s usable. Two epochs would leave
     # no time for steps once each had validated, so the plan is one full epoch.

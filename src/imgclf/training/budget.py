@@ -19,6 +19,8 @@ AIM = 0.97
 # The fewest batches an epoch of a planned run may have, as a share of a full epoch; below
 # that, the budget buys no unfrozen stage.
 MIN_EPOCH_SHARE = 0.25
+# The extra, shortened epoch must keep at least this share of the whole epochs' training steps.
+EXTRA_EPOCH_STEPS = 0.95
 
 
 def auto_epochs(frozen_score: float, most: int = MAX_EPOCHS) -> int:
@@ -101,7 +103,10 @@ def plan_budget(c: Costs, most_epochs: int = 50) -> Plan:
     Whole epochs first; the time a whole epoch does not fill goes to one more epoch, with all
     epochs shortened to an equal number of batches (each a random subset of the training set,
     since every epoch is reshuffled), so the one-cycle anneals exactly at the budget's end.
-    Nothing is planned when less than a quarter of an epoch fits.
+    That extra epoch is declined when it would cost more than 5% of the training steps, as it
+    does where an epoch is only a few batches and each pays a validation pass (fridgeObjects'
+    epochs are 2 batches: a 1-minute budget was planned as 7 epochs of one batch where 6 of
+    two fitted). Nothing is planned when less than a quarter of an epoch fits.
 
     Args:
         c: The measured costs.
@@ -112,10 +117,16 @@ def plan_budget(c: Costs, most_epochs: int = 50) -> Plan:
     none = Plan(0, 0, c.steps_per_epoch, 0.0, c.left_s)
     if usable <= 0:
         return none
-    epochs = min(most_epochs, max(1, math.ceil(usable / full - 1e-9)))
-    per_epoch = usable / epochs
     valid_s = c.n_valid / max(c.eval_img_s, 1e-9)
-    batches = min(c.steps_per_epoch, int((per_epoch - valid_s) / max(c.step_s, 1e-9)))
+
+    def batches_for(epochs: int) -> int:
+        return min(c.steps_per_epoch, int((usable / epochs - valid_s) / max(c.step_s, 1e-9)))
+
+    epochs = min(most_epochs, max(1, math.ceil(usable / full - 1e-9)))
+    batches = batches_for(epochs)
+    whole = epochs - 1  # the whole epochs that fit, without the extra one
+    if whole >= 1 and epochs * batches < EXTRA_EPOCH_STEPS * whole * batches_for(whole):
+        epochs, batches = whole, batches_for(whole)
     if batches < max(1, math.ceil(MIN_EPOCH_SHARE * c.steps_per_epoch)):
         if epochs > 1:  # one epoch fewer, each a full one
             epochs, batches = epochs - 1, c.steps_per_epoch

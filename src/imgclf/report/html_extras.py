@@ -14,7 +14,7 @@ import numpy as np
 
 from imgclf.errors import ImgclfError
 from imgclf.report.html_parts import (_confident_right, _explained, _fmt, _image_entries,
-                                      _jpeg_uri, _one_torch_thread, _png_uri, _read_json,
+                                      _jpeg_uri, _png_uri, _read_json,
                                       _resize, _role, _short_path)
 
 HEATMAP_SIDE = 168  # heatmap panels
@@ -31,7 +31,9 @@ def heatmaps(b, s) -> None:
     if b.interp.bundle_path is None:
         s.note = "The run has no model bundle, so there are no heatmaps."
         return
-    with _one_torch_thread():
+    from imgclf.allocator import one_thread  # lazy: imports torch
+
+    with one_thread():  # single-image passes, too small to share between threads
         _heatmaps(b, s)
 
 

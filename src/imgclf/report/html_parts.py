@@ -6,7 +6,6 @@ Split from `imgclf.report.html`, whose `_Builder` assembles the page from them.
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 import json
 from pathlib import Path
@@ -33,24 +32,6 @@ def _role(ex: Example, name: str) -> str:
     if name in ex.predicted:
         return "predicted" if name in ex.actual else "predicted, not labelled"
     return "labelled, missed" if name in ex.actual else "most probable"
-
-
-@contextlib.contextmanager
-def _one_torch_thread():
-    """Run single-image forward passes on one thread, then restore the setting.
-
-    One image gives intra-op threads almost nothing to share, while on a busy machine their
-    synchronisation dominates: tf_efficientnet_lite0 at 224 px took 0.12 s per image on one
-    thread and 3-7 s on two with the 2 cores loaded by other work.
-    """
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _stage_name(stage, rnd) -> str:

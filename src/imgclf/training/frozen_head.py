@@ -9,37 +9,19 @@ one-cycle, one metrics.csv row per epoch, the best epoch offered to the run's tr
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from imgclf.allocator import one_thread
 from imgclf.training.epochs import Best, EpochRow, score_validation
 from imgclf.training.schedule import one_cycle
 from imgclf.training.task import Task
-
-
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """torch runs on one thread inside the block (restored on exit).
-
-    The head's steps are matrix products of a few hundred thousand multiply-adds, where
-    OpenMP's fork and join cost more than the work: on this project's 2-core CPU an AdamW step
-    of a 1280 x 4 head on 32 features took 2.6 ms on two threads and 0.6 ms on one, and 25.7 ms
-    against 0.4 ms while another process kept a core busy (a waiting thread spins until its
-    partner is scheduled again).
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def valley_lr(lrs: np.ndarray, losses: np.ndarray, num_it: int = 100) -> float:
@@ -221,7 +203,7 @@ def train_head(
 
     schedule(step)
     f_valid, y_valid = valid
-    with one_thread():  # see one_thread: the head is too small for two
+    with one_thread():  # a linear head is too small to share between threads
         try:
             for epoch in range(epochs):
                 t0 = time.perf_counter()

@@ -183,7 +183,7 @@ def review(
 def export(
     model: Path = typer.Argument(..., help="Run directory or bundle folder."),
     format: str = typer.Option("onnx", "--format", help="onnx | openvino (IR .xml + .bin; pip install openvino) | torchscript."),
-    int8: bool = typer.Option(False, "--int8", help="Static int8 quantization (onnx, openvino), calibrated on the run's training images; checked by agreement (>= 99%) and accuracy (<= 0.5 points lower)."),
+    int8: bool = typer.Option(False, "--int8", help="Static int8 quantization with NNCF (onnx, openvino; pip install nncf), calibrated on the run's training images; checked by agreement (>= 99%) and accuracy (<= 0.5 points lower)."),
     calibration: Optional[list[Path]] = typer.Option(None, "--calibration", help="Images to calibrate --int8 on (default: the run's training images)."),
     # 300 is deploy.quantize.CALIBRATION_IMAGES, not imported here (start-up time).
     calibration_images: int = typer.Option(300, help="Calibrate --int8 on at most this many images."),

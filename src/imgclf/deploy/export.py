@@ -228,21 +228,23 @@ def export(bundle_path: str | Path, format: str = "onnx", out: str | Path | None
     if format in ("onnx", "openvino"):
         opset = opset or (18 if exporter == "dynamo" else 17)
         data = _onnx_bytes(wrapper, example, opset, dynamic_batch, exporter, bundle.meta)
-        if int8:
-            # Symmetric int8 activations for OpenVINO only: onnxruntime runs them slower than
-            # fp32 (measurements in imgclf.deploy.quantize).
-            data = quantize.quantize_onnx(data, quantize.calibration_crops(data, calib[0]),
-                                          static_batch=not dynamic_batch,
-                                          symmetric_activations=format == "openvino")
-            log.info("Quantized to int8 (QDQ, per-channel weights), calibrated on %s", calib[1])
+        crops = quantize.calibration_crops(data, calib[0]) if int8 else None
         if format == "onnx":
+            if int8:
+                data = quantize.quantize_onnx(data, crops)
             files[out] = data
             run_probs = onnx_predict.load(data)
         else:
-            xml, weights = openvino_predict.convert(data, bundle.meta, stem=out.stem)
+            # int8: NNCF quantizes the OpenVINO model itself, not a QDQ ONNX converted to it
+            # (it places the quantizers where OpenVINO's CPU kernels fuse them).
+            model = (quantize.quantize_openvino(data, crops) if int8
+                     else openvino_predict.from_onnx(data))
+            xml, weights = openvino_predict.to_ir(model, bundle.meta, stem=out.stem)
             files[out.with_suffix(".bin")] = weights  # first: a complete .xml names a complete .bin
             files[out] = xml
             run_probs = openvino_predict.load_ir(xml, weights)
+        if int8:
+            log.info("Quantized to int8 (NNCF, per-channel weights), calibrated on %s", calib[1])
     else:
         opset, exporter = None, None
         files[out], module = _torchscript_bytes(wrapper, example)

@@ -124,19 +124,34 @@ def convert(onnx_bytes: bytes, meta: dict, stem: str = "model") -> tuple[bytes, 
     """An ONNX export as OpenVINO IR: (.xml bytes, .bin bytes), model.json in the xml's rt_info.
 
     The weights stay float32 (OpenVINO's save compresses them to fp16 unless told not to), so
-    an fp32 IR computes what the ONNX model computes; a quantized (QDQ) ONNX becomes an int8 IR.
+    an fp32 IR computes what the ONNX model computes.
     """
+    return to_ir(from_onnx(onnx_bytes), meta, stem)
+
+
+def from_onnx(onnx_bytes: bytes):
+    """An ONNX export as an `openvino.Model` (what `imgclf.deploy.quantize` quantizes)."""
     ov = _openvino()
     try:
-        model = ov.convert_model(io.BytesIO(onnx_bytes))
+        return ov.convert_model(io.BytesIO(onnx_bytes))
+    except Exception as e:  # noqa: BLE001 - openvino raises RuntimeError and its own classes
+        raise ImgclfError(f"OpenVINO could not convert the ONNX export ({type(e).__name__}: "
+                          f"{str(e)[:300]}): try another --opset") from e
+
+
+def to_ir(model, meta: dict, stem: str = "model") -> tuple[bytes, bytes]:
+    """An `openvino.Model` as IR (.xml bytes, .bin bytes), model.json in the xml's rt_info,
+    float weights saved as float32 (int8 ones stay int8)."""
+    ov = _openvino()
+    try:
         model.set_rt_info(json.dumps(meta), [META_KEY])
         with tempfile.TemporaryDirectory(prefix="imgclf-openvino-") as tmp:
             xml = Path(tmp) / f"{stem}.xml"
             ov.save_model(model, str(xml), compress_to_fp16=False)
             return xml.read_bytes(), xml.with_suffix(".bin").read_bytes()
     except Exception as e:  # noqa: BLE001 - openvino raises RuntimeError and its own classes
-        raise ImgclfError(f"OpenVINO could not convert the ONNX export ({type(e).__name__}: "
-                          f"{str(e)[:300]}): try another --opset") from e
+        raise ImgclfError(f"OpenVINO could not save the model ({type(e).__name__}: "
+                          f"{str(e)[:300]})") from e
 
 
 def load_ir(xml_bytes: bytes, bin_bytes: bytes, threads: int | None = None) -> OpenVinoClassifier:

@@ -194,7 +194,7 @@ def test_the_command_line_calibrates_on_as_many_images_as_the_library():
     assert default.default == CALIBRATION_IMAGES
 
 
-def _padded_net():
+def _padded_net(residual: bool = False):
     """uint8 crops in, (probabilities, logits) out, with the TF "same" padding of
     tf_efficientnet_lite0 (Pad before a strided Conv)."""
     import torch
@@ -211,7 +211,7 @@ def _padded_net():
             x = (image.float() - 127.5) / 127.5
             x = F.relu6(self.stem(F.pad(x, (0, 1, 0, 1))))
             x = F.relu6(self.dw(F.pad(x, (0, 1, 0, 1))))
-            x = F.relu6(self.pw(x))
+            x = x + self.pw(x) if residual else F.relu6(self.pw(x))
             logits = self.head(x.mean((2, 3))).float()
             return torch.softmax(logits, -1), logits
 
@@ -219,29 +219,37 @@ def _padded_net():
     return Net().eval()
 
 
-def test_int8_onnx_runs_every_conv_on_integer_kernels(tmp_path, capsys):
-    """The ONNX int8 rewrites: uint8 activations (zero point + 128 for signed ones) and a
-    Quantize/Dequantize pair after each Pad, so onnxruntime fuses every Conv into QLinearConv;
-    the rewritten graph computes what NNCF's does; NNCF prints nothing."""
-    pytest.importorskip("nncf")
+def _onnx_of(net) -> bytes:
     import io as bytes_io
 
     import onnx
-    import onnxruntime as ort
     import torch
 
     from imgclf.deploy.exported import META_KEY
-    from imgclf.deploy.quantize import quantize_onnx
 
     buf = bytes_io.BytesIO()
     x = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
-    torch.onnx.export(_padded_net(), (x,), buf, dynamo=False, opset_version=17,
+    torch.onnx.export(net, (x,), buf, dynamo=False, opset_version=17,
                       input_names=["image"], output_names=["probabilities", "logits"],
                       dynamic_axes={"image": {0: "batch"}})
     proto = onnx.load_from_string(buf.getvalue())
     proto.metadata_props.add(key=META_KEY, value="{}")
+    return proto.SerializeToString()
+
+
+def test_int8_onnx_runs_every_conv_on_integer_kernels(tmp_path, capsys):
+    """The ONNX int8 rewrites: uint8 activations (zero point + 128 for signed ones) and a
+    Quantize/Dequantize pair after each Pad, so onnxruntime fuses every Conv into QLinearConv;
+    the result stays close to fp32; NNCF prints nothing."""
+    pytest.importorskip("nncf")
+    import onnx
+    import onnxruntime as ort
+
+    from imgclf.deploy.quantize import quantize_onnx
+
+    fp32_bytes = _onnx_of(_padded_net())
     crops = np.random.default_rng(0).integers(0, 256, (16, 3, 32, 32), dtype=np.uint8)
-    int8 = quantize_onnx(proto.SerializeToString(), crops)
+    int8 = quantize_onnx(fp32_bytes, crops)
     assert capsys.readouterr().out == ""
     _assert_uint8_activations_of(onnx.load_from_string(int8))
     opts = ort.SessionOptions()
@@ -249,9 +257,27 @@ def test_int8_onnx_runs_every_conv_on_integer_kernels(tmp_path, capsys):
     fused = ort.InferenceSession(int8, opts, providers=["CPUExecutionProvider"])
     ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
     assert ops.count("QLinearConv") == 3 and "Conv" not in ops, ops
-    fp32 = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
+    fp32 = ort.InferenceSession(fp32_bytes, providers=["CPUExecutionProvider"])
     got, ref = fused.run(["logits"], {"image": crops})[0], fp32.run(["logits"], {"image": crops})[0]
     assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max()
+
+
+def test_int8_onnx_falls_back_to_fast_bias_correction(caplog):
+    """NNCF 3.4's full bias correction fails on some ONNX graphs (this residual block, resnet10t);
+    the fast one then quantizes them, with a warning, and the file records it."""
+    pytest.importorskip("nncf")
+    import json
+
+    import onnx
+
+    from imgclf.deploy.quantize import quantize_onnx
+
+    crops = np.random.default_rng(0).integers(0, 256, (16, 3, 32, 32), dtype=np.uint8)
+    with caplog.at_level("WARNING", logger="imgclf"):
+        int8 = onnx.load_from_string(quantize_onnx(_onnx_of(_padded_net(residual=True)), crops))
+    assert "fast bias correction" in caplog.text
+    meta = {e.key: e.value for e in int8.metadata_props}
+    assert json.loads(meta["imgclf_quantization"])["bias_correction"] == "fast"
 
 
 def test_nncf_missing_is_said_clearly(monkeypatch):

@@ -105,8 +105,8 @@ def plan_budget(c: Costs, most_epochs: int = 50) -> Plan:
     since every epoch is reshuffled), so the one-cycle anneals exactly at the budget's end.
     That extra epoch is declined when it would cost more than 5% of the training steps, as it
     does where an epoch is only a few batches and each pays a validation pass (fridgeObjects'
-    epochs are 2 batches: a 1-minute budget was planned as 7 epochs of one batch where 6 of
-    two fitted). Nothing is planned when less than a quarter of an epoch fits.
+    epochs are 2 batches; a 1-minute budget there was planned as 7 epochs of one batch, 27 s
+    of the 47 s left). Nothing is planned when less than a quarter of an epoch fits.
 
     Args:
         c: The measured costs.

@@ -335,12 +335,17 @@ def _requantize_after_pad(model) -> None:
 def _nncf_output_to_logging():
     """For the duration of a quantization: NNCF draws rich progress bars on stdout and logs
     through its own stdout handler. The bars are dropped; its records go to the "nncf" logger
-    (warnings and up) like any library's, and both are restored afterwards."""
+    (warnings and up) like any library's, and both are restored afterwards. NNCF also imports
+    torch.utils.cpp_extension while it quantizes, which warns "No CUDA runtime is found" on
+    every CPU-only machine; that logger is held to errors for the duration too."""
     logger = logging.getLogger("nncf")
+    cpp = logging.getLogger("torch.utils.cpp_extension")
     handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
+    cpp_level = cpp.level
     logger.handlers[:] = []
     logger.setLevel(logging.WARNING)
     logger.propagate = True
+    cpp.setLevel(logging.ERROR)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             yield
@@ -348,3 +353,4 @@ def _nncf_output_to_logging():
         logger.handlers[:] = handlers
         logger.setLevel(level)
         logger.propagate = propagate
+        cpp.setLevel(cpp_level)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -209,14 +210,18 @@ def test_the_replanner_sets_the_next_epochs_and_stops_when_nothing_fits(monkeypa
     planner = replan.Replanner(deadline=100.0, finish_s=3.0, valid_s=2.0, steps_per_epoch=10,
                                on_change=lambda *a: changes.append(a))
     trainer = SimpleNamespace(max_epochs=4, current_epoch=0, num_training_batches=10,
-                              global_step=10, limit_train_batches=10, should_stop=False)
+                              global_step=10, limit_train_batches=10, should_stop=False,
+                              fit_loop=SimpleNamespace(max_epochs=4))
     module = SimpleNamespace(knots=None, cycle_total=40, epoch_offset=1)
     clock["t"] = 30.0  # the first epoch took 30 s, not the 24 planned
     planner.after_epoch(trainer, module)
     expected = budget.replan_batches(70.0, 3, 30.0, 10, 2.0, 3.0, 10)
+    assert budget.replan(70.0, 3, 30.0, 10, 2.0, 3.0, 10) == (3, expected)
     assert trainer.limit_train_batches == expected < 10
+    assert trainer.fit_loop.max_epochs == 4  # the epochs stay, shorter
     assert module.knots == [(10.0, 10.0), (9.0 + 3 * expected, 39.0)]
-    assert changes[-1][2] == {"after_epoch": 1, "epoch_s": 30.0, "batches": expected}
+    assert changes[-1][3] == {"after_epoch": 1, "epoch_s": 30.0, "batches": expected,
+                              "epochs": 4}
     # Late: not even one more batch and its validation fit before the finish.
     trainer.current_epoch, trainer.num_training_batches = 1, expected
     clock["t"] = 96.0
@@ -224,10 +229,44 @@ def test_the_replanner_sets_the_next_epochs_and_stops_when_nothing_fits(monkeypa
     assert trainer.should_stop
 
 
+def test_epochs_faster_than_timed_grow_the_stage_to_the_budget(monkeypatch):
+    # 4 epochs planned at 24 s; the first took 12 s (10 steps at 1 s, 2 s validation): the
+    # 88 s left, less 3 s of finish, buy 7 more epochs of 9 batches (63 steps, more than 6
+    # whole epochs' 60), not the 3 planned.
+    more, batches = budget.replan(88.0, 3, 12.0, 10, 2.0, 3.0, 10)
+    assert (more, batches) == (7, 9)
+    assert more * budget.epoch_seconds(budget.Costs(0, 1.0, 0.5, 10, 1, 0), batches) <= (
+        0.97 * 88 - 3)
+    assert budget.replan(88.0, 3, 12.0, 10, 2.0, 3.0, 10, most_epochs=4) == (4, 10)
+
+    from types import SimpleNamespace
+
+    from imgclf.training import replan
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr(replan.time, "monotonic", lambda: clock["t"])
+    changes = []
+    planner = replan.Replanner(deadline=100.0, finish_s=3.0, valid_s=2.0, steps_per_epoch=10,
+                               on_change=lambda *a: changes.append(a))
+    trainer = SimpleNamespace(max_epochs=4, current_epoch=0, num_training_batches=10,
+                              global_step=10, limit_train_batches=10, should_stop=False,
+                              fit_loop=SimpleNamespace(max_epochs=4))
+    module = SimpleNamespace(knots=None, cycle_total=40, epoch_offset=1)
+    clock["t"] = 12.0
+    planner.after_epoch(trainer, module)
+    assert trainer.fit_loop.max_epochs == 8 and trainer.limit_train_batches == 9
+    # The 40-step cycle planned now ends on step 72, the last of the 7 more epochs.
+    assert module.knots == [(10.0, 10.0), (72.0, 39.0)]
+    assert changes[-1][0] == 8 and changes[-1][3]["epochs"] == 8
+
+
 @pytest.mark.slow
-def test_a_replanned_budget_run_anneals_at_its_new_end_and_resumes_exactly(tmp_path, monkeypatch):
-    """Epochs re-planned after the first (fixed plan and re-plan, so the run is deterministic);
-    a copy killed after the re-plan and resumed ends with the same numbers."""
+@pytest.mark.parametrize("grow", [0, 1], ids=["shortened", "grown"])
+def test_a_replanned_budget_run_anneals_at_its_new_end_and_resumes_exactly(tmp_path, monkeypatch,
+                                                                            grow):
+    """Epochs re-planned after the first, shortened (or shortened and one more: the epochs ran
+    faster than timed); fixed plan and re-plan, so the run is deterministic. A copy killed
+    after the re-plan and resumed ends with the same numbers."""
     import csv
     import json
 
@@ -248,20 +287,33 @@ def test_a_replanned_budget_run_anneals_at_its_new_end_and_resumes_exactly(tmp_p
             "time_budget": "10m"}
     monkeypatch.setattr(budget, "plan_budget", lambda c, most_epochs=50: budget.Plan(
         3, c.steps_per_epoch, c.steps_per_epoch, 1.0, c.left_s))
-    monkeypatch.setattr(budget, "replan_batches", lambda *a: 2)
+    replans: list[int] = []
+
+    def replan(left_s, epochs_left, *args, **kwargs):
+        replans.append(epochs_left)  # one more epoch at the first re-plan only
+        return epochs_left + (grow if len(replans) == 1 else 0), 2
+
+    monkeypatch.setattr(budget, "replan", replan)
     ref = api.train(data, out=str(tmp_path / "runs"), name="ref", **opts).path
     plan = json.loads((ref / "metrics.json").read_text())["plan"]
     assert plan["batches"] == 2 and [r["batches"] for r in plan["replans"]] == [2]
+    assert plan["epochs"] == 3 + grow
     with open(ref / "metrics.csv", newline="") as f:
         lrs = [float(r["lr"]) for r in csv.DictReader(f) if r["stage"] == "unfrozen"]
-    # 7 steps, then 2 and 2 (11 in all) walk the cycle planned for 21: the rates shown after
-    # each epoch are the cycle's at the stretched positions (pct_start 0.3, div 5 after a
-    # frozen stage), 21 after the last step, as for a fit that was never re-planned.
+    # 7 steps, then 2 a epoch (11 or 13 steps in all) walk the cycle planned for 21: the rates
+    # shown after each epoch are the cycle's at the stretched positions (pct_start 0.3, div 5
+    # after a frozen stage), 21 after the last step, as for a fit that was never re-planned.
     knots = plan["knots"]
-    assert knots == [[7.0, 7.0], [10.0, 20.0]]
-    expected = [one_cycle(stretch(s, knots), 21, 1.0, 0.3, 5.0)[0] for s in (7, 9, 11)]
-    assert [lr / lrs[0] for lr in lrs] == pytest.approx([e / expected[0] for e in expected])
+    last = 7 + 2 * (2 + grow)
+    assert knots == [[7.0, 7.0], [last - 1.0, 20.0]]
+    expected = [one_cycle(stretch(s, knots), 21, 1.0, 0.3, 5.0)[0]
+                for s in range(7, last + 1, 2)]
+    assert len(lrs) == 3 + grow
+    # metrics.csv keeps 6 significant digits.
+    assert [lr / lrs[0] for lr in lrs] == pytest.approx([e / expected[0] for e in expected],
+                                                        rel=1e-5)
 
+    replans.clear()
     with monkeypatch.context() as m, pytest.raises(Killed):
         crash_at(m, 2, before=True)  # epoch 1 and its re-plan saved, killed before epoch 2's
         api.train(data, out=str(tmp_path / "runs"), name="killed", **opts)
@@ -277,3 +329,35 @@ def test_planned_steps_are_the_training_loaders_own(n, batch):
 
     data = torch.utils.data.TensorDataset(torch.zeros(n, 1))
     assert train_steps(n, batch) == len(make_loader(data, batch, train=True, workers=0))
+
+
+def test_the_command_counts_its_budget_from_the_process_start(tmp_path, monkeypatch):
+    """`imgclf train --time-budget` hands the library the time the command line was imported
+    (the installed script: the process's start); `main()` called from Python hands None, so
+    the budget counts from the call."""
+    from typer.testing import CliRunner
+
+    import importlib
+
+    from imgclf import api
+
+    cli = importlib.import_module("imgclf.cli.app")  # the package exports the Typer app as app
+
+    seen = []
+    monkeypatch.setattr(api, "train", lambda **kw: seen.append(kw.get("budget_start")))
+    args = ["train", str(tmp_path), "--time-budget", "5m"]
+    assert CliRunner().invoke(cli.app, args).exit_code == 0
+    monkeypatch.setitem(cli._budget_start, "at", cli._IMPORTED)
+    assert CliRunner().invoke(cli.app, args).exit_code == 0
+    assert seen == [None, cli._IMPORTED]
+
+
+def test_a_budget_start_in_the_past_counts_against_the_budget(tmp_path, monkeypatch):
+    from imgclf.commands import train as train_cmd
+
+    deadlines = []
+    monkeypatch.setattr(train_cmd, "_train", lambda *a, deadline=None, **k: deadlines.append(
+        deadline))
+    monkeypatch.setattr(train_cmd.tracking, "connect", lambda *a, **k: contextlib.nullcontext())
+    train_cmd.train(tmp_path, time_budget="5m", budget_start=100.0)
+    assert deadlines == [400.0]

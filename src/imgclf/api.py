@@ -38,7 +38,8 @@ def _ignore_console(console) -> None:
 
 
 def train(data: str | Path | None = None, *, config: TrainConfig | str | Path | None = None,
-          resume: str | Path | None = None, console=None, **options) -> Run | None:
+          resume: str | Path | None = None, console=None, budget_start: float | None = None,
+          **options) -> Run | None:
     """Train a classifier and write a run directory.
 
     Args:
@@ -47,6 +48,8 @@ def train(data: str | Path | None = None, *, config: TrainConfig | str | Path | 
             config.yaml reproduces that run); `data` and `options` override its fields.
         resume: A run directory to continue after an interruption (its config is reused).
         console: Deprecated and ignored (messages go to the "imgclf" logger).
+        budget_start: When `time_budget` starts counting, as `time.monotonic()` (default:
+            this call; the command line passes its process's start, imports included).
         **options: Any `TrainConfig` field, e.g. `epochs=3, model="resnet18"`.
 
     Returns:
@@ -64,7 +67,8 @@ def train(data: str | Path | None = None, *, config: TrainConfig | str | Path | 
             config = dataclasses.replace(config, data=str(data))
         config.check()
         data, options = None, {}
-    return _train.train(data, config=config, resume=resume, **options)
+    return _train.train(data, config=config, resume=resume, budget_start=budget_start,
+                        **options)
 
 
 def _settings(config: TrainConfig | str | Path | None) -> TrainConfig | None:
@@ -149,6 +153,8 @@ def cross_validate(data: str | Path | None = None, *, folds: int = 5,
         resume: A cross-validation folder to finish: finished folds are kept, an interrupted
             fold resumes, missing folds are trained.
         console: Deprecated and ignored (messages go to the "imgclf" logger).
+        budget_start: When `time_budget` starts counting, as `time.monotonic()` (default:
+            this call; the command line passes its process's start, imports included).
         **options: Any `TrainConfig` field.
 
     Returns:

@@ -126,9 +126,11 @@ def load_best(run_dir: Path) -> Best:
 
 @uses_all_cores
 def train(data: str | Path | None = None, *, config: TrainConfig | None = None,
-          resume: str | Path | None = None, **options) -> Run | None:
+          resume: str | Path | None = None, budget_start: float | None = None,
+          **options) -> Run | None:
     """`imgclf.api.train` (its docstring documents the arguments): train, write the run."""
-    started, state = time.monotonic(), {}
+    started = time.monotonic() if budget_start is None else float(budget_start)
+    state = {}
     if resume is not None:
         run_dir = Path(resume)
         if not (run_dir / "config.yaml").is_file():

@@ -99,6 +99,8 @@ class ClassifierModule(L.LightningModule):
         self._ema_decay = 0.0
         self.freeze_bn = freeze_bn
         self.cycle, self.knots = cycle, None  # knots: a time budget's re-plans (replan.py)
+        # The epochs the cycle was first planned with, where a re-plan changed them since.
+        self.planned_epochs: int | None = None
         self.exact_validation = exact_validation
         self.net = net
         self.task = task
@@ -205,15 +207,14 @@ class ClassifierModule(L.LightningModule):
         param_groups = [g for g in param_groups if g["params"]]
         opt = torch.optim.AdamW(param_groups, weight_decay=self.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
+        epochs = int(self.trainer.max_epochs)
         if self.knots:  # re-planned (a resumed run): the cycle is still the one first planned
-            total = int(self.knots[-1][1]) + 1
+            total, epochs = int(self.knots[-1][1]) + 1, int(self.planned_epochs or epochs)
         self._peaks = [g["lr"] for g in param_groups]
-        self._cycle_start, self._cycle_total = cycle_window(total, self.trainer.max_epochs,
-                                                            self.cycle)
+        self._cycle_start, self._cycle_total = cycle_window(total, epochs, self.cycle)
         self.apply_schedule(opt, 0)
         if self.ema is not None:
-            self._ema_decay = ema_decay(self.ema_halflife,
-                                        total / max(1, int(self.trainer.max_epochs)))
+            self._ema_decay = ema_decay(self.ema_halflife, total / max(1, epochs))
         return opt
 
     def apply_schedule(self, opt: torch.optim.Optimizer, step: int) -> None:

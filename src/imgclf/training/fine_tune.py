@@ -339,8 +339,10 @@ def _replanner(fit: _Fit, n_train: int, k: int) -> Replanner | None:
         return None
     eval_img_s, n_valid = fit.eval_img_s or 1e9, len(fit.data.valid)
 
-    def record(batches: int, knots: list, replan: dict) -> None:
-        fit.plan.update(batches=batches, knots=knots)
+    def record(epochs: int, batches: int, knots: list, replan: dict) -> None:
+        # The cycle's length and the average's half-life stay those of the first plan.
+        fit.plan.setdefault("planned_epochs", fit.plan["epochs"])
+        fit.plan.update(epochs=epochs, batches=batches, knots=knots)
         fit.plan.setdefault("replans", []).append(replan)
         fit.save_state("unfrozen", k)
 
@@ -444,13 +446,15 @@ def _size_stage(fit: _Fit, stages: list, k: int, first: int, groups: list, lrs: 
     progress = ResumeState(order, cfg.seed + 7919 * k, cfg.batch_size)
     replanner = _replanner(fit, len(train_ds), k)
     module.knots = (fit.plan or {}).get("knots")  # a resumed run replays its re-plans
+    module.planned_epochs = (fit.plan or {}).get("planned_epochs")
 
     def on_row(row: EpochRow, improved: bool) -> None:
         fit.on_row(row, improved)
         if replanner is not None:
             replanner.after_epoch(trainer, module)
-        if row.epoch == epoch_offset and st.epochs > 1:  # once the throughput is known
-            left = (st.epochs - 1) * row.seconds + sum(
+        epochs = int(trainer.max_epochs)  # a time budget's re-plan may have changed it
+        if row.epoch == epoch_offset and epochs > 1:  # once the throughput is known
+            left = (epochs - 1) * row.seconds + sum(
                 x.epochs * row.seconds * (x.size / st.size) ** 2 for x in stages[k + 1:])
             end = left + budget.finish_seconds(len(data.valid), fit.eval_img_s or 1e9,
                                                int(cfg.tta or 0))
@@ -489,5 +493,5 @@ def _size_stage(fit: _Fit, stages: list, k: int, first: int, groups: list, lrs: 
         fit_interruptible(trainer, module, train_loader, indexed_valid_loader,
                           ckpt_path=str(ckpt) if ckpt and ckpt.is_file() else None,
                           weights_only=True)
-    fit.seen += st.epochs * (len(data.train) + len(data.valid))
+    fit.seen += int(trainer.max_epochs) * (len(data.train) + len(data.valid))
     return trainer.interrupted

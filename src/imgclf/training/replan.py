@@ -3,8 +3,9 @@
 The budget's first plan (imgclf.training.budget.plan_budget) extrapolates from a few steps
 timed on a copy of the model before the stage starts. Real epochs then run at their own pace,
 so after each one the time left is shared again between the epochs left
-(`budget.replan_batches`), and the one-cycle is stretched to end on the new last step
-(`schedule.restretch`): the rate stays continuous and still anneals at the budget's end.
+(`budget.replan`: shorter epochs, or more of them where the epochs ran faster than timed), and
+the one-cycle is stretched to end on the new last step (`schedule.restretch`): the rate stays
+continuous and still anneals at the budget's end.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ class Replanner:
         finish_s: What the run does after training (`budget.finish_seconds`).
         valid_s: What a validation pass takes (from the frozen stage's inference rate).
         steps_per_epoch: Steps in a full epoch.
-        on_change: Called with (batches, knots, record) after a re-plan, to keep them where a
-            resumed run reads its plan.
+        on_change: Called with (epochs, batches, knots, record) after a re-plan (epochs: the
+            fit's in all), to keep them where a resumed run reads its plan.
     """
 
     def __init__(self, deadline: float, finish_s: float, valid_s: float, steps_per_epoch: int,
@@ -46,7 +47,8 @@ class Replanner:
         """Re-plan once an epoch's row is written (before its checkpoint is)."""
         now = time.monotonic()
         epoch_s, self._last_end = now - self._last_end, now
-        left = int(trainer.max_epochs) - int(trainer.current_epoch) - 1
+        ran = int(trainer.current_epoch) + 1
+        left = int(trainer.max_epochs) - ran
         if left <= 0:
             return
         batches = int(trainer.num_training_batches)
@@ -56,14 +58,21 @@ class Replanner:
             trainer.should_stop = True
             log.warning(f"Stopping after epoch {epoch}: another would end past the time budget")
             return
-        new = budget.replan_batches(self.deadline - now, left, epoch_s, batches, self.valid_s,
-                                    self.finish_s, self.steps_per_epoch)
-        if new == batches:
+        more, new = budget.replan(self.deadline - now, left, epoch_s, batches, self.valid_s,
+                                  self.finish_s, self.steps_per_epoch,
+                                  most_epochs=budget.MOST_EPOCHS - ran)
+        if new == batches and more == left:
             return
         done = int(trainer.global_step)
-        module.knots = restretch(module.knots, done, done + left * new, module.cycle_total)
+        module.knots = restretch(module.knots, done, done + more * new, module.cycle_total)
         trainer.limit_train_batches = new
-        self.on_change(new, module.knots, {"after_epoch": epoch, "epoch_s": round(epoch_s, 2),
-                                           "batches": new})
-        log.info(f"Time budget: epoch {epoch} took {epoch_s:.0f} s; the {left} left get "
-                 f"{new}/{self.steps_per_epoch} batches each")
+        if more != left:
+            # Lightning's fit loop reads its epoch count at every epoch's end.
+            trainer.fit_loop.max_epochs = ran + more
+        self.on_change(ran + more, new, module.knots,
+                       {"after_epoch": epoch, "epoch_s": round(epoch_s, 2), "batches": new,
+                        "epochs": ran + more})
+        grown = f" (planned: {left})" if more != left else ""
+        log.info(f"Time budget: epoch {epoch} took {epoch_s:.0f} s; {more} more epoch"
+                 f"{'s' if more != 1 else ''}{grown} of {new}/{self.steps_per_epoch} batches "
+                 "each")

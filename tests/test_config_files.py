@@ -25,7 +25,8 @@ from conftest import TINY
 def _captured(monkeypatch) -> dict:
     """Replace api.train / api.cross_validate by recorders of what the CLI passes them."""
     seen: dict = {}
-    monkeypatch.setattr(api, "train", lambda config=None, resume=None: seen.update(cfg=config))
+    monkeypatch.setattr(api, "train", lambda config=None, resume=None, budget_start=None:
+                        seen.update(cfg=config))
     monkeypatch.setattr(api, "cross_validate", lambda folds, config=None, resume=None:
                         seen.update(cfg=config, folds=folds))
     return seen

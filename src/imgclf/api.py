@@ -153,8 +153,6 @@ def cross_validate(data: str | Path | None = None, *, folds: int = 5,
         resume: A cross-validation folder to finish: finished folds are kept, an interrupted
             fold resumes, missing folds are trained.
         console: Deprecated and ignored (messages go to the "imgclf" logger).
-        budget_start: When `time_budget` starts counting, as `time.monotonic()` (default:
-            this call; the command line passes its process's start, imports included).
         **options: Any `TrainConfig` field.
 
     Returns:

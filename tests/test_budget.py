@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -199,20 +200,34 @@ def test_replanning_shares_the_time_left_at_the_last_epochs_pace():
     assert budget.replan_batches(1, 3, 20, 10, 2, 3, 16) == 1
 
 
-def test_the_replanner_sets_the_next_epochs_and_stops_when_nothing_fits(monkeypatch):
-    from types import SimpleNamespace
+class _Trainer(SimpleNamespace):
+    """What the replanner reads of a Lightning trainer after its first epoch of 10 steps (4
+    planned); max_epochs is the fit loop's, as in Lightning."""
 
+    @property
+    def max_epochs(self) -> int:
+        return self.fit_loop.max_epochs
+
+
+def _replanner(monkeypatch):
+    """A Replanner with a 100 s deadline (3 s finish, 2 s validation, 10-step epochs) on a
+    clock the test sets, the trainer and module it re-plans, and the changes it records."""
     from imgclf.training import replan
 
     clock = {"t": 0.0}
     monkeypatch.setattr(replan.time, "monotonic", lambda: clock["t"])
-    changes = []
+    changes: list = []
     planner = replan.Replanner(deadline=100.0, finish_s=3.0, valid_s=2.0, steps_per_epoch=10,
                                on_change=lambda *a: changes.append(a))
-    trainer = SimpleNamespace(max_epochs=4, current_epoch=0, num_training_batches=10,
-                              global_step=10, limit_train_batches=10, should_stop=False,
-                              fit_loop=SimpleNamespace(max_epochs=4))
+    trainer = _Trainer(current_epoch=0, num_training_batches=10, global_step=10,
+                       limit_train_batches=10, should_stop=False,
+                       fit_loop=SimpleNamespace(max_epochs=4))
     module = SimpleNamespace(knots=None, cycle_total=40, epoch_offset=1)
+    return clock, changes, planner, trainer, module
+
+
+def test_the_replanner_sets_the_next_epochs_and_stops_when_nothing_fits(monkeypatch):
+    clock, changes, planner, trainer, module = _replanner(monkeypatch)
     clock["t"] = 30.0  # the first epoch took 30 s, not the 24 planned
     planner.after_epoch(trainer, module)
     expected = budget.replan_batches(70.0, 3, 30.0, 10, 2.0, 3.0, 10)
@@ -239,19 +254,7 @@ def test_epochs_faster_than_timed_grow_the_stage_to_the_budget(monkeypatch):
         0.97 * 88 - 3)
     assert budget.replan(88.0, 3, 12.0, 10, 2.0, 3.0, 10, most_epochs=4) == (4, 10)
 
-    from types import SimpleNamespace
-
-    from imgclf.training import replan
-
-    clock = {"t": 0.0}
-    monkeypatch.setattr(replan.time, "monotonic", lambda: clock["t"])
-    changes = []
-    planner = replan.Replanner(deadline=100.0, finish_s=3.0, valid_s=2.0, steps_per_epoch=10,
-                               on_change=lambda *a: changes.append(a))
-    trainer = SimpleNamespace(max_epochs=4, current_epoch=0, num_training_batches=10,
-                              global_step=10, limit_train_batches=10, should_stop=False,
-                              fit_loop=SimpleNamespace(max_epochs=4))
-    module = SimpleNamespace(knots=None, cycle_total=40, epoch_offset=1)
+    clock, changes, planner, trainer, module = _replanner(monkeypatch)
     clock["t"] = 12.0
     planner.after_epoch(trainer, module)
     assert trainer.fit_loop.max_epochs == 8 and trainer.limit_train_batches == 9

@@ -168,10 +168,10 @@ class TrainConfig:
     lr_mult: float = option(
         10.0, "Discriminative rates: the body's first layers train at the unfrozen rate / "
         "LR_MULT, later layers at rates rising to it (1: one rate).", at_least=1)
-    freeze_early: bool = option(
-        True, "While a pretrained body fine-tunes, keep its layers at 1/2 and 1/4 of the input "
+    freeze_early: bool | None = option(
+        None, "While a pretrained body fine-tunes, keep its layers at 1/2 and 1/4 of the input "
         "resolution (the stem and first stages: under 1% of the parameters, the most memory "
-        "and time of a step) as they are.")
+        "and time of a step) as they are (default: from 1,000 training images on).")
     ema: float = option(
         0.5, "Validate and keep a moving average of the unfrozen stage's weights with this "
         "half-life in epochs (0: the weights themselves).", at_least=0)

@@ -1,9 +1,9 @@
 """The training techniques a config asks for, checked and resolved before any work starts.
 
 Progressive resizing (`size_schedule`), input normalisation (`resolve_norm_stats`), which
-layers the unfrozen stage leaves as pretrained (`holds_early_layers`) and the checks that need the data or the stage arithmetic (`check_techniques`, after
-`TrainConfig.check`), so that a bad flag fails in a second with a message naming it, not after
-an hour of training.
+layers the unfrozen stage leaves as pretrained (`holds_early_layers`) and the checks that need
+the data or the stage arithmetic (`check_techniques`, after `TrainConfig.check`), so that a bad
+flag fails in a second with a message naming it, not after an hour of training.
 """
 
 from __future__ import annotations

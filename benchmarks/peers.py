@@ -91,14 +91,11 @@ def run_imgclf(data: Path, out: Path, extra: list[str]) -> dict:
 
 
 def _held_early(run_dir: Path) -> bool:
-    """Whether the run held its early layers: its config.yaml's --freeze-early, or where that
-    is unset the default's rule on its training images (imgclf.training.recipe)."""
+    """Whether the run held its early layers (--freeze-early, as its config.yaml resumes)."""
     from imgclf.config import TrainConfig
-    from imgclf.training.recipe import holds_early_layers
 
-    metrics = json.loads((run_dir / "metrics.json").read_text())
     cfg = TrainConfig.from_yaml(run_dir / "config.yaml", run=True)
-    return holds_early_layers(cfg, int(metrics["train_images"]))
+    return bool(cfg.pretrained and cfg.freeze_early)
 
 
 def training_gflops(metrics: dict, unfrozen_s: float, n_train: int,

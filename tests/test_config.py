@@ -191,9 +191,9 @@ def test_a_run_from_before_an_option_resumes_as_it_trained(tmp_path):
 
     saved = tmp_path / "config.yaml"
     TrainConfig(data="photos").to_yaml(saved)
-    assert TrainConfig.from_yaml(saved, run=True).freeze_early is None  # recorded, kept
+    assert TrainConfig.from_yaml(saved, run=True).freeze_early is True  # recorded, kept
     old = tmp_path / "old.yaml"
     old.write_text("\n".join(line for line in saved.read_text().splitlines()
                              if not line.startswith("freeze_early")) + "\n")
     assert TrainConfig.from_yaml(old, run=True).freeze_early is BEFORE_OPTION["freeze_early"]
-    assert TrainConfig.from_yaml(old).freeze_early is None  # a settings file: today's default
+    assert TrainConfig.from_yaml(old).freeze_early is True  # a settings file: today's default

@@ -218,26 +218,8 @@ def test_early_layers_are_the_stem_and_the_stages_at_a_quarter_resolution_or_mor
     assert models.early_layer_params(timm.create_model("vit_tiny_patch16_224")) == []
 
 
-def test_the_early_layers_are_held_by_default_only_on_larger_sets():
-    from imgclf.config import TrainConfig
-    from imgclf.training import recipe
-
-    cfg = TrainConfig(data="photos")
-    assert cfg.freeze_early is None
-    n = recipe.FREEZE_EARLY_FROM
-    assert not recipe.holds_early_layers(cfg, n - 1) and recipe.holds_early_layers(cfg, n)
-    assert "trained too (999 training images" in recipe.early_layers_note(cfg, n - 1)
-    assert "held as pretrained" in recipe.early_layers_note(cfg, n)
-    for flag in (True, False):  # a flag decides whatever the size
-        given = TrainConfig(data="photos", freeze_early=flag)
-        assert recipe.holds_early_layers(given, 10) is flag is recipe.holds_early_layers(given, n)
-        assert recipe.early_layers_note(given, 10) is None
-    scratch = TrainConfig(data="photos", pretrained=False, freeze_early=True)
-    assert not recipe.holds_early_layers(scratch, n)  # nothing pretrained to hold
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("freeze", [True, False, None])
+@pytest.mark.parametrize("freeze", [True, False])
 def test_the_unfrozen_stage_keeps_the_early_layers_as_pretrained(color_data, tmp_path,
                                                                  tiny_weights, freeze):
     from imgclf import api
@@ -252,7 +234,6 @@ def test_the_unfrozen_stage_keeps_the_early_layers_as_pretrained(color_data, tmp
     model = models.create_model("test_efficientnet", 3, pretrained=False)
     early = {n for n, p in model.named_parameters()
              if any(p is q for q in models.early_layer_params(model))}
-    # None (the default) on a few dozen images trains them.
-    assert all(torch.equal(start[n], trained[n]) for n in early) == bool(freeze)
+    assert all(torch.equal(start[n], trained[n]) for n in early) == freeze
     later = [n for n, _ in model.named_parameters() if n.startswith("blocks.2.")]
     assert any(not torch.equal(start[n], trained[n]) for n in later)  # the rest fine-tuned

@@ -297,10 +297,10 @@ def _unfrozen_length(fit: _Fit) -> tuple[int, int | None]:
 
 
 def _make_trainable(fit: _Fit) -> None:
-    """What the unfrozen stage trains: the whole network but, where recipe.holds_early_layers,
-    the layers at 1/2 and 1/4 resolution (models.early_layer_params)."""
+    """What the unfrozen stage trains: the whole network but, with --freeze-early, the layers
+    at 1/2 and 1/4 resolution (models.early_layer_params)."""
     models.set_body_trainable(fit.model, True)
-    if recipe.holds_early_layers(fit.cfg, len(fit.data.train)):
+    if fit.cfg.pretrained and getattr(fit.cfg, "freeze_early", False):
         for p in models.early_layer_params(fit.model):
             p.requires_grad = False
 
@@ -369,9 +369,6 @@ def _unfrozen_stages(fit: _Fit, stages: list, batches: int | None = None) -> boo
     ended it."""
     cfg, model = fit.cfg, fit.model
     _make_trainable(fit)
-    if (note := recipe.early_layers_note(cfg, len(fit.data.train))) and \
-            models.early_layer_params(model):
-        log.info(note)
     # Feature caching left the body in eval mode, and Lightning keeps submodules' modes: the
     # whole network must train here (batch norm, dropout), as it does after a resume.
     model.train()

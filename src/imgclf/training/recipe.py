@@ -1,9 +1,9 @@
 """The training techniques a config asks for, checked and resolved before any work starts.
 
-Progressive resizing (`size_schedule`), input normalisation (`resolve_norm_stats`), which
-layers the unfrozen stage leaves as pretrained (`holds_early_layers`) and the checks that need
-the data or the stage arithmetic (`check_techniques`, after `TrainConfig.check`), so that a bad
-flag fails in a second with a message naming it, not after an hour of training.
+Progressive resizing (`size_schedule`), input normalisation (`resolve_norm_stats`) and the
+checks that need the data or the stage arithmetic (`check_techniques`, after
+`TrainConfig.check`), so that a bad flag fails in a second with a message naming it, not after
+an hour of training.
 """
 
 from __future__ import annotations
@@ -108,35 +108,3 @@ def default_epochs(cfg: TrainConfig) -> int:
     """--epochs, or where the frozen stage's score cannot choose them (progressive
     resizing splits them before training starts) the longest default schedule."""
     return int(cfg.epochs) if cfg.epochs is not None else MAX_EPOCHS
-
-
-# From this many training images the unfrozen stage holds the early layers by default. What
-# holding them saves grows with the images (measured alone on the 2-core CPU, lite0, batch 32,
-# 224 px: a step 0.51-0.62 s against 0.63-0.78 s); below about a thousand an epoch takes
-# seconds either way, and training them scored better on every small set tried, five-fold
-# out-of-fold: fridgeObjects (86 per fold) 0.972 against 0.953, multilabelFridgeObjects 0.921
-# against 0.914 exact match; magnetic_tiles (314) kept 0.962 against 0.949.
-FREEZE_EARLY_FROM = 1000
-
-
-def holds_early_layers(cfg: TrainConfig, n_train: int) -> bool:
-    """Whether the unfrozen stage leaves the pretrained layers at 1/2 and 1/4 of the input
-    resolution as they are: --freeze-early / --no-freeze-early, else (the default) from
-    FREEZE_EARLY_FROM training images on. A network trained from scratch trains them all."""
-    if not cfg.pretrained:
-        return False
-    if cfg.freeze_early is not None:
-        return bool(cfg.freeze_early)
-    return n_train >= FREEZE_EARLY_FROM
-
-
-def early_layers_note(cfg: TrainConfig, n_train: int) -> str | None:
-    """What the default chose for the early layers, for the log (None where a flag chose or
-    nothing is pretrained)."""
-    if not cfg.pretrained or cfg.freeze_early is not None:
-        return None
-    if holds_early_layers(cfg, n_train):
-        return (f"Early layers (1/2 and 1/4 resolution) held as pretrained ({n_train} training "
-                "images; --no-freeze-early trains them)")
-    return (f"Early layers (1/2 and 1/4 resolution) trained too ({n_train} training images, "
-            f"under {FREEZE_EARLY_FROM}; --freeze-early holds them)")

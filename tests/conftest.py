@@ -142,7 +142,8 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, color_data: Path):
 # Fixtures that train a model (once per session or module): every test that uses one trains,
 # so it is `slow` whether or not it is the one that pays for the training.
 TRAINING_FIXTURES = {"tiny_run", "trained", "cli_run", "tiny_cv", "ml_run", "onnx_single",
-                     "multi_run", "single_run", "tech_run", "server", "setup"}
+                     "multi_run", "single_run", "tech_run", "server", "setup",
+                     "confident_run"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

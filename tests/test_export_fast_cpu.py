@@ -31,21 +31,33 @@ def _agreement(a, b) -> float:
     return float(np.mean(a.probs.argmax(1) == b.probs.argmax(1)))
 
 
-# The tiny run's random-init model is near-tied on one of its 6 validation images (0.394 vs
-# 0.360); the per-tensor activations that onnxruntime needs flip it (NNCF's per-channel ones do
-# not), so ONNX int8 on it is held to 5 of 6. tf_efficientnet_lite0 on caltech101 passes the
-# real bar (imgclf.deploy.quantize).
-TINY_INT8 = dict(min_agreement=0.8, max_accuracy_drop=0.2)
+@pytest.fixture(scope="module")
+def confident_run(tmp_path_factory, color_data):
+    """The tiny model trained 8 epochs instead of 4: its validation probabilities sit near 1.
+
+    int8 is held to the parity bar a real model meets (imgclf.deploy.quantize measures it on
+    tf_efficientnet_lite0); on the 4-epoch tiny run, whose best epoch can leave a validation
+    image at 0.56 against 0.40, which image int8 flips depends on the installed torch's
+    numerics, so a test on it checks the library versions, not the export.
+    """
+    from imgclf import api
+
+    from conftest import TINY
+
+    return api.train(color_data, out=str(tmp_path_factory.mktemp("runs")), name="confident",
+                     seed=0, **{**TINY, "epochs": 8})
 
 
-def test_int8_onnx_export_agrees_with_the_bundle_and_predict_accepts_it(tiny_run, tmp_path):
+def test_int8_onnx_export_agrees_with_the_bundle_and_predict_accepts_it(confident_run,
+                                                                          tmp_path):
+    tiny_run = confident_run
     out = tmp_path / "model.int8.onnx"
-    result = export(tiny_run.path, format="onnx", int8=True, out=out, **TINY_INT8)
+    result = export(tiny_run.path, format="onnx", int8=True, out=out)
     parity = result.parity
     print(f"\nint8 ONNX {parity.summary()}")
     assert parity.ok and parity.mode == "agreement" and result.int8
     assert parity.accuracy_bundle is not None and parity.accuracy_export is not None
-    assert "training images of tiny" in result.calibration
+    assert "training images of confident" in result.calibration
     assert result.files == [out] and out.is_file()
     clf = onnx_predict.load(out)
     ops = {n.op_type for n in __import__("onnx").load(str(out)).graph.node}
@@ -53,7 +65,7 @@ def test_int8_onnx_export_agrees_with_the_bundle_and_predict_accepts_it(tiny_run
     _assert_uint8_activations(out)
     paths = _validation_paths(tiny_run.path)
     got, ref = clf.predict(paths), load_bundle(tiny_run.path).predict(paths, tta=0)
-    assert got.names == [str(p) for p in ref.paths] and _agreement(got, ref) >= 0.8
+    assert got.names == [str(p) for p in ref.paths] and _agreement(got, ref) == 1.0
     r = subprocess.run([sys.executable, "-m", "imgclf.cli", "predict", str(out), *paths[:3]],
                        capture_output=True, text=True, timeout=120, env=dict(os.environ))
     assert r.returncode == 0, r.stderr
@@ -98,15 +110,15 @@ def test_failed_int8_parity_writes_nothing(tiny_run, tmp_path):
         export(tiny_run.path, format="torchscript", int8=True, out=tmp_path / "x.pt")
 
 
-def test_int8_calibrates_on_validation_images_when_training_images_are_gone(tiny_run, tmp_path,
-                                                                              caplog):
+def test_int8_calibrates_on_validation_images_when_training_images_are_gone(confident_run,
+                                                                              tmp_path, caplog):
     run = tmp_path / "moved"
-    shutil.copytree(tiny_run.path, run, ignore=shutil.ignore_patterns("checkpoints", "plots"))
+    shutil.copytree(confident_run.path, run, ignore=shutil.ignore_patterns("checkpoints", "plots"))
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     cfg["data"] = str(tmp_path / "gone")
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     with caplog.at_level("WARNING", logger="imgclf"):
-        result = export(run, format="onnx", int8=True, **TINY_INT8)
+        result = export(run, format="onnx", int8=True)
     assert result.parity.ok and "validation images" in result.calibration
     assert "instead of the training images" in caplog.text
     assert (run / "model" / "model.int8.onnx").is_file()
@@ -145,7 +157,8 @@ def test_openvino_export_predicts_what_the_bundle_predicts(tiny_run, openvino_xm
                                load_bundle(tiny_run.path).predict(paths, tta=2).probs, atol=1e-4)
 
 
-def test_openvino_int8_export(tiny_run, tmp_path):
+def test_openvino_int8_export(confident_run, tmp_path):
+    tiny_run = confident_run
     pytest.importorskip("openvino")
     import openvino as ov
 

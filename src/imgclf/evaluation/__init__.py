@@ -13,6 +13,7 @@ that they serialise to strict JSON, and NaN in curve and calibration data meant 
     scoring.py       metrics: accuracy, F1, AP, ... for single- and multi-label predictions
     thresholds.py    the multi-label decision-threshold search
     analysis.py      confusion, most confused, top losses, curves, calibration, label issues
+    ranking.py       precision/recall/F1 counts, top-k, PR and ROC curves, AP, AUC (numpy)
 """
 
 from imgclf.evaluation.analysis import (calibration, confused, confusion, confusion_normalized,

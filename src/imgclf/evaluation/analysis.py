@@ -10,9 +10,8 @@ import math
 
 import numpy as np
 
+from imgclf.evaluation import ranking
 from imgclf.evaluation.predictions import Predictions, _class_index, _require_multi, _require_single
-
-# sklearn.metrics is imported inside the functions that use it (about a second to import).
 
 
 def confusion(p: Predictions) -> np.ndarray:
@@ -31,10 +30,11 @@ def confusion_normalized(p: Predictions) -> np.ndarray:
 
 def multilabel_confusion(p: Predictions) -> np.ndarray:
     """Per-class 2x2 matrices [C, 2, 2]: [[tn, fp], [fn, tp]] (scikit-learn's layout)."""
-    from sklearn.metrics import multilabel_confusion_matrix
-
     _require_multi(p, "multilabel_confusion")
-    return multilabel_confusion_matrix(p.targets, p.predicted.astype(np.int8), labels=np.arange(p.n_classes))
+    y, pred = p.targets.astype(bool), p.predicted.astype(bool)
+    tp, fp, fn = (y & pred).sum(0), (~y & pred).sum(0), (y & ~pred).sum(0)
+    tn = len(y) - tp - fp - fn
+    return np.stack([np.stack([tn, fp], -1), np.stack([fn, tp], -1)], 1).astype(np.int64)
 
 
 def _pair_counts(p: Predictions) -> np.ndarray:
@@ -133,47 +133,43 @@ def _one_vs_rest(p: Predictions, j: int) -> np.ndarray:
 
 
 def pr_curves(p: Predictions) -> dict[str, dict]:
-    """One-vs-rest precision-recall curve of every class (scikit-learn's).
+    """One-vs-rest precision-recall curve of every class (as scikit-learn draws it).
 
     Returns:
         {class: {precision, recall, thresholds, ap}} with lists of floats. A class without
         positive examples has empty lists and ap NaN.
     """
-    from sklearn.metrics import average_precision_score, precision_recall_curve
-
     out = {}
     for j, c in enumerate(p.classes):
         y = _one_vs_rest(p, j)
         if not y.any():
             out[c] = {"precision": [], "recall": [], "thresholds": [], "ap": math.nan}
             continue
-        precision, recall, thr = precision_recall_curve(y, p.probs[:, j])
+        precision, recall, thr = ranking.precision_recall_curve(y, p.probs[:, j])
         out[c] = {
             "precision": precision.tolist(),
             "recall": recall.tolist(),
             "thresholds": thr.tolist(),
-            "ap": float(average_precision_score(y, p.probs[:, j])),
+            "ap": ranking.average_precision(y, p.probs[:, j]),
         }
     return out
 
 
 def roc_curves(p: Predictions) -> dict[str, dict]:
-    """One-vs-rest ROC curve of every class (scikit-learn's).
+    """One-vs-rest ROC curve of every class (as scikit-learn draws it).
 
     Returns:
         {class: {fpr, tpr, auc}} with lists of floats. A class without positive or without
         negative examples has empty lists and auc NaN.
     """
-    from sklearn.metrics import roc_auc_score, roc_curve
-
     out = {}
     for j, c in enumerate(p.classes):
         y = _one_vs_rest(p, j)
         if y.all() or not y.any():
             out[c] = {"fpr": [], "tpr": [], "auc": math.nan}
             continue
-        fpr, tpr, _ = roc_curve(y, p.probs[:, j])
-        out[c] = {"fpr": fpr.tolist(), "tpr": tpr.tolist(), "auc": float(roc_auc_score(y, p.probs[:, j]))}
+        fpr, tpr, _ = ranking.roc_curve(y, p.probs[:, j])
+        out[c] = {"fpr": fpr.tolist(), "tpr": tpr.tolist(), "auc": ranking.roc_auc(y, p.probs[:, j])}
     return out
 
 

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from imgclf.evaluation import ranking
 from imgclf.evaluation.predictions import Predictions, _require_multi, _require_samples, _require_single
-
-# sklearn.metrics is imported inside the functions that use it: importing it costs about a
-# second, which every CLI command would otherwise pay even when it evaluates nothing.
 
 
 def hamming_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
@@ -72,13 +70,10 @@ def single_label_metrics(p: Predictions) -> dict:
         loss (mean cross-entropy), top5_accuracy (only when there are more than 5 classes),
         n_samples, and per_class {class: {precision, recall, f1, support}}.
     """
-    from sklearn.metrics import precision_recall_fscore_support, top_k_accuracy_score
-
     _require_single(p, "single_label_metrics")
     _require_samples(p)
-    labels = np.arange(p.n_classes)
     y, pred = p.targets, p.predicted
-    precision, recall, f1, support = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
+    precision, recall, f1, support = ranking.per_class_prf(y, pred, p.n_classes)
     n_pred = np.bincount(pred, minlength=p.n_classes)
     present = (support > 0) | (n_pred > 0)
     out: dict = {
@@ -88,7 +83,7 @@ def single_label_metrics(p: Predictions) -> dict:
         "loss": float(p.losses.mean()),
     }
     if p.n_classes > 5:
-        out["top5_accuracy"] = float(top_k_accuracy_score(y, p.probs, k=5, labels=labels))
+        out["top5_accuracy"] = ranking.top_k_accuracy(y, p.probs, k=5)
     out["n_samples"] = len(y)
     out["per_class"] = {
         c: {
@@ -115,8 +110,6 @@ def multi_label_metrics(p: Predictions, thresholds: float | np.ndarray | None = 
         classes that have positives; None if none has), loss (mean BCE), thresholds, n_samples,
         and per_class {class: {precision, recall, f1, ap, support}} (ap None without positives).
     """
-    from sklearn.metrics import average_precision_score, precision_recall_fscore_support
-
     _require_multi(p, "multi_label_metrics")
     _require_samples(p)
     if thresholds is None:
@@ -125,10 +118,11 @@ def multi_label_metrics(p: Predictions, thresholds: float | np.ndarray | None = 
         thr = np.broadcast_to(np.asarray(thresholds, dtype=np.float64), (p.n_classes,))
     y = p.targets.astype(bool)
     pred = p.probs >= thr
-    precision, recall, f1, support = precision_recall_fscore_support(y, pred, average=None, zero_division=0)
-    ap = [float(average_precision_score(y[:, j], p.probs[:, j])) if support[j] else None for j in range(p.n_classes)]
-    defined = [a for a in ap if a is not None]
     tp, fp, fn = (y & pred).sum(0), (~y & pred).sum(0), (y & ~pred).sum(0)
+    precision, recall, f1, support = ranking.prf_from_counts(tp, fp, fn)
+    ap = [ranking.average_precision(y[:, j], p.probs[:, j]) if support[j] else None
+          for j in range(p.n_classes)]
+    defined = [a for a in ap if a is not None]
     micro_denom = 2 * tp.sum() + fp.sum() + fn.sum()
     return {
         "hamming_accuracy": hamming_accuracy(y, pred),

@@ -190,10 +190,21 @@ def train_head(
     Returns:
         Whether Ctrl-C ended the stage early (the rows so far are kept).
     """
-    loader = DataLoader(train, batch_size=batch_size, sampler=sampler,
-                        drop_last=sampler.n > batch_size)
+    feats, targets = train.tensors
+    drop_last = sampler.n > batch_size
+    steps_per_epoch = (len(sampler) // batch_size if drop_last
+                       else math.ceil(len(sampler) / batch_size))
+
+    def batches():
+        # What a DataLoader over `train` with this sampler yields, without its per-item fetch
+        # and collate, which cost more than the step itself here (500 steps: 0.15 of 0.45 s).
+        order = torch.tensor(list(sampler), dtype=torch.long)
+        for k in range(steps_per_epoch):
+            idx = order[k * batch_size:(k + 1) * batch_size]
+            yield feats[idx], targets[idx]
+
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.01)
-    total = max(1, epochs * len(loader))
+    total = max(1, epochs * steps_per_epoch)
     step = 0
 
     def schedule(step: int) -> None:
@@ -210,7 +221,7 @@ def train_head(
                 sampler.set_epoch(epoch)
                 head.train()
                 loss_sum, seen, last_lr = 0.0, 0, float("nan")
-                for x, y in loader:
+                for x, y in batches():
                     loss = task.loss(head(x), y, class_weight)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()

@@ -144,9 +144,9 @@ class _Builder:
         # threads importing at once can deadlock on the import locks.
         parallel = {"heatmaps"} if self.want_heatmaps and self.interp.bundle_path else set()
         if parallel:
-            import imgclf.allocator  # noqa: F401
-            import imgclf.deploy.bundle  # noqa: F401
-            import imgclf.report.gradcam  # noqa: F401
+            import imgclf.allocator  # noqa: F401  # lazy: torch, only with heatmaps
+            import imgclf.deploy.bundle  # noqa: F401  # lazy: torch, only with heatmaps
+            import imgclf.report.gradcam  # noqa: F401  # lazy: torch, only with heatmaps
         with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
             for section, (sid, title, fn) in zip(sections, plan):
                 if sid in parallel:

@@ -135,6 +135,33 @@ def test_timing_training_steps_leaves_the_model_and_random_state_alone():
     assert not model.training
 
 
+@pytest.mark.parametrize("batches, step_times, expected", [
+    # A process's first steps are slow while its heap grows; a stray slow step is one of four.
+    (8, [2.0, 1.0, 0.8, 0.9, 0.7, 3.0, 9.0, 9.0], 0.85),
+    # Two batches in all (fridgeObjects' epochs): the second step is the one timed.
+    (2, [2.0, 1.0], 1.0),
+    (1, [2.0], 2.0),
+])
+def test_step_timing_skips_the_warm_up_and_takes_the_median(monkeypatch, batches, step_times,
+                                                            expected):
+    import itertools
+
+    import timm
+
+    from imgclf.data.transforms import Preprocess
+    from imgclf.training import features
+
+    clock = itertools.accumulate([0.0, *step_times, *[1.0] * 20])
+    monkeypatch.setattr(features.time, "perf_counter", lambda: next(clock))
+    model = timm.create_model("test_efficientnet", num_classes=3)
+    x = torch.randint(0, 255, (4 * batches, 3, 32, 32), dtype=torch.uint8)
+    y = torch.randint(0, 3, (4 * batches,))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
+    pre = Preprocess(size=32, presize=32, mean=(0.5,) * 3, std=(0.5,) * 3)
+    got = features.time_training_steps(model, loader, pre, "32-true", torch.device("cpu"))
+    assert got == pytest.approx(expected)
+
+
 @pytest.mark.slow
 def test_a_budget_run_records_its_plan_and_a_resumed_one_replays_it(tmp_path, monkeypatch):
     import json

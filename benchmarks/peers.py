@@ -86,19 +86,29 @@ def run_imgclf(data: Path, out: Path, extra: list[str]) -> dict:
             "best_acc": max(accs), "epochs_run": len(accs), "plan": metrics.get("plan"),
             "phases": phases, "peak_rss_mb": usage.ru_maxrss / 1024,
             "cpu_user_s": usage.ru_utime, "cpu_sys_s": usage.ru_stime,
-            "train_gflops": training_gflops(metrics, sum(unfrozen), metrics["train_images"],
-                                            _held_early(run_dir))}
+            "train_gflops": (training_gflops(metrics, sum(unfrozen), *trained)
+                             if (trained := _trained(run_dir, metrics)) else None)}
 
 
-def _held_early(run_dir: Path) -> bool:
-    """Whether the run held its early layers (--freeze-early, as its config.yaml resumes)."""
+def _trained(run_dir: Path, metrics: dict) -> tuple[int, bool] | None:
+    """(images an unfrozen epoch trained on, whether the early layers were held) of a run.
+
+    An epoch drops the ragged last batch (fridgeObjects: 64 of 86 images) and a time budget's
+    epochs may run fewer batches (metrics.json's plan says how many). None where a budget's
+    re-plans changed the epochs' lengths: the plan keeps only the last one.
+    """
     from imgclf.config import TrainConfig
+    from imgclf.data.datasets import train_steps
 
     cfg = TrainConfig.from_yaml(run_dir / "config.yaml", run=True)
-    return bool(cfg.pretrained and cfg.freeze_early)
+    if (metrics.get("plan") or {}).get("replans"):
+        return None
+    batches = (metrics.get("plan") or {}).get("batches") or train_steps(
+        int(metrics["train_images"]), int(cfg.batch_size))
+    return int(batches) * int(cfg.batch_size), bool(cfg.pretrained and cfg.freeze_early)
 
 
-def training_gflops(metrics: dict, unfrozen_s: float, n_train: int,
+def training_gflops(metrics: dict, unfrozen_s: float, epoch_images: int,
                     freeze_early: bool = True) -> dict:
     """Achieved training GFLOP/s of the unfrozen epochs against this machine's fp32 matmul peak.
 
@@ -136,7 +146,7 @@ def training_gflops(metrics: dict, unfrozen_s: float, n_train: int,
     for h in hooks:
         h.remove()
     forward, step = totals["forward"], totals["step"]
-    images = n_train * metrics["epochs"]
+    images = epoch_images * metrics["epochs"]
     achieved = step * images / max(unfrozen_s, 1e-9) / 1e9
     a = torch.randn(2048, 2048)
     a @ a
@@ -331,10 +341,13 @@ def main() -> None:
                   f"then predictions, report, bundle {ph['finish']:.1f}, exit {ph['exit']:.1f}; "
                   f"plan {base['plan']}")
             g = base["train_gflops"]
-            print(f"{'':10} imgclf training: {g['achieved_gflops']:.1f} GFLOP/s "
-                  f"({g['step_gflop_per_image']:.2f} GFLOP per image a step, forward "
-                  f"{g['forward_gflop_per_image']:.2f}), "
-                  f"{g['share_of_peak']:.0%} of the fp32 matmul peak {g['matmul_peak_gflops']:.0f}")
+            if g is None:
+                print(f"{'':10} imgclf training: GFLOP/s not counted (re-planned epochs)")
+            else:
+                print(f"{'':10} imgclf training: {g['achieved_gflops']:.1f} GFLOP/s "
+                      f"({g['step_gflop_per_image']:.2f} GFLOP per image a step, forward "
+                      f"{g['forward_gflop_per_image']:.2f}), {g['share_of_peak']:.0%} of the "
+                      f"fp32 matmul peak {g['matmul_peak_gflops']:.0f}")
         if base and peer:
             ratio = base["process_s"] / peer["process_s"]
             verdict = "ok" if ratio <= 0.25 and base["final_acc"] >= peer["final_acc"] else "MISS"

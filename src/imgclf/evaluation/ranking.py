@@ -1,8 +1,8 @@
 """The classification metrics imgclf reports, in numpy, equal to scikit-learn's.
 
 Why not scikit-learn here: importing `sklearn.metrics` costs 0.4-1.0 s (it pulls in scipy and,
-where installed, pandas), which every `train`, `evaluate` and `cv` paid for seven functions, a
-sixteenth of a small run's wall time (fridgeObjects, 86 training images: 15 s). Each function
+where installed, pandas), which every `train`, `evaluate` and `cv` paid for seven functions:
+3-6% of a small run's wall time (fridgeObjects, 86 training images: 15.6 s). Each function
 here follows scikit-learn 1.9's definition step for step (ties, the curves' end points, zero
 division as 0) and tests/test_ranking.py holds it to scikit-learn's output on random data with
 ties; scikit-learn stays a dependency (group splits, the demo data).

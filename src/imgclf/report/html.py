@@ -16,6 +16,7 @@ import functools
 import logging
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,7 +78,7 @@ def write_report(run: RunDir | str | Path, *, heatmaps: bool = True) -> Path:
     return run.report_path
 
 
-def _fill(section: "Section", title: str, fn) -> None:
+def _fill(section: Section, title: str, fn: Callable[[Section], None]) -> None:
     """Run one section's builder; a failure is shown on the page, not raised."""
     try:
         fn(section)

@@ -127,9 +127,9 @@ def time_training_steps(model: nn.Module, loader: DataLoader, pre: Preprocess, p
     budget's planner extrapolates from it. The copy trains what `model` has trainable (frozen
     early layers cost no backward pass). The first steps of a process are slow while its heap
     grows to a step's peak (tf_efficientnet_lite0, batch 32, 2 cores: 2.01, 0.97, 1.27, 0.86,
-    then 0.75-0.78 s); the run's own steps reuse that memory and start at the steady pace, so
-    timing from the second step (as before) over-estimated them by a third and a 2-minute budget
-    on caltech101 ended 17% early.
+    then 0.75-0.78 s); the run's own steps reuse that memory and start at the steady pace.
+    Timed from the second step, the estimate was a third too high, and a 2-minute budget on
+    caltech101 planned one short epoch and ended 17% early.
     """
     net = copy.deepcopy(model).to(device)
     net.train()

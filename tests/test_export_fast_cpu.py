@@ -50,9 +50,8 @@ def confident_run(tmp_path_factory, color_data):
 
 def test_int8_onnx_export_agrees_with_the_bundle_and_predict_accepts_it(confident_run,
                                                                           tmp_path):
-    tiny_run = confident_run
     out = tmp_path / "model.int8.onnx"
-    result = export(tiny_run.path, format="onnx", int8=True, out=out)
+    result = export(confident_run.path, format="onnx", int8=True, out=out)
     parity = result.parity
     print(f"\nint8 ONNX {parity.summary()}")
     assert parity.ok and parity.mode == "agreement" and result.int8
@@ -63,8 +62,8 @@ def test_int8_onnx_export_agrees_with_the_bundle_and_predict_accepts_it(confiden
     ops = {n.op_type for n in __import__("onnx").load(str(out)).graph.node}
     assert "QuantizeLinear" in ops and "Softmax" in ops  # quantized, the activation kept float
     _assert_uint8_activations(out)
-    paths = _validation_paths(tiny_run.path)
-    got, ref = clf.predict(paths), load_bundle(tiny_run.path).predict(paths, tta=0)
+    paths = _validation_paths(confident_run.path)
+    got, ref = clf.predict(paths), load_bundle(confident_run.path).predict(paths, tta=0)
     assert got.names == [str(p) for p in ref.paths] and _agreement(got, ref) == 1.0
     r = subprocess.run([sys.executable, "-m", "imgclf.cli", "predict", str(out), *paths[:3]],
                        capture_output=True, text=True, timeout=120, env=dict(os.environ))
@@ -158,18 +157,17 @@ def test_openvino_export_predicts_what_the_bundle_predicts(tiny_run, openvino_xm
 
 
 def test_openvino_int8_export(confident_run, tmp_path):
-    tiny_run = confident_run
     pytest.importorskip("openvino")
     import openvino as ov
 
-    result = export(tiny_run.path, format="openvino", int8=True, out=tmp_path / "m.int8.xml")
+    result = export(confident_run.path, format="openvino", int8=True, out=tmp_path / "m.int8.xml")
     print(f"\nOpenVINO int8 {result.parity.summary()}")
     assert result.parity.ok and (tmp_path / "m.int8.bin").is_file()
     model = ov.Core().read_model(str(tmp_path / "m.int8.xml"))
     assert "FakeQuantize" in {op.get_type_name() for op in model.get_ordered_ops()}
     assert "nncf" in model.get_rt_info(["imgclf_quantization"]).astype(str)
     with pytest.raises(ImgclfError, match="openvino int8 export does not reproduce the bundle"):
-        export(tiny_run.path, format="openvino", int8=True, out=tmp_path / "never.xml",
+        export(confident_run.path, format="openvino", int8=True, out=tmp_path / "never.xml",
                min_agreement=1.01)
     assert not list(tmp_path.glob("never.*"))
 

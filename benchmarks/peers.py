@@ -101,10 +101,10 @@ def _trained(run_dir: Path, metrics: dict) -> tuple[int, bool] | None:
     from imgclf.data.datasets import train_steps
 
     cfg = TrainConfig.from_yaml(run_dir / "config.yaml", run=True)
-    if (metrics.get("plan") or {}).get("replans"):
+    plan = metrics.get("plan") or {}
+    if plan.get("replans"):
         return None
-    batches = (metrics.get("plan") or {}).get("batches") or train_steps(
-        int(metrics["train_images"]), int(cfg.batch_size))
+    batches = plan.get("batches") or train_steps(int(metrics["train_images"]), int(cfg.batch_size))
     return int(batches) * int(cfg.batch_size), bool(cfg.pretrained and cfg.freeze_early)
 
 

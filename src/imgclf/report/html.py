@@ -143,17 +143,18 @@ class _Builder:
         # sections' matplotlib figures mostly hold it, so on two cores the two overlap
         # (fridgeObjects' report: 1.60 s -> 1.42 s). Their lazy imports happen here first: two
         # threads importing at once can deadlock on the import locks.
-        parallel = {"heatmaps"} if self.want_heatmaps and self.interp.bundle_path else set()
-        if parallel:
+        threaded = bool(self.want_heatmaps and self.interp.bundle_path)
+        if threaded:
             import imgclf.allocator  # noqa: F401  # lazy: torch, only with heatmaps
             import imgclf.deploy.bundle  # noqa: F401  # lazy: torch, only with heatmaps
             import imgclf.report.gradcam  # noqa: F401  # lazy: torch, only with heatmaps
+        in_thread = [threaded and sid == "heatmaps" for sid, _, _ in plan]
         with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-            for section, (sid, title, fn) in zip(sections, plan):
-                if sid in parallel:
+            for section, (_, title, fn), alone in zip(sections, plan, in_thread):
+                if alone:
                     pool.submit(_fill, section, title, fn)
-            for section, (sid, title, fn) in zip(sections, plan):
-                if sid not in parallel:
+            for section, (_, title, fn), alone in zip(sections, plan, in_thread):
+                if not alone:
                     _fill(section, title, fn)
         return {
             "title": f"{self.run.path.name}: imgclf report",
